@@ -1,0 +1,174 @@
+"""Tensor encodings: how a tensor's elements are stored, and how to get float32 values back.
+
+One registry serves all three formats. Each encoding knows its GGML type id (GGUF), its APR
+dtype byte (apr-v2-format.md section 4.1), its block geometry, and how to decode stored bytes
+to float32 and (where a pure-Python quantizer exists) encode float32 to stored bytes.
+GGML block codecs come from gguf-py (`gguf.quants`); the two APR-native block formats are
+implemented here because no library has them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import quants
+from gguf.constants import GGMLQuantizationType as GGML
+
+from convqa.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class Encoding:
+    name: str
+    ggml_type: int | None  # GGUF tensor type id, None if GGUF cannot hold it
+    apr_dtype: int | None  # APR v2 dtype byte, None if APR cannot hold it
+    block_elems: int  # elements per block (1 for plain floats)
+    block_bytes: int  # bytes per block
+    lossless_float: bool  # a plain IEEE/bfloat type (no quantization error of its own)
+
+    @property
+    def is_quantized(self) -> bool:
+        return not self.lossless_float
+
+    def nbytes(self, shape: tuple[int, ...]) -> int:
+        """Stored size of a tensor of `shape` (numpy order). Blocks run along the last axis."""
+        if self.name in ("APR_Q4", "APR_Q8"):
+            n = math.prod(shape)
+            if self.name == "APR_Q8":
+                return 4 + n
+            return math.ceil(n / 32) * 18
+        if not shape:
+            return self.block_bytes
+        *rows, cols = shape
+        if cols % self.block_elems:
+            raise ConversionError(
+                f"{self.name} needs the last dimension to be a multiple of {self.block_elems}, got shape {list(shape)}"
+            )
+        return math.prod(rows) * (cols // self.block_elems) * self.block_bytes
+
+    def decode(self, raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Stored bytes (uint8, any shape) -> float32 array of `shape`."""
+        raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+        n = math.prod(shape)
+        if self.name == "F32":
+            return raw.view("<f4").reshape(shape).astype(np.float32, copy=False)
+        if self.name == "F16":
+            return raw.view("<f2").astype(np.float32).reshape(shape)
+        if self.name == "BF16":
+            return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        if self.name == "F64":
+            return raw.view("<f8").astype(np.float32).reshape(shape)
+        if self.name == "APR_Q8":
+            scale = raw[:4].view("<f4")[0]
+            return (raw[4 : 4 + n].view(np.int8).astype(np.float32) * scale).reshape(shape)
+        if self.name == "APR_Q4":
+            return _apr_q4_decode(raw, n).reshape(shape)
+        qtype = GGML(self.ggml_type)
+        rows = raw.reshape(-1, self.nbytes(shape) // max(1, math.prod(shape[:-1])) if shape else raw.size)
+        return quants.dequantize(rows, qtype).reshape(shape).astype(np.float32, copy=False)
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """float32 array -> stored bytes as a flat uint8 array."""
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if self.name == "F32":
+            return values.reshape(-1).view(np.uint8)
+        if self.name == "F16":
+            return values.astype("<f2").reshape(-1).view(np.uint8)
+        if self.name == "APR_Q8":
+            return _apr_q8_encode(values.reshape(-1))
+        if self.name == "APR_Q4":
+            return _apr_q4_encode(values.reshape(-1))
+        if self.ggml_type is None:
+            raise ConversionError(f"no encoder for {self.name}")
+        try:
+            out = quants.quantize(values, GGML(self.ggml_type))
+        except (NotImplementedError, quants.QuantError) as exc:
+            raise ConversionError(f"cannot encode to {self.name}: {exc}") from exc
+        return np.ascontiguousarray(out).reshape(-1).view(np.uint8)
+
+    @property
+    def can_encode(self) -> bool:
+        return self.name in _ENCODABLE
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    # Rust's f32::round (APR's quantizers) rounds half away from zero; numpy rounds half to even.
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def _apr_q8_encode(x: np.ndarray) -> np.ndarray:
+    amax = float(np.max(np.abs(x))) if x.size else 0.0
+    scale = np.float32(amax / 127.0) if amax > 0 else np.float32(1.0)
+    q = np.clip(_round_half_away(x / scale), -127, 127).astype(np.int8)
+    return np.concatenate([np.array([scale], dtype="<f4").view(np.uint8), q.view(np.uint8)])
+
+
+def _apr_q4_encode(x: np.ndarray) -> np.ndarray:
+    n = x.size
+    nblocks = math.ceil(n / 32)
+    padded = np.zeros(nblocks * 32, dtype=np.float32)
+    padded[:n] = x
+    blocks = padded.reshape(nblocks, 32)
+    amax = np.max(np.abs(blocks), axis=1)
+    scale = np.where(amax > 0, amax / np.float32(7.0), np.float32(1.0)).astype(np.float32)
+    q = np.clip(_round_half_away(blocks / scale[:, None]), -8, 7).astype(np.int16) + 8
+    nibbles = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+    out = np.empty((nblocks, 18), dtype=np.uint8)
+    out[:, :2] = scale.astype("<f2").view(np.uint8).reshape(nblocks, 2)
+    out[:, 2:] = nibbles
+    return out.reshape(-1)
+
+
+def _apr_q4_decode(raw: np.ndarray, n: int) -> np.ndarray:
+    nblocks = math.ceil(n / 32)
+    blocks = raw[: nblocks * 18].reshape(nblocks, 18)
+    scale = blocks[:, :2].copy().view("<f2").astype(np.float32).reshape(nblocks)
+    # The APR reader zeroes non-finite and subnormal scales (apr-v2-format.md 4.2).
+    bad = ~np.isfinite(scale) | ((scale != 0) & (np.abs(scale) < np.finfo(np.float16).tiny))
+    scale[bad] = 0.0
+    nib = blocks[:, 2:]
+    q = np.empty((nblocks, 32), dtype=np.int16)
+    q[:, 0::2] = (nib & 0x0F).astype(np.int16) - 8
+    q[:, 1::2] = (nib >> 4).astype(np.int16) - 8
+    return (q.astype(np.float32) * scale[:, None]).reshape(-1)[:n]
+
+
+def _enc(name, ggml_type, apr_dtype, block_elems, block_bytes, lossless):
+    return Encoding(name, ggml_type, apr_dtype, block_elems, block_bytes, lossless)
+
+
+F32 = _enc("F32", 0, 0, 1, 4, True)
+F16 = _enc("F16", 1, 1, 1, 2, True)
+BF16 = _enc("BF16", 30, 30, 1, 2, True)
+F64 = _enc("F64", 28, 3, 1, 8, True)
+Q4_0 = _enc("Q4_0", 2, None, 32, 18, False)
+Q4_1 = _enc("Q4_1", 3, None, 32, 20, False)
+Q5_0 = _enc("Q5_0", 6, None, 32, 22, False)
+Q5_1 = _enc("Q5_1", 7, None, 32, 24, False)
+Q8_0 = _enc("Q8_0", 8, None, 32, 34, False)
+Q2_K = _enc("Q2_K", 10, None, 256, 84, False)
+Q3_K = _enc("Q3_K", 11, None, 256, 110, False)
+Q4_K = _enc("Q4_K", 12, 12, 256, 144, False)
+Q5_K = _enc("Q5_K", 13, None, 256, 176, False)
+Q6_K = _enc("Q6_K", 14, 14, 256, 210, False)
+APR_Q4 = _enc("APR_Q4", None, 128, 32, 18, False)
+APR_Q8 = _enc("APR_Q8", None, 129, 1, 1, False)
+
+ALL = (F32, F16, BF16, F64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, APR_Q4, APR_Q8)
+BY_NAME = {e.name: e for e in ALL}
+BY_GGML_TYPE = {e.ggml_type: e for e in ALL if e.ggml_type is not None}
+# APR dtype bytes 8 and 9 are the legacy (pre-GH-438) ids of APR Q4/Q8, accepted on read.
+BY_APR_DTYPE = {e.apr_dtype: e for e in ALL if e.apr_dtype is not None} | {8: APR_Q4, 9: APR_Q8}
+_ENCODABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "APR_Q4", "APR_Q8"}
+
+# Quantization variants a user can ask for when leaving SafeTensors, by config/CLI name.
+QUANT_VARIANTS = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1}
+
+
+def by_name(name: str) -> Encoding:
+    try:
+        return BY_NAME[name.upper()]
+    except KeyError:
+        raise ConversionError(f"unknown encoding {name!r}; known: {', '.join(BY_NAME)}") from None
