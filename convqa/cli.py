@@ -1,0 +1,159 @@
+"""`convqa`: convert, inspect and diff models in SafeTensors, GGUF and APR; serve one over HTTP.
+
+Exit status: 0 on success (and, for `diff`, when the models agree), 1 when `diff` finds a
+difference, 2 on bad input (a malformed file, an impossible conversion, a bad argument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from convqa import __version__
+
+EXIT_DIFFERENT = 1
+EXIT_BAD_INPUT = 2
+
+DESCRIPTION = """\
+convqa qualifies model-format converters. The subcommands here are the building blocks the
+Snakemake workflow uses; you can run them by hand on any model file.
+
+  convqa convert model_dir out.gguf                 SafeTensors -> GGUF (dtypes kept)
+  convqa convert model_dir out.gguf --quant q8_0    ... quantized to Q8_0
+  convqa convert out.gguf out.apr                   GGUF -> APR
+  convqa inspect out.apr                            tensors, shapes, encodings, hashes, stats
+  convqa diff model_dir out.apr                     tensor-by-tensor parity with a layout diagnosis
+"""
+
+
+def _cmd_convert(args) -> int:
+    from convqa.convert import convert
+
+    record = convert(args.src, args.dst, args.to, quant=args.quant, mutant=args.mutant)
+    if args.json:
+        print(json.dumps(record.as_dict(), indent=2))
+    else:
+        deq = f", {len(record.dequantized)} dequantized to F32 (target cannot hold them)" if record.dequantized else ""
+        quant = f", {len(record.quantized)} quantized" if record.quantized else ""
+        print(f"{record.source} -> {record.output} [{record.target_format}]: {record.tensors_written} tensors"
+              f" {record.encodings_written}{quant}{deq} in {record.wall_s:.2f} s")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from convqa.manifest import build_manifest
+
+    manifest = build_manifest(args.file, with_stats=not args.no_stats)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    cfg = manifest["config"]
+    print(f"{manifest['path']}: {manifest['format']}, {manifest['tensor_count']} tensors, {manifest['file_size']} bytes")
+    print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    tok = manifest["tokenizer"]
+    print("tokenizer: " + (", ".join(f"{k}={v}" for k, v in tok.items()) if tok else "none"))
+    for t in manifest["tensors"]:
+        stats = t.get("stats") or {}
+        stat = f" mean={stats['mean']:.4g} std={stats['std']:.4g}" if stats.get("mean") is not None else ""
+        print(f"  {t['name']:<48} {str(t['shape']):<16} {t['encoding']:<6} {t['sha256'][:12]}{stat}")
+    return 0
+
+
+def _cmd_diff(args) -> int:
+    from convqa.compare.tensors import compare_models
+    from convqa.formats import open_model
+
+    with open_model(args.a) as a, open_model(args.b) as b:
+        result = compare_models(a, b, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        for row in result.tensors:
+            if row.ok and not args.all:
+                continue
+            err = f" max|d|={row.max_abs:.3g} norm={row.normalized_max_abs:.3g} tol={row.tolerance:g}" if row.max_abs is not None else ""
+            print(f"{row.status:<22} {row.name}{err} {row.diagnosis}".rstrip())
+        for field, (ra, rb) in result.config_differences.items():
+            print(f"config {field}: {ra!r} -> {rb!r}")
+        for field, detail in result.tokenizer_differences.items():
+            print(f"tokenizer {field}: {detail}")
+        s = result.summary()
+        print(f"{'SAME' if result.ok else 'DIFFERENT'}: {s['tensors']} tensors {s['by_status']}")
+    return 0 if result.ok else EXIT_DIFFERENT
+
+
+def _cmd_serve(args) -> int:
+    from convqa.engines.server import run_server
+
+    run_server(args.file, tokenizer_dir=args.tokenizer, host=args.host, port=args.port, backend=args.backend)
+    return 0
+
+
+def _cmd_mutants(args) -> int:
+    from convqa.mutants import MUTANTS
+
+    for m in MUTANTS.values():
+        print(f"{m.name:<22} [{', '.join(m.targets)}] {m.bug} ({m.origin})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convqa", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"convqa {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a model between SafeTensors, GGUF and APR",
+                       description="Convert SRC into DST. SRC is an HF directory (config.json + *.safetensors), a .gguf or an .apr file. "
+                       "The output is written to a temporary file and renamed only on success.")
+    p.add_argument("src", help="source model: HF directory, .safetensors, .gguf or .apr")
+    p.add_argument("dst", help="output path: a directory for SafeTensors, a .gguf or .apr file")
+    p.add_argument("--to", choices=["gguf", "apr", "safetensors"], help="target format (default: from DST's extension)")
+    p.add_argument("--quant", help="quantize 2-D weights: q8_0, q4_0, q4_1, q5_0, q5_1 (GGUF), q8_0/q4_0 (APR int8/int4), f16, bf16")
+    p.add_argument("--mutant", help="use a known-bad converter (see `convqa mutants`); for qualification tests only")
+    p.add_argument("--json", action="store_true", help="print the conversion record as JSON")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="list tensors, shapes, encodings, hashes, stats, config and tokenizer")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    p.add_argument("--no-stats", action="store_true", help="skip value statistics (faster on big models)")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("diff", help="compare two models tensor by tensor (exit 1 if they differ)",
+                       description="Compare B against reference A on the canonical view: names, shapes, values (bit-exact when "
+                       "both sides have the same encoding, else within the lossier encoding's tolerance), config and tokenizer. "
+                       "Differences come with a diagnosis such as 'equals the transpose'.")
+    p.add_argument("a", help="reference model")
+    p.add_argument("b", help="candidate model")
+    p.add_argument("--tolerance", type=float, help="override the normalised max-error tolerance for every tensor")
+    p.add_argument("--all", action="store_true", help="also list tensors that agree")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_diff)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on 127.0.0.1")
+    p.add_argument("file", help="model to serve (any format; loaded with transformers)")
+    p.add_argument("--tokenizer", required=True, help="HF directory whose tokenizer turns text into ids (the ground truth's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port (printed on startup)")
+    p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("mutants", help="list the known-bad converters")
+    p.set_defaults(func=_cmd_mutants)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from convqa.errors import ConversionError, FormatError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FormatError, ConversionError) as exc:
+        print(f"convqa: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Tensor-level comparison of two models on the canonical view, with a layout diagnosis.
+
+Two artifacts are compared name by name. Equal encodings are compared byte for byte (a lossless
+conversion must be bit-exact); different encodings are compared on float32 values against the
+tolerance of the lossier encoding. When values disagree, the diagnosis says what the candidate
+*is*: the transpose, the same bytes under reversed dims, llama's Q/K rows permuted, all zeros,
+so a layout bug names itself instead of showing up as "95% different".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
+from convqa.model import ModelArtifact, ModelConfig, TokenizerSpec
+
+# Normalised max error (max |a - b| / max |a|) allowed when one side is stored in this encoding.
+# Each value is the encoding's worst-case rounding error relative to the block/tensor maximum,
+# with headroom: Q8_0 rounds to amax_block/127 steps (error <= 0.4%), Q4_0 to amax/8 (<= 6.3%),
+# Q4_1 to (max-min)/15 (<= 6.7% of amax), APR Q4 to amax/7 (<= 7.2%), F16 2^-11, BF16 2^-8.
+ENCODING_TOLERANCE = {
+    "F32": 0.0,
+    "F64": 0.0,
+    "F16": 1e-3,
+    "BF16": 5e-3,
+    "Q8_0": 5e-3,
+    "APR_Q8": 5e-3,
+    "Q6_K": 2e-2,
+    "Q5_0": 4e-2,
+    "Q5_1": 4e-2,
+    "Q5_K": 4e-2,
+    "Q4_K": 8e-2,
+    "Q4_0": 8e-2,
+    "Q4_1": 8e-2,
+    "APR_Q4": 8e-2,
+    "Q3_K": 0.15,
+    "Q2_K": 0.3,
+}
+
+
+@dataclass
+class TensorComparison:
+    name: str
+    status: str  # identical | within_tolerance | differ | shape_mismatch | missing_in_candidate | extra_in_candidate
+    ref_shape: list | None = None
+    cand_shape: list | None = None
+    ref_encoding: str | None = None
+    cand_encoding: str | None = None
+    bit_exact: bool = False
+    max_abs: float | None = None
+    normalized_max_abs: float | None = None  # max |a-b| / max |a|
+    rel_l2: float | None = None
+    tolerance: float | None = None
+    diagnosis: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("identical", "within_tolerance")
+
+
+@dataclass
+class ModelComparison:
+    tensors: list[TensorComparison]
+    config_differences: dict = field(default_factory=dict)  # field -> [ref, cand]
+    tokenizer_differences: dict = field(default_factory=dict)  # field -> summary
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.tensors) and all(t.ok for t in self.tensors) and not self.config_differences and not self.tokenizer_differences
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "tensors": [asdict(t) for t in self.tensors],
+            "config_differences": self.config_differences,
+            "tokenizer_differences": self.tokenizer_differences,
+            "summary": self.summary(),
+        }
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.status] = counts.get(t.status, 0) + 1
+        worst = max((t.normalized_max_abs or 0.0 for t in self.tensors), default=0.0)
+        return {"tensors": len(self.tensors), "by_status": counts, "worst_normalized_max_abs": worst}
+
+
+def tolerance_for(ref_encoding: str, cand_encoding: str) -> float:
+    return max(ENCODING_TOLERANCE.get(ref_encoding, 0.0), ENCODING_TOLERANCE.get(cand_encoding, 0.0))
+
+
+def compare_models(ref: ModelArtifact, cand: ModelArtifact, *, tolerance: float | None = None) -> ModelComparison:
+    """Compare every tensor, the config and the tokenizer. `tolerance` overrides the per-encoding one."""
+    rows = []
+    for name, a in ref.tensors.items():
+        b = cand.tensors.get(name)
+        if b is None:
+            rows.append(TensorComparison(name, "missing_in_candidate", ref_shape=list(a.shape), ref_encoding=a.encoding.name,
+                                         diagnosis=_missing_diagnosis(name, ref, cand)))
+            continue
+        rows.append(compare_tensor(a, b, ref.config, tolerance))
+    for name, b in cand.tensors.items():
+        if name not in ref.tensors:
+            rows.append(TensorComparison(name, "extra_in_candidate", cand_shape=list(b.shape), cand_encoding=b.encoding.name))
+    return ModelComparison(rows, compare_configs(ref.config, cand.config), compare_tokenizers(ref.tokenizer, cand.tokenizer))
+
+
+def _missing_diagnosis(name: str, ref: ModelArtifact, cand: ModelArtifact) -> str:
+    if name == "lm_head.weight" and cand.config.tie_word_embeddings:
+        return "candidate ties lm_head to the embedding; the reference has its own lm_head"
+    return ""
+
+
+def compare_tensor(a, b, config: ModelConfig | None = None, tolerance: float | None = None) -> TensorComparison:
+    row = TensorComparison(a.name, "differ", list(a.shape), list(b.shape), a.encoding.name, b.encoding.name)
+    row.tolerance = tolerance if tolerance is not None else tolerance_for(a.encoding.name, b.encoding.name)
+    if a.shape != b.shape:
+        row.status = "shape_mismatch"
+        row.diagnosis = _shape_diagnosis(a, b)
+        return row
+    if a.encoding == b.encoding and np.array_equal(a.raw(), b.raw()):
+        row.status, row.bit_exact = "identical", True
+        row.max_abs = row.normalized_max_abs = row.rel_l2 = 0.0
+        return row
+    va = a.to_float32().astype(np.float32, copy=False)
+    vb = b.to_float32().astype(np.float32, copy=False)
+    _fill_errors(row, va, vb)
+    if row.normalized_max_abs is not None and row.normalized_max_abs <= row.tolerance and np.isfinite(vb).all():
+        row.status = "within_tolerance" if row.max_abs > 0 else "identical"
+        row.bit_exact = row.max_abs == 0 and a.encoding == b.encoding
+        return row
+    row.diagnosis = _value_diagnosis(a.name, va, vb, config)
+    return row
+
+
+def _fill_errors(row: TensorComparison, va: np.ndarray, vb: np.ndarray) -> None:
+    diff = np.abs(va.astype(np.float64) - vb.astype(np.float64))
+    scale = float(np.max(np.abs(va))) if va.size else 0.0
+    row.max_abs = float(np.max(diff)) if diff.size else 0.0
+    row.normalized_max_abs = row.max_abs / scale if scale > 0 else (0.0 if row.max_abs == 0 else float("inf"))
+    norm = float(np.linalg.norm(va.astype(np.float64)))
+    row.rel_l2 = float(np.linalg.norm(diff)) / norm if norm > 0 else (0.0 if row.max_abs == 0 else float("inf"))
+
+
+def _close(x: np.ndarray, y: np.ndarray, tol: float) -> bool:
+    if x.shape != y.shape:
+        return False
+    scale = float(np.max(np.abs(x))) or 1.0
+    return float(np.max(np.abs(x.astype(np.float64) - y))) <= max(tol, 1e-7) * scale
+
+
+def _shape_diagnosis(a, b) -> str:
+    if tuple(b.shape) == tuple(reversed(a.shape)):
+        va, vb = a.to_float32(), b.to_float32()
+        if _close(va.T, vb, tolerance_for(a.encoding.name, b.encoding.name)):
+            return "equals the transpose (data transposed and dims swapped)"
+        if va.size == vb.size and _close(va.reshape(vb.shape), vb, tolerance_for(a.encoding.name, b.encoding.name)):
+            return "equals a reversed-dims reshape (same bytes, GGUF ne not reversed)"
+        return "shape is reversed and values are scrambled"
+    if np.prod(a.shape) == np.prod(b.shape):
+        return f"same element count, shape {list(b.shape)} instead of {list(a.shape)}"
+    return f"shape {list(b.shape)} instead of {list(a.shape)}"
+
+
+def _value_diagnosis(name: str, va: np.ndarray, vb: np.ndarray, config: ModelConfig | None) -> str:
+    tol = 1e-2  # diagnoses are about structure, not rounding: allow quantization noise
+    if not np.isfinite(vb).all():
+        return "candidate has NaN/Inf values"
+    if not vb.any() and va.any():
+        return "candidate is all zeros"
+    if va.ndim == 2:
+        if va.shape[0] == va.shape[1] and _close(va.T, vb, tol):
+            return "equals the transpose"
+        if _close(np.ascontiguousarray(va.T).reshape(va.shape), vb, tol):
+            return "equals the transpose's bytes read in the original shape (LAYOUT-002: data transposed)"
+    if config is not None and (".q_proj." in name or ".k_proj." in name):
+        n_head = config.num_heads if ".q_proj." in name else config.num_kv_heads
+        if va.shape[0] % (2 * n_head) == 0:
+            if _close(permute_rows_for_gguf(va, n_head), vb, tol):
+                return "rows are in GGUF's permuted Q/K order (llama permutation not undone)"
+            if _close(unpermute_rows_from_gguf(va, n_head), vb, tol):
+                return "rows are un-permuted twice (llama Q/K permutation missing on write)"
+    if va.size and np.allclose(vb, -va, atol=0):
+        return "sign flipped"
+    if va.size > 1 and _close(np.sort(va, axis=None), np.sort(vb, axis=None), tol):
+        return "same values in another order (layout scrambled)"
+    return "values differ"
+
+
+def compare_configs(a: ModelConfig, b: ModelConfig) -> dict:
+    da, db = a.as_dict(), b.as_dict()
+    return {k: [da[k], db[k]] for k in da if da[k] != db.get(k)}
+
+
+def compare_tokenizers(a: TokenizerSpec | None, b: TokenizerSpec | None) -> dict:
+    if a is None and b is None:
+        return {}
+    if a is None or b is None:
+        return {"tokenizer": ["present" if a else "absent", "present" if b else "absent"]}
+    out = {}
+    for f in ("model", "pre", "bos_token_id", "eos_token_id", "unk_token_id", "pad_token_id", "add_bos_token", "add_eos_token"):
+        if getattr(a, f) != getattr(b, f):
+            out[f] = [getattr(a, f), getattr(b, f)]
+    if a.tokens != _unpad(b.tokens, len(a.tokens), b.token_types):
+        out["tokens"] = _list_summary(a.tokens, b.tokens)
+    elif list(a.token_types) != list(b.token_types)[: len(a.token_types)]:
+        out["token_types"] = _list_summary(a.token_types, b.token_types)
+    if a.merges != b.merges:
+        out["merges"] = _list_summary(a.merges, b.merges)
+    if (a.chat_template or None) != (b.chat_template or None):
+        out["chat_template"] = ["present" if a.chat_template else "absent", "present" if b.chat_template else "absent"]
+        if a.chat_template and b.chat_template:
+            out["chat_template"] = ["differs", "differs"]
+    return out
+
+
+def _unpad(tokens: list, n: int, types: list) -> list:
+    """GGUF pads the vocabulary to the embedding rows with UNUSED `[PAD{i}]` tokens; ignore those."""
+    if len(tokens) > n and all(t == 5 for t in list(types)[n:]):
+        return tokens[:n]
+    return tokens
+
+
+def _list_summary(a: list, b: list) -> dict:
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return {"ref_len": len(a), "cand_len": len(b), "first_difference": first}

@@ -1,0 +1,196 @@
+"""The converters between SafeTensors, GGUF and APR, one edge at a time.
+
+Every edge works the same way: open the source as the canonical view, decide per tensor how it
+is stored in the target (pass the bytes through, quantize on request, or dequantize because the
+target cannot hold the encoding, which is recorded, never silent), and stream the tensors into
+the target writer. Format conventions (GGUF dims, llama Q/K permutation, APR's tied lm_head) are
+handled by the readers and writers, so this module never touches a layout.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from convqa import __version__, arch, encodings
+from convqa.encodings import Encoding
+from convqa.errors import ConversionError
+from convqa.formats import FORMATS, detect_format, open_model, write_model
+from convqa.model import LazyTensor, ModelArtifact, WritePlan
+
+# Encodings each target format can store.
+STORABLE = {
+    "safetensors": {"F32", "F16", "BF16", "F64"},
+    "gguf": {e.name for e in encodings.ALL if e.ggml_type is not None},
+    "apr": {e.name for e in encodings.ALL if e.apr_dtype is not None},
+}
+# A quantization variant names one encoding per target format (APR has no GGML Q8_0/Q4_0 blocks;
+# the APR toolchain's own int8/int4 quantizers are its equivalents).
+QUANT_TARGETS = {
+    "f32": {"gguf": "F32", "apr": "F32", "safetensors": "F32"},
+    "f16": {"gguf": "F16", "apr": "F16", "safetensors": "F16"},
+    "bf16": {"gguf": "BF16", "apr": "BF16", "safetensors": "BF16"},
+    "q8_0": {"gguf": "Q8_0", "apr": "APR_Q8"},
+    "q4_0": {"gguf": "Q4_0", "apr": "APR_Q4"},
+    "q4_1": {"gguf": "Q4_1"},
+    "q5_0": {"gguf": "Q5_0"},
+    "q5_1": {"gguf": "Q5_1"},
+}
+
+
+@dataclass
+class ConversionRecord:
+    """What one conversion did; becomes the artifact's sidecar (with hashes and timings added)."""
+
+    source: str
+    output: str
+    source_format: str
+    target_format: str
+    quant: str | None
+    mutant: str | None
+    converter: str = "convqa"
+    converter_version: str = __version__
+    tensors_written: int = 0
+    encodings_written: dict = field(default_factory=dict)
+    quantized: list = field(default_factory=list)  # [name, from, to]
+    dequantized: list = field(default_factory=list)  # [name, from, to]: target could not hold it
+    passthrough: int = 0
+    wall_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def should_quantize(tensor: LazyTensor, target: Encoding) -> bool:
+    """llama.cpp's rule: only 2-D `.weight` matrices whose rows split into whole blocks.
+
+    Norms, biases and other 1-D tensors stay F32 because most ggml kernels for them only take
+    F32 (convert_hf_to_gguf.py `prepare_tensors`).
+    """
+    if len(tensor.shape) != 2 or not tensor.name.endswith(".weight") or tensor.name.endswith("norm.weight"):
+        return False
+    if target.name in ("APR_Q8", "APR_Q4"):
+        return True
+    return tensor.shape[-1] % target.block_elems == 0
+
+
+def _reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:
+    def load() -> np.ndarray:
+        return target.encode(tensor.to_float32())
+
+    return LazyTensor(tensor.name, tensor.shape, target, load)
+
+
+def plan_tensors(source: ModelArtifact, target_format: str, quant: str | None, record: ConversionRecord) -> list[LazyTensor]:
+    """Decide, tensor by tensor, how each is stored in the target. Loads no data."""
+    storable = STORABLE[target_format]
+    quant_target = None
+    if quant:
+        if quant not in QUANT_TARGETS:
+            raise ConversionError(f"unknown quantization {quant!r}; known: {', '.join(QUANT_TARGETS)}")
+        name = QUANT_TARGETS[quant].get(target_format)
+        if name is None:
+            raise ConversionError(f"{target_format} cannot hold {quant}; known there: "
+                                  + ", ".join(q for q, t in QUANT_TARGETS.items() if target_format in t))
+        quant_target = encodings.by_name(name)
+    planned = []
+    for tensor in source:
+        enc = tensor.encoding
+        if quant_target is not None and should_quantize(tensor, quant_target) and enc != quant_target:
+            if enc.is_quantized:
+                raise ConversionError(f"{tensor.name} is already {enc.name}; re-quantizing to {quant_target.name} would stack errors")
+            planned.append(_reencoded(tensor, quant_target))
+            record.quantized.append([tensor.name, enc.name, quant_target.name])
+        elif enc.name in storable:
+            planned.append(tensor)
+            record.passthrough += 1
+        else:
+            planned.append(_reencoded(tensor, encodings.F32))
+            record.dequantized.append([tensor.name, enc.name, "F32"])
+    return planned
+
+
+def check_complete(source: ModelArtifact) -> None:
+    """Refuse to write a model that lacks tensors its architecture needs.
+
+    llama.cpp loads a qwen2 GGUF without its q/k/v biases silently and computes another model
+    (gguf-reference.md section 2), so a converter must stop here rather than downstream.
+    """
+    expected = arch.expected_tensors(source.config)
+    missing = [n for n in expected if n not in source.tensors]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ConversionError(f"{source.path}: {len(missing)} expected tensors missing: {', '.join(missing[:5])}{more}")
+    wrong = [(n, source.tensors[n].shape, s) for n, s in expected.items() if source.tensors[n].shape != s]
+    if wrong:
+        n, got, want = wrong[0]
+        raise ConversionError(f"{source.path}: tensor {n} has shape {list(got)}, config implies {list(want)}")
+
+
+def build_plan(source: ModelArtifact, target_format: str, quant: str | None, record: ConversionRecord) -> WritePlan:
+    tensors = plan_tensors(source, target_format, quant, record)
+    provenance = {"converter": "convqa", "converter_version": __version__}
+    if record.dequantized:
+        provenance["dequantized"] = _count_by_source(record.dequantized)
+    if record.quantized:
+        provenance["quantized"] = _count_by_source(record.quantized)
+    return WritePlan(config=source.config, tokenizer=source.tokenizer, tensors=tensors, metadata=provenance)
+
+
+def _count_by_source(rows: list) -> dict:
+    counts: dict[str, int] = {}
+    for _, src, dst in rows:
+        key = f"{src}->{dst}"
+        counts[key] = counts.get(key, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str | None = None,
+    *,
+    quant: str | None = None,
+    mutant: str | None = None,
+) -> ConversionRecord:
+    """Convert `src` into `dst` (format from `to`, else from dst's extension). Atomic and streaming."""
+    started = time.perf_counter()
+    dst = Path(dst)
+    target_format = to or _format_from_path(dst)
+    if target_format not in FORMATS:
+        raise ConversionError(f"unknown target format {target_format!r}; expected one of {', '.join(FORMATS)}")
+    with open_model(src) as source:
+        record = ConversionRecord(
+            source=os.fspath(src), output=os.fspath(dst), source_format=source.format,
+            target_format=target_format, quant=quant, mutant=mutant,
+        )
+        check_complete(source)
+        plan = build_plan(source, target_format, quant, record)
+        if mutant is not None:
+            from convqa.mutants import apply_mutant
+
+            plan, dst = apply_mutant(mutant, plan, source, target_format, Path(src), dst)
+            record.output = os.fspath(dst)
+        write_model(dst, plan, target_format)
+        record.tensors_written = len(plan.tensors)
+        for t in plan.tensors:
+            record.encodings_written[t.encoding.name] = record.encodings_written.get(t.encoding.name, 0) + 1
+    record.wall_s = round(time.perf_counter() - started, 4)
+    return record
+
+
+def _format_from_path(path: Path) -> str:
+    if path.suffix == ".gguf":
+        return "gguf"
+    if path.suffix == ".apr":
+        return "apr"
+    if path.suffix in ("", ".safetensors") or path.is_dir():
+        return "safetensors"
+    raise ConversionError(f"cannot tell the target format from {path}; pass --to gguf|apr|safetensors")
+
+
+__all__ = ["convert", "ConversionRecord", "STORABLE", "QUANT_TARGETS", "detect_format"]

@@ -1,0 +1,186 @@
+"""The transformers (PyTorch) engine, for all three formats.
+
+- SafeTensors: `AutoModelForCausalLM.from_pretrained(dir)`, the ground truth path.
+- GGUF: transformers' own GGUF loader (`from_pretrained(dir, gguf_file=name)`), which dequantizes
+  every tensor to float32 with gguf-py; an independent reader of the file.
+- APR (or any artifact convqa can open): `model_from_artifact`, which builds the same model class
+  from the artifact's config and loads its float32 tensors one by one, strictly.
+
+Everything runs in float32 with eager attention and fixed threads/seeds, so a lossless artifact
+gives logits bit-identical to the SafeTensors ground truth.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convqa.engines.base import Engine
+from convqa.errors import FormatError
+from convqa.formats import detect_format, open_model
+from convqa.model import ModelArtifact
+
+SEED = 0
+# Eager attention is the plainest kernel path; every loader below uses it so they stay comparable.
+ATTN_IMPLEMENTATION = "eager"
+TIED_HEAD = "lm_head.weight"
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def configure_determinism(threads: int) -> None:
+    """Fixed seed and thread count, deterministic kernels, no TF32 (it silently drops mantissa bits)."""
+    # cuBLAS needs this set before its first use to run deterministically.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch = _torch()
+    torch.manual_seed(SEED)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
+    """The HF model class for `artifact`, holding the artifact's float32 tensors.
+
+    `hf_config` is the config.json dict to build the model from; by default it is derived from
+    the artifact's own config and tokenizer (`convqa.arch.hf_config.hf_config_from`). Loading is
+    strict: every parameter the model expects must be present with its exact shape, and no
+    tensor may be left over. Tied embeddings: the artifact has no `lm_head.weight`, and the model's
+    head must share the embedding's storage.
+    """
+    torch = _torch()
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    if hf_config is None:
+        from convqa.arch.hf_config import hf_config_from
+
+        hf_config = hf_config_from(artifact.config, artifact.tokenizer)
+    settings = dict(hf_config)
+    model_type = settings.pop("model_type")
+    config = AutoConfig.for_model(model_type, **settings)
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    # Weights are overwritten right below; random initialisation would only cost time.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    targets = model.state_dict()  # views sharing storage with the parameters
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        targets.pop(TIED_HEAD, None)
+    missing = sorted(set(targets) - set(artifact.tensors))
+    unexpected = sorted(set(artifact.tensors) - set(targets))
+    if missing or unexpected:
+        raise FormatError(
+            artifact.path,
+            f"tensors do not match {type(model).__name__}: missing {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''} ({len(missing)}), unexpected {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''} ({len(unexpected)})",
+            field="tensors",
+        )
+    with torch.no_grad():
+        for name, tensor in artifact.tensors.items():
+            target = targets[name]
+            if tuple(target.shape) != tensor.shape:
+                raise FormatError(
+                    artifact.path,
+                    f"tensor {name} has shape {list(tensor.shape)}, {type(model).__name__} expects {list(target.shape)}",
+                    field=name,
+                    offset=tensor.file_offset if tensor.file_offset >= 0 else None,
+                )
+            values = np.require(tensor.to_float32(), dtype=np.float32, requirements=["C", "W"])
+            target.copy_(torch.from_numpy(values))
+    if tied:
+        head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+        if head.data_ptr() != embedding.data_ptr():
+            model.get_output_embeddings().weight = embedding
+    return model.eval()
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, backend: str = "cpu", threads: int = 2, max_context: int = 512):
+        super().__init__(backend=backend, threads=threads, max_context=max_context)
+        self.model = None
+        self.device = "cuda" if backend == "gpu" else "cpu"
+
+    @classmethod
+    def capability(cls, backend: str) -> tuple[bool, str]:
+        try:
+            torch = _torch()
+        except ImportError:
+            return False, "torch not installed"
+        if backend == "gpu" and not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, ""
+
+    def _load(self, artifact_path: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        configure_determinism(self.threads)
+        torch = _torch()
+        path = Path(artifact_path)
+        fmt = detect_format(path)
+        if fmt == "safetensors":
+            model_dir = path if path.is_dir() else path.parent
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+            )
+        elif fmt == "gguf":
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+            )
+        else:
+            with open_model(path) as artifact:
+                model = model_from_artifact(artifact)
+        self.model = model.to(self.device).eval()
+
+    def _input(self, ids: list[int]):
+        torch = _torch()
+        return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+
+    def teacher_forced_logits(self, ids: list[int]) -> np.ndarray:
+        self._check_prompt(ids)
+        torch = _torch()
+        with torch.inference_mode():
+            start = time.perf_counter()
+            logits = self.model(input_ids=self._input(ids), use_cache=False).logits[0]
+            logits = logits.float().cpu().numpy()
+            self.timings.prefill_s = time.perf_counter() - start
+        self.timings.prefill_tokens = len(ids)
+        return logits
+
+    def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Argmax decoding with the KV cache: one prefill pass, then one token per forward."""
+        self._check_prompt(ids, max_new_tokens)
+        torch = _torch()
+        generated: list[int] = []
+        if max_new_tokens <= 0:
+            return generated
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = self.model(input_ids=self._input(ids), use_cache=True)
+            generated.append(int(torch.argmax(out.logits[0, -1])))
+            self.timings.prefill_s = time.perf_counter() - start
+            self.timings.prefill_tokens = len(ids)
+            start = time.perf_counter()
+            while generated[-1] not in stop_ids and len(generated) < max_new_tokens:
+                out = self.model(
+                    input_ids=self._input(generated[-1:]), past_key_values=out.past_key_values, use_cache=True
+                )
+                generated.append(int(torch.argmax(out.logits[0, -1])))
+            self.timings.decode_s = time.perf_counter() - start
+            self.timings.decode_tokens = len(generated) - 1
+        return generated
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,113 @@
+"""Per-artifact manifest: what `convqa inspect` prints and what the tensor gates read.
+
+For every tensor: canonical and stored name, canonical and stored shape, encoding, byte size,
+sha256 of the stored bytes, and statistics of the float32 values. Plus the config, a tokenizer
+summary and the format metadata. Tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from convqa.formats import open_model
+from convqa.model import LazyTensor, ModelArtifact, TokenizerSpec
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file, or of a directory's regular files (sorted by relative path)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\x00")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def tensor_stats(values: np.ndarray) -> dict:
+    v = values.astype(np.float64, copy=False).reshape(-1)
+    finite = np.isfinite(v)
+    n_nan = int(np.isnan(v).sum())
+    n_inf = int(np.isinf(v).sum())
+    fv = v[finite] if not finite.all() else v
+    if fv.size == 0:
+        return {"mean": None, "std": None, "min": None, "max": None, "l2": None, "zero_fraction": None, "nan": n_nan, "inf": n_inf}
+    return {
+        "mean": float(fv.mean()),
+        "std": float(fv.std()),
+        "min": float(fv.min()),
+        "max": float(fv.max()),
+        "l2": float(np.sqrt(np.dot(fv, fv))),
+        "zero_fraction": float(np.count_nonzero(fv == 0) / fv.size),
+        "nan": n_nan,
+        "inf": n_inf,
+    }
+
+
+def tensor_entry(t: LazyTensor, with_stats: bool = True) -> dict:
+    raw = t.raw()
+    entry = {
+        "name": t.name,
+        "stored_name": t.stored_name,
+        "shape": list(t.shape),
+        "stored_shape": list(t.stored_shape),
+        "encoding": t.encoding.name,
+        "nbytes": int(raw.size),
+        "sha256": hashlib.sha256(memoryview(raw)).hexdigest(),
+        "file_offset": t.file_offset,
+    }
+    if with_stats:
+        entry["stats"] = tensor_stats(t.encoding.decode(raw, t.shape))
+    return entry
+
+
+def tokenizer_summary(tok: TokenizerSpec | None) -> dict | None:
+    if tok is None:
+        return None
+    return {
+        "model": tok.model,
+        "pre": tok.pre,
+        "n_tokens": len(tok.tokens),
+        "n_merges": len(tok.merges),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "unk_token_id": tok.unk_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "add_bos_token": tok.add_bos_token,
+        "add_eos_token": tok.add_eos_token,
+        "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest() if tok.chat_template else None,
+        "fingerprint": tok.fingerprint(),
+    }
+
+
+def artifact_manifest(model: ModelArtifact, with_stats: bool = True) -> dict:
+    return {
+        "path": model.path,
+        "format": model.format,
+        "config": model.config.as_dict(),
+        "tokenizer": tokenizer_summary(model.tokenizer),
+        "tensor_count": len(model.tensors),
+        "tensors": [tensor_entry(t, with_stats) for t in model],
+        "metadata": model.metadata,
+    }
+
+
+def build_manifest(path: str | os.PathLike, with_stats: bool = True) -> dict:
+    with open_model(path) as model:
+        manifest = artifact_manifest(model, with_stats)
+    manifest["file_sha256"] = file_sha256(path)
+    manifest["file_size"] = _size(Path(path))
+    return manifest
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

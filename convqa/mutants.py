@@ -1,0 +1,183 @@
+"""Known-bad converters: each reproduces one real bug class, selectable by name.
+
+They exist so the qualification can prove it catches each bug (the detection matrix). Each is
+a transformation of a correct WritePlan (or of where the output goes), so the correct path in
+`convqa.convert` carries no bug switches; writer-level bugs use `WriterQuirks`, whose defaults
+are the correct behaviour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from convqa import encodings
+from convqa.errors import ConversionError
+from convqa.model import LazyTensor, ModelArtifact, WritePlan, WriterQuirks
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    bug: str  # the real-world bug it reproduces, one sentence
+    origin: str  # where the bug class was seen
+    targets: tuple[str, ...]  # target formats where it applies
+    changes_function: bool  # does it change what the model computes (must fail an inference gate)?
+    apply: Callable[[WritePlan, ModelArtifact, Path, Path], tuple[WritePlan, Path]]
+
+
+def _with_quirks(plan: WritePlan, **changes) -> WritePlan:
+    return dataclasses.replace(plan, quirks=dataclasses.replace(plan.quirks, **changes))
+
+
+def _map_tensors(plan: WritePlan, fn: Callable[[LazyTensor], LazyTensor | None]) -> WritePlan:
+    tensors = [t2 for t in plan.tensors if (t2 := fn(t)) is not None]
+    return dataclasses.replace(plan, tensors=tensors)
+
+
+def _transposed_bytes(t: LazyTensor) -> LazyTensor:
+    if len(t.shape) != 2 or t.encoding.is_quantized:
+        return t
+
+    def load() -> np.ndarray:
+        width = t.encoding.block_bytes  # element size for plain float encodings
+        values = t.raw().view(f"V{width}").reshape(t.shape)
+        return np.ascontiguousarray(values.T).view(np.uint8).reshape(-1)
+
+    return LazyTensor(t.name, t.shape, t.encoding, load)
+
+
+def dims_not_reversed(plan, source, src, dst):
+    return _with_quirks(plan, gguf_reverse_dims=False), dst
+
+
+def transpose_2d(plan, source, src, dst):
+    return _map_tensors(plan, _transposed_bytes), dst
+
+
+def skip_qk_permute(plan, source, src, dst):
+    if plan.config.architecture != "llama":
+        raise ConversionError("skip-qk-permute only applies to llama models (qwen2 has no Q/K permutation)")
+    return _with_quirks(plan, llama_permute_qk=False), dst
+
+
+def drop_qkv_bias(plan, source, src, dst):
+    if plan.config.architecture != "qwen2":
+        raise ConversionError("drop-qkv-bias only applies to qwen2 models (llama has no q/k/v biases)")
+    return _map_tensors(plan, lambda t: None if t.name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) else t), dst
+
+
+def drop_tokenizer(plan, source, src, dst):
+    return dataclasses.replace(plan, tokenizer=None), dst
+
+
+def drop_chat_template(plan, source, src, dst):
+    if plan.tokenizer is None:
+        raise ConversionError("drop-chat-template needs a source with a tokenizer")
+    return dataclasses.replace(plan, tokenizer=dataclasses.replace(plan.tokenizer, chat_template=None)), dst
+
+
+def shift_special_token(plan, source, src, dst):
+    tok = plan.tokenizer
+    if tok is None or tok.eos_token_id is None:
+        raise ConversionError("shift-special-token needs a tokenizer with an eos id")
+    return dataclasses.replace(plan, tokenizer=dataclasses.replace(tok, eos_token_id=tok.eos_token_id + 1)), dst
+
+
+def lose_rope_theta(plan, source, src, dst):
+    # A writer that forgets rope.freq_base: llama.cpp (and any reader) falls back to 10000.
+    return dataclasses.replace(plan, config=plan.config.replace(rope_theta=10000.0 if plan.config.rope_theta != 10000.0 else 500000.0)), dst
+
+
+def change_rms_eps(plan, source, src, dst):
+    eps = plan.config.rms_norm_eps
+    return dataclasses.replace(plan, config=plan.config.replace(rms_norm_eps=1e-5 if eps != 1e-5 else 1e-6)), dst
+
+
+def q8_0_as_apr_dtype_8(plan, source, src, dst):
+    overrides = {}
+    tensors = []
+    for t in plan.tensors:
+        original = source.tensors.get(t.name)
+        if original is not None and original.encoding == encodings.Q8_0:
+            tensors.append(original)  # the raw GGML Q8_0 blocks, not the dequantized F32
+            overrides[t.name] = 8  # APR byte 8 is legacy APR Q4, never GGML Q8_0 (GH-191)
+        else:
+            tensors.append(t)
+    if not overrides:
+        raise ConversionError("q8_0-as-apr-dtype-8 needs a source with Q8_0 tensors (a q8_0 GGUF)")
+    plan = dataclasses.replace(plan, tensors=tensors)
+    return _with_quirks(plan, apr_dtype_override=overrides), dst
+
+
+def drop_lm_head(plan, source, src, dst):
+    if plan.config.tie_word_embeddings:
+        raise ConversionError("drop-lm-head applies to untied models (a tied model has no separate lm_head)")
+    plan = _map_tensors(plan, lambda t: None if t.name == "lm_head.weight" else t)
+    return dataclasses.replace(plan, config=plan.config.replace(tie_word_embeddings=True)), dst
+
+
+def write_beside_input(plan, source, src, dst):
+    # The anchor's file-discovery failure: output lands next to the input, not where asked.
+    base = src if src.is_file() else src / "model"
+    return plan, base.with_name(base.stem + ".converted" + dst.suffix)
+
+
+def nondeterministic(plan, source, src, dst):
+    meta = dict(plan.metadata, converted_at_ns=time.time_ns(), pid=os.getpid())
+    return dataclasses.replace(plan, metadata=meta), dst
+
+
+def bf16_truncate(plan, source, src, dst):
+    def truncated(t: LazyTensor) -> LazyTensor:
+        if t.encoding != encodings.BF16 or len(t.shape) < 2:
+            return t
+        original = source.tensors[t.name]
+
+        def load() -> np.ndarray:
+            bits = np.ascontiguousarray(original.to_float32()).view(np.uint32)
+            return (bits >> 16).astype("<u2").view(np.uint8).reshape(-1)
+
+        return LazyTensor(t.name, t.shape, t.encoding, load)
+
+    changed = _map_tensors(plan, truncated)
+    if all(t.encoding != encodings.BF16 for t in plan.tensors):
+        raise ConversionError("bf16-truncate needs a bf16 conversion (--quant bf16)")
+    return changed, dst
+
+
+MUTANTS = {
+    m.name: m
+    for m in [
+        Mutant("dims-not-reversed", "GGUF writer copies the numpy shape into ne instead of reversing it", "gguf-reference.md 1.3 case 1", ("gguf",), True, dims_not_reversed),
+        Mutant("transpose-2d", "2-D weights written transposed ('convert to column-major'): the LAYOUT-002 class", "aprender GH-202/GH-208, 58-90% output differences", ("gguf", "apr"), True, transpose_2d),
+        Mutant("skip-qk-permute", "llama q/k rows not permuted for GGUF's adjacent-pair RoPE", "llama.cpp convert LlamaModel.permute", ("gguf",), True, skip_qk_permute),
+        Mutant("drop-qkv-bias", "qwen2 q/k/v biases dropped; llama.cpp loads the file silently", "gguf-reference.md 2 (llama.cpp 0.3.36 treats them as optional)", ("gguf", "apr", "safetensors"), True, drop_qkv_bias),
+        Mutant("drop-tokenizer", "tokenizer not carried into the converted file", "aprender PMAT-172 (apr run needs the embedded vocabulary)", ("gguf", "apr", "safetensors"), False, drop_tokenizer),
+        Mutant("drop-chat-template", "chat template not carried, chat prompts render differently", "anchor playbook: chat modality", ("gguf", "apr", "safetensors"), True, drop_chat_template),
+        Mutant("shift-special-token", "eos token id off by one", "tokenizer metadata mapping bugs", ("gguf", "apr", "safetensors"), True, shift_special_token),
+        Mutant("lose-rope-theta", "rope.freq_base not written; readers fall back to 10000", "gguf-reference.md 3 (Qwen 1e6, SmolLM2 1e5)", ("gguf", "apr", "safetensors"), True, lose_rope_theta),
+        Mutant("change-rms-eps", "rms_norm_eps replaced by another default", "config mapping bugs", ("gguf", "apr", "safetensors"), True, change_rms_eps),
+        Mutant("q8_0-as-apr-dtype-8", "GGML Q8_0 blocks stored under APR dtype byte 8 (legacy APR Q4)", "aprender GH-191", ("apr",), True, q8_0_as_apr_dtype_8),
+        Mutant("drop-lm-head", "untied lm_head dropped and the embedding reused as the head", "tied-embedding resolution bugs", ("gguf", "apr", "safetensors"), True, drop_lm_head),
+        Mutant("write-beside-input", "converter writes its output next to its input instead of the requested path", "anchor playbook: file discovery", ("gguf", "apr", "safetensors"), False, write_beside_input),
+        Mutant("nondeterministic", "converter embeds a timestamp and pid, so two runs differ", "anchor idempotency gate", ("gguf", "apr", "safetensors"), False, nondeterministic),
+        Mutant("bf16-truncate", "F32 -> BF16 by truncating the mantissa instead of rounding to nearest even", "ggml_compute_fp32_to_bf16 rounds", ("gguf", "apr", "safetensors"), True, bf16_truncate),
+    ]
+}
+
+
+def apply_mutant(name: str, plan: WritePlan, source: ModelArtifact, target_format: str, src: Path, dst: Path) -> tuple[WritePlan, Path]:
+    try:
+        mutant = MUTANTS[name]
+    except KeyError:
+        raise ConversionError(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}") from None
+    if target_format not in mutant.targets:
+        raise ConversionError(f"mutant {name} applies to {', '.join(mutant.targets)} output, not {target_format}")
+    return mutant.apply(plan, source, src, dst)
