@@ -368,15 +368,18 @@ class AprWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         stack, self._stack = self._stack, None
+        incomplete = None
         if exc_type is None and self._next != len(self.entries):
             missing = self.entries[self._next].name
-            exc = ConversionError(f"{self.path}: closed before tensor {missing!r} was written")
-            exc_type, tb = ConversionError, None
+            incomplete = ConversionError(f"{self.path}: closed before tensor {missing!r} was written")
+            exc_type, exc, tb = ConversionError, incomplete, None
         if exc_type is None:
             self._fh.write(struct.pack("<I", self._crc))
         # Closes the file, then renames it into place, or (given an exception) removes the temp
-        # file and re-raises that exception.
+        # file; the exception itself propagates from the caller's `with`, or from here.
         stack.__exit__(exc_type, exc, tb)
+        if incomplete is not None:
+            raise incomplete
 
 
 # --- High-level writer ----------------------------------------------------------------------
@@ -562,9 +565,9 @@ def _check_header(check: _Bounds, raw: bytes, file_size: int) -> AprHeader:
             f"metadata [{header.metadata_offset}, {metadata_end}) runs past the data end {data_end}", "metadata_size", 20
         )
     index_off = header.tensor_index_offset
-    if index_off % ALIGNMENT or index_off < metadata_end:
+    if index_off % ALIGNMENT or not metadata_end <= index_off <= data_end:
         check.fail(
-            f"tensor_index_offset {index_off} must be a multiple of {ALIGNMENT} at or after the metadata end {metadata_end}",
+            f"tensor_index_offset {index_off} must be a multiple of {ALIGNMENT} in [{metadata_end}, {data_end}]",
             "tensor_index_offset",
             24,
         )

@@ -1,0 +1,121 @@
+"""The qualification plan: which conversion chains to build and which gate checks to run.
+
+Both the Snakefile (to request exactly these artifacts) and the gate evaluation use this one
+description, so the DAG and the report cannot drift apart. A chain is named by its hops from
+the SafeTensors ground truth, `st-gguf-apr`; an independent re-run of a conversion is the same
+chain with a `.runN` suffix (`st-gguf.run2`). The chain `st` is the source itself.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+HOP_FORMAT = {"st": "safetensors", "gguf": "gguf", "apr": "apr"}
+FORMAT_HOP = {v: k for k, v in HOP_FORMAT.items()}
+EDGE_GATE = {
+    ("st", "gguf"): "F-CONV-S-G",
+    ("st", "apr"): "F-CONV-S-A",
+    ("gguf", "apr"): "F-CONV-G-A",
+    ("apr", "gguf"): "F-CONV-A-G",
+    ("gguf", "st"): "F-CONV-G-S",
+    ("apr", "st"): "F-CONV-A-S",
+}
+CHAIN_RE = re.compile(r"^st(-(st|gguf|apr))*(\.run[0-9]+)?$")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison the gates need: `gate` compares `subject` against `reference`.
+
+    mode "tensors": canonical tensor/config/tokenizer comparison; "bytes": file hashes equal.
+    """
+
+    gate: str
+    subject: str
+    reference: str
+    mode: str = "tensors"
+
+
+def hops(chain: str) -> list[str]:
+    if not CHAIN_RE.match(chain):
+        raise ValueError(f"bad chain name {chain!r}: expected st-<fmt>-... with fmt in st, gguf, apr, optional .runN")
+    return chain.split(".")[0].split("-")
+
+
+def parent(chain: str) -> str:
+    """The chain this one converts from: `st-gguf-apr` -> `st-gguf`; `st-gguf.run2` -> `st`."""
+    h = hops(chain)
+    if len(h) == 1:
+        raise ValueError("the source chain 'st' has no parent")
+    return "-".join(h[:-1])
+
+
+def target_format(chain: str) -> str:
+    return HOP_FORMAT[hops(chain)[-1]]
+
+
+def edge(chain: str) -> tuple[str, str]:
+    h = hops(chain)
+    return h[-2], h[-1]
+
+
+def is_first_hop(chain: str) -> bool:
+    return len(hops(chain)) == 2
+
+
+# Tiers: what each target builds and checks. Each later tier contains the earlier one.
+_SMOKE_CHECKS = [
+    Check("F-CONV-S-G", "st-gguf", "st"),
+    Check("F-CONV-S-A", "st-apr", "st"),
+]
+_MVP_CHECKS = _SMOKE_CHECKS + [
+    Check("F-CONV-G-A", "st-gguf-apr", "st-gguf"),
+    Check("F-CONV-A-G", "st-apr-gguf", "st-apr"),
+    Check("F-CONV-G-S", "st-gguf-st", "st-gguf"),
+    Check("F-CONV-A-S", "st-apr-st", "st-apr"),
+    Check("F-CONV-RT-001", "st-apr-gguf-apr", "st-apr"),
+    Check("F-CONV-RT-002", "st-gguf-apr-gguf", "st-gguf"),
+    Check("F-CONV-RT-003", "st-gguf-st", "st"),
+    Check("F-CONV-RT-003", "st-apr-st", "st"),
+    Check("F-CONV-IDEM-001", "st-gguf.run2", "st-gguf", "bytes"),
+    Check("F-CONV-IDEM-001", "st-apr.run2", "st-apr", "bytes"),
+    Check("F-CONV-IDEM-001", "st-gguf-apr.run2", "st-gguf-apr", "bytes"),
+    Check("F-CONV-IDEM-002", "st-apr-gguf-apr-gguf", "st-apr-gguf", "bytes"),
+    Check("F-CONV-IDEM-002", "st-gguf-apr-gguf-apr", "st-gguf-apr", "bytes"),
+    Check("F-CONV-COM-001", "st-gguf-apr", "st-apr"),
+    Check("F-CONV-COM-001", "st-gguf-st-apr", "st-gguf-apr"),
+]
+_FULL_CHECKS = _MVP_CHECKS + [
+    Check("F-CONV-IDEM-001", "st-apr-gguf.run2", "st-apr-gguf", "bytes"),
+    Check("F-CONV-IDEM-001", "st-gguf-st.run2", "st-gguf-st", "bytes"),
+    Check("F-CONV-COM-001", "st-apr-st-gguf", "st-gguf"),
+]
+TIER_CHECKS = {"smoke": _SMOKE_CHECKS, "mvp": _MVP_CHECKS, "full": _FULL_CHECKS}
+
+
+def checks_for(tier: str, variant: str) -> list[Check]:
+    """Checks for one variant. Quantized variants lose bit-exactness only on the first hop, so all
+    later hops are still held to exact equality by the gates (see convqa.gates)."""
+    try:
+        return list(TIER_CHECKS[tier])
+    except KeyError:
+        raise ValueError(f"unknown tier {tier!r}; expected one of {', '.join(TIER_CHECKS)}") from None
+
+
+def chains_for(tier: str, variant: str) -> list[str]:
+    """Every artifact chain a tier needs, source first, parents before children."""
+    names = {"st"}
+    for check in checks_for(tier, variant):
+        for chain in (check.subject, check.reference):
+            names.add(chain)
+            base = chain.split(".")[0]
+            h = base.split("-")
+            for i in range(1, len(h)):
+                names.add("-".join(h[:i]))
+    return sorted(names, key=lambda c: (len(hops(c)), c))
+
+
+def artifact_chains(tier: str, variant: str) -> list[str]:
+    """Chains that are conversions (everything but the source)."""
+    return [c for c in chains_for(tier, variant) if c != "st"]
