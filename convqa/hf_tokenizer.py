@@ -147,8 +147,6 @@ def write_hf_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, mod
     directory = Path(directory)
     if spec.model != "gpt2":
         raise ConversionError(f"cannot write tokenizer model {spec.model!r} as tokenizer.json; only byte-level BPE (gpt2)")
-    if spec.pre not in _PRE_PIPELINES:
-        raise ConversionError(f"pre-tokenizer {spec.pre!r} has no known tokenizer.json pipeline; supported: {SUPPORTED_PRE}")
     if len(spec.token_types) != len(spec.tokens):
         raise ConversionError(f"{len(spec.tokens)} tokens but {len(spec.token_types)} token types")
 
@@ -173,9 +171,9 @@ def write_hf_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, mod
             raise ConversionError(f"merge {rank} {merge!r} is not two tokens separated by one space")
         merges.append((parts[0], parts[1]))
 
-    steps, ignore_merges = _PRE_PIPELINES[spec.pre]
+    pre_tokenizer, ignore_merges = build_pre_tokenizer(spec.pre)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges))
-    tokenizer.pre_tokenizer = _build_pre_tokenizer(steps)
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     names = {key: _token_name(spec, key) for key in ("bos", "eos", "unk", "pad")}
     if spec.add_bos_token or spec.add_eos_token:
@@ -203,9 +201,13 @@ def write_hf_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, mod
     write_json(directory / SPECIAL_TOKENS_MAP_FILE, {f"{key}_token": name for key, name in names.items() if name is not None})
 
 
-def _build_pre_tokenizer(steps):
+def build_pre_tokenizer(pre: str):
+    """(tokenizers pre-tokenizer, BPE ignore_merges) that split text as llama.cpp's `pre` does."""
     from tokenizers import Regex, pre_tokenizers
 
+    if pre not in _PRE_PIPELINES:
+        raise ConversionError(f"pre-tokenizer {pre!r} has no known tokenizer.json pipeline; supported: {SUPPORTED_PRE}")
+    steps, ignore_merges = _PRE_PIPELINES[pre]
     built = []
     for kind, options in steps:
         options = dict(options)
@@ -215,7 +217,7 @@ def _build_pre_tokenizer(steps):
             built.append(pre_tokenizers.Digits(individual_digits=options["individual_digits"]))
         else:
             built.append(pre_tokenizers.ByteLevel(add_prefix_space=options["add_prefix_space"], use_regex=options["use_regex"], trim_offsets=False))
-    return built[0] if len(built) == 1 else pre_tokenizers.Sequence(built)
+    return (built[0] if len(built) == 1 else pre_tokenizers.Sequence(built)), ignore_merges
 
 
 def _template_processing(spec: TokenizerSpec, names: dict, processors):

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from convqa.atomic import atomic_dir
-from convqa.hf_tokenizer import load_json_object, write_json
+from convqa.hf_tokenizer import build_pre_tokenizer, write_json
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # llama.cpp pre-tokenizer each synthetic tokenizer is trained with (and so declares).
@@ -95,7 +95,7 @@ def build_synthetic_model(
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype)
-    tokenizer, vocab_used = _train_tokenizer(vocab_size, PRE_TOKENIZER[architecture])
+    tokenizer = _train_tokenizer(vocab_size, PRE_TOKENIZER[architecture])
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     common = dict(
         vocab_size=vocab_size,
@@ -124,11 +124,7 @@ def build_synthetic_model(
 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        _write_tokenizer_files(tmp, tokenizer, ids, max_position_embeddings)
-        # transformers stamps its version into config.json; leave it, it is stable for one install.
-        config_json = load_json_object(tmp / "config.json")
-        config_json["convqa_synthetic"] = {"seed": seed, "tokenizer_vocab": vocab_used}
-        write_json(tmp / "config.json", dict(sorted(config_json.items())))
+        _write_tokenizer_files(tmp, tokenizer, max_position_embeddings)
     return Path(out_dir)
 
 
@@ -186,11 +182,9 @@ def _train_tokenizer(vocab_size: int, pre: str):
     from tokenizers import Tokenizer, decoders, models, processors, trainers
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from convqa.hf_tokenizer import _PRE_PIPELINES, _build_pre_tokenizer
-
-    steps, ignore_merges = _PRE_PIPELINES[pre]
+    pre_tokenizer, ignore_merges = build_pre_tokenizer(pre)
     tokenizer = Tokenizer(models.BPE(ignore_merges=ignore_merges))
-    tokenizer.pre_tokenizer = _build_pre_tokenizer(steps)
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -201,13 +195,12 @@ def _train_tokenizer(vocab_size: int, pre: str):
         show_progress=False,
     )
     tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    used = tokenizer.get_vocab_size()
-    if used > vocab_size:
-        raise ValueError(f"the tokenizer needs {used} ids but vocab_size is {vocab_size}")
-    return tokenizer, used
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise ValueError(f"the tokenizer needs {tokenizer.get_vocab_size()} ids but vocab_size is {vocab_size}")
+    return tokenizer
 
 
-def _write_tokenizer_files(directory: Path, tokenizer, ids: dict, model_max_length: int) -> None:
+def _write_tokenizer_files(directory: Path, tokenizer, model_max_length: int) -> None:
     tokenizer.save(str(directory / "tokenizer.json"))
     names = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": None, "pad_token": "<|endoftext|>"}
     write_json(

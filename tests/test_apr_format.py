@@ -53,7 +53,7 @@ def make_config(architecture="llama", tied=False, layers=2, **changes) -> ModelC
 
 
 def make_tokenizer() -> TokenizerSpec:
-    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "é", "Ġhello", "\"q\\/", "\n"] + [
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "é", "Ġhello", '"q\\/', "\n"] + [
         f"t{i}" for i in range(7)
     ]
     return TokenizerSpec(
@@ -98,7 +98,9 @@ HEADER = struct.Struct("<4sBBHIQIQQI20s")
 
 def parse_file(data: bytes) -> dict:
     """An independent parse of header, metadata and index (test-side code only)."""
-    magic, major, minor, flags, count, meta_off, meta_size, index_off, data_off, crc, reserved = HEADER.unpack(data[:64])
+    magic, major, minor, flags, count, meta_off, meta_size, index_off, data_off, crc, reserved = HEADER.unpack(
+        data[:64]
+    )
     entries = []
     pos = index_off
     for _ in range(count):
@@ -191,6 +193,12 @@ def test_worked_example_is_byte_exact(tmp_path):
 def test_format_f32_matches_ryu(value, text):
     assert format_f32(value) == text
     assert np.float32(float(text)) == np.float32(value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e39])
+def test_format_f32_refuses_what_f32_cannot_hold(value):
+    with pytest.raises(ConversionError):
+        format_f32(value)
 
 
 # --- layout of a written model ----------------------------------------------------------------
@@ -558,9 +566,7 @@ def test_hf_named_llama_file_is_not_unpermuted(tmp_path):
     """HF names mean HF row order: a reader that always un-permuted llama would scramble these."""
     config = make_config("llama")
     plan = make_plan(config, np.random.default_rng(12))
-    plan.tensors = [
-        position_tensor(t.name, *t.shape) if t.name.endswith("q_proj.weight") else t for t in plan.tensors
-    ]
+    plan.tensors = [position_tensor(t.name, *t.shape) if t.name.endswith("q_proj.weight") else t for t in plan.tensors]
     write_apr(tmp_path / "hf.apr", plan)
     with read_apr(tmp_path / "hf.apr") as artifact:
         q = artifact.tensors["model.layers.1.self_attn.q_proj.weight"].to_float32()

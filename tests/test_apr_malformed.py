@@ -78,13 +78,13 @@ def valid_tied() -> bytes:
 
 def layout(data: bytes) -> dict:
     """Absolute positions of every header and index field (test-side parser)."""
-    count, = struct.unpack_from("<I", data, 8)
-    meta_size, = struct.unpack_from("<I", data, 20)
+    (count,) = struct.unpack_from("<I", data, 8)
+    (meta_size,) = struct.unpack_from("<I", data, 20)
     index_off, data_off = struct.unpack_from("<QQ", data, 24)
     entries = []
     pos = index_off
     for _ in range(count):
-        name_len, = struct.unpack_from("<H", data, pos)
+        (name_len,) = struct.unpack_from("<H", data, pos)
         entry = {"name_len_at": pos, "name_at": pos + 2, "name": data[pos + 2 : pos + 2 + name_len].decode()}
         pos += 2 + name_len
         entry["dtype_at"], entry["ndim_at"] = pos, pos + 1
@@ -245,7 +245,7 @@ def test_header_field_with_crc_fixed(tmp_path, valid, case):
 
 
 def test_tensor_count_one_too_many(tmp_path, valid):
-    count, = struct.unpack_from("<I", valid, 8)
+    (count,) = struct.unpack_from("<I", valid, 8)
     data = refresh_crcs(put(bytearray(valid), 8, "<I", count + 1))
     error = assert_format_error(tmp_path, data)
     assert error.offset is not None and error.offset >= layout(valid)["index_off"]
@@ -254,7 +254,7 @@ def test_tensor_count_one_too_many(tmp_path, valid):
 def test_tensor_count_too_small_leaves_tensors_out_but_footer_catches_nothing(tmp_path, valid):
     """A smaller count is structurally valid (fewer entries); the file still opens, with fewer tensors.
     This documents the limit of structural checks: the CRCs were recomputed by the attacker."""
-    count, = struct.unpack_from("<I", valid, 8)
+    (count,) = struct.unpack_from("<I", valid, 8)
     path = tmp_path / "fewer.apr"
     path.write_bytes(refresh_crcs(put(bytearray(valid), 8, "<I", count - 1)))
     with read_apr(path) as artifact:
@@ -376,6 +376,11 @@ def test_nan_in_metadata(tmp_path, valid):
     )
 
 
+def test_f32_field_out_of_f32_range(tmp_path, valid):
+    data = replace_metadata_text(valid, b'"rope_theta":10000.0', b'"rope_theta":1e300  ')
+    assert_format_error(tmp_path, data, field="rope_theta")
+
+
 @pytest.mark.parametrize(
     "key",
     [
@@ -424,7 +429,6 @@ def with_metadata(tmp_path, data: bytes, changes: dict) -> bytes:
         ("hidden_size", True, "hidden_size"),
         ("vocab_size", None, "vocab_size"),
         ("rms_norm_eps", -1e-5, "rms_norm_eps"),
-        ("rope_theta", 1e300, "rope_theta"),
         ("rope_theta", "1e4", "rope_theta"),
         ("architecture", "gpt2", "architecture"),
         ("architecture", ["llama"], "architecture"),

@@ -179,7 +179,7 @@ class AprHeader:
     @classmethod
     def from_bytes(cls, raw: bytes) -> "AprHeader":
         """Parse 64 bytes; no validation (read_apr checks every field against the file)."""
-        (magic, major, minor, flags, count, meta_off, meta_size, index_off, data_off, checksum, reserved) = (
+        magic, major, minor, flags, count, meta_off, meta_size, index_off, data_off, checksum, reserved = (
             _HEADER.unpack(raw[:HEADER_SIZE])
         )
         return cls(
@@ -250,9 +250,9 @@ def format_f32(value: float) -> str:
     Thresholds (section 3.4): plain `digits.0` up to 13 integer digits, `0.000ddd` down to
     1e-6, scientific with no `+` and no exponent padding otherwise.
     """
+    if not math.isfinite(value) or abs(value) > _F32_MAX:
+        raise ConversionError(f"cannot store {value!r} as a finite f32 in APR metadata")
     f32 = np.float32(value)
-    if not np.isfinite(f32):
-        raise ConversionError(f"cannot store non-finite f32 {value!r} in APR metadata")
     if f32 == 0:
         return "-0.0" if np.signbit(f32) else "0.0"
     scientific = np.format_float_scientific(f32, unique=True, trim="-", exp_digits=1)
@@ -436,8 +436,9 @@ def build_metadata(plan: WritePlan, tensors: list[tuple[str, int, tuple[int, ...
     meta["param_count"] = sum(math.prod(shape) for _, _, shape, _ in tensors)
     if tok is not None and tok.chat_template is not None:
         meta["chat_template"] = tok.chat_template
-    if tok is not None and _special_tokens(tok):
-        meta["special_tokens"] = _special_tokens(tok)
+    specials = _special_tokens(tok) if tok is not None else {}
+    if specials:
+        meta["special_tokens"] = specials
     meta |= {
         "architecture": config.architecture,
         "hf_architecture": HF_ARCHITECTURES[config.architecture],
@@ -505,8 +506,8 @@ def write_apr(path: str | os.PathLike, plan: WritePlan) -> None:
 # --- Strict reader --------------------------------------------------------------------------
 
 
-class _Bounds:
-    """Checks that raise FormatError naming the file; `path` is fixed for one read."""
+class _Checker:
+    """Raises FormatError naming the file being read; one per read_apr call."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -533,7 +534,7 @@ def _file_crc(fh, end: int) -> int:
     return crc
 
 
-def _check_header(check: _Bounds, raw: bytes, file_size: int) -> AprHeader:
+def _check_header(check: _Checker, raw: bytes, file_size: int) -> AprHeader:
     magic = raw[:4]
     if magic in MAGIC_V1:
         check.fail(f"APR v1 container {magic!r} holds no tensor index; only APR v2 is supported", "magic", 0)
@@ -562,7 +563,9 @@ def _check_header(check: _Bounds, raw: bytes, file_size: int) -> AprHeader:
     metadata_end = header.metadata_offset + header.metadata_size
     if metadata_end > data_end:
         check.fail(
-            f"metadata [{header.metadata_offset}, {metadata_end}) runs past the data end {data_end}", "metadata_size", 20
+            f"metadata [{header.metadata_offset}, {metadata_end}) runs past the data end {data_end}",
+            "metadata_size",
+            20,
         )
     index_off = header.tensor_index_offset
     if index_off % ALIGNMENT or not metadata_end <= index_off <= data_end:
@@ -587,7 +590,7 @@ def _check_header(check: _Bounds, raw: bytes, file_size: int) -> AprHeader:
     return header
 
 
-def _parse_index(check: _Bounds, index: bytes, header: AprHeader, data_end: int) -> list[AprTensorEntry]:
+def _parse_index(check: _Checker, index: bytes, header: AprHeader, data_end: int) -> list[AprTensorEntry]:
     base = header.tensor_index_offset
     pos = 0
     entries: list[AprTensorEntry] = []
@@ -638,7 +641,9 @@ def _parse_index(check: _Bounds, index: bytes, header: AprHeader, data_end: int)
             check.fail(f"tensor {name!r}: {exc}", "dims", base + pos - ndim * _DIM.size)
         if size != expected:
             check.fail(
-                f"tensor {name!r}: size {size} but {encoding.name} {list(shape)} needs {expected} bytes", "size", base + pos + 8
+                f"tensor {name!r}: size {size} but {encoding.name} {list(shape)} needs {expected} bytes",
+                "size",
+                base + pos + 8,
             )
         if offset % ALIGNMENT:
             check.fail(f"tensor {name!r}: offset {offset} is not a multiple of {ALIGNMENT}", "offset", base + pos)
@@ -669,14 +674,18 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _parse_metadata(check: _Bounds, raw: bytes) -> dict:
+def _parse_metadata(check: _Checker, raw: bytes) -> dict:
     try:
         text = raw.decode("utf-8")
-        metadata = json.loads(text, parse_constant=_reject_constant)  # duplicate keys: last wins, like serde_json::Value
+        metadata = json.loads(
+            text, parse_constant=_reject_constant
+        )  # duplicate keys: last wins, like serde_json::Value
     except UnicodeDecodeError as exc:
         check.fail(f"metadata is not valid UTF-8: {exc.reason}", "metadata", METADATA_OFFSET + exc.start)
     except json.JSONDecodeError as exc:
-        check.fail(f"metadata is not valid JSON: {exc.msg}", "metadata", METADATA_OFFSET + len(text[: exc.pos].encode()))
+        check.fail(
+            f"metadata is not valid JSON: {exc.msg}", "metadata", METADATA_OFFSET + len(text[: exc.pos].encode())
+        )
     except (ValueError, RecursionError) as exc:
         check.fail(f"metadata is not valid JSON: {exc}", "metadata", METADATA_OFFSET)
     if not isinstance(metadata, dict):
@@ -701,7 +710,7 @@ def _canonical_f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _config_from_metadata(check: _Bounds, meta: dict, tied: bool) -> ModelConfig:
+def _config_from_metadata(check: _Checker, meta: dict, tied: bool) -> ModelConfig:
     def field(key: str):
         if key not in meta or meta[key] is None:
             check.fail(f"metadata lacks required key {key!r}", key, METADATA_OFFSET)
@@ -709,7 +718,11 @@ def _config_from_metadata(check: _Bounds, meta: dict, tied: bool) -> ModelConfig
 
     architecture = field("architecture")
     if architecture not in SUPPORTED:
-        check.fail(f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED)}", "architecture", METADATA_OFFSET)
+        check.fail(
+            f"unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED)}",
+            "architecture",
+            METADATA_OFFSET,
+        )
     ints = {}
     for key in _REQUIRED_INT_KEYS:
         value = field(key)
@@ -751,7 +764,7 @@ def _config_from_metadata(check: _Bounds, meta: dict, tied: bool) -> ModelConfig
     )
 
 
-def _tokenizer_from_metadata(check: _Bounds, meta: dict) -> TokenizerSpec | None:
+def _tokenizer_from_metadata(check: _Checker, meta: dict) -> TokenizerSpec | None:
     def typed(key: str, ok, what: str, default=None):
         value = meta.get(key)
         if value is None:
@@ -773,7 +786,9 @@ def _tokenizer_from_metadata(check: _Bounds, meta: dict) -> TokenizerSpec | None
 
     declared = typed("tokenizer.vocab_size", _is_int, "an integer")
     if declared is not None and declared != n:
-        check.fail(f"tokenizer.vocab_size {declared} != {n} vocabulary entries", "tokenizer.vocab_size", METADATA_OFFSET)
+        check.fail(
+            f"tokenizer.vocab_size {declared} != {n} vocabulary entries", "tokenizer.vocab_size", METADATA_OFFSET
+        )
     merges = typed("tokenizer.merges", str_list, "a list of strings", [])
     token_types = typed(
         "tokenizer.token_type",
@@ -783,7 +798,9 @@ def _tokenizer_from_metadata(check: _Bounds, meta: dict) -> TokenizerSpec | None
     )
     scores = typed(
         "tokenizer.scores",
-        lambda v: isinstance(v, list) and len(v) == n and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in v),
+        lambda v: isinstance(v, list)
+        and len(v) == n
+        and all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in v),
         f"a list of {n} numbers",
     )
     model = typed("tokenizer.model_type", lambda v: isinstance(v, str), "a string")
@@ -818,7 +835,7 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
 def read_apr(path: str | os.PathLike) -> ModelArtifact:
     """Open an APR v2 file as the canonical view, checking every structure before any data."""
     path = Path(path)
-    check = _Bounds(path)
+    check = _Checker(path)
     try:
         file_size = path.stat().st_size
         fh = open(path, "rb")
@@ -835,7 +852,11 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
         (stored_crc,) = struct.unpack("<I", _read_exact(fh, data_end, FOOTER_SIZE))
         computed_crc = _file_crc(fh, data_end)
         if stored_crc != computed_crc:
-            check.fail(f"footer checksum mismatch: stored {stored_crc:#010x}, computed {computed_crc:#010x}", "footer", data_end)
+            check.fail(
+                f"footer checksum mismatch: stored {stored_crc:#010x}, computed {computed_crc:#010x}",
+                "footer",
+                data_end,
+            )
 
     mapped = {"mm": np.memmap(path, dtype=np.uint8, mode="r")}
 
@@ -854,7 +875,11 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
     seen: dict[str, str] = {}
     for name, canonical in canonical_of.items():
         if canonical in seen:
-            check.fail(f"tensors {seen[canonical]!r} and {name!r} both map to {canonical!r}", "name", header.tensor_index_offset)
+            check.fail(
+                f"tensors {seen[canonical]!r} and {name!r} both map to {canonical!r}",
+                "name",
+                header.tensor_index_offset,
+            )
         seen[canonical] = name
 
     tied_flag = metadata.get(TIED_EMBEDDINGS_KEY, False)
@@ -920,12 +945,14 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
     )
 
 
-def _unpermuted_loader(check: _Bounds, load, entry: AprTensorEntry, encoding: Encoding, n_head: int, data_offset: int):
+def _unpermuted_loader(check: _Checker, load, entry: AprTensorEntry, encoding: Encoding, n_head: int, data_offset: int):
     """Undo llama's GGUF Q/K row permutation; rows move whole, so quantized blocks move with them."""
     rows = entry.shape[0] if entry.shape else 0
     if rows == 0 or rows % (2 * n_head):
         check.fail(
-            f"tensor {entry.name!r}: {rows} rows cannot be un-permuted for {n_head} heads", "dims", data_offset + entry.offset
+            f"tensor {entry.name!r}: {rows} rows cannot be un-permuted for {n_head} heads",
+            "dims",
+            data_offset + entry.offset,
         )
     # Rows can move as byte ranges only if each row is stored on its own (not APR Q8's shared
     # scale, not blocks that straddle rows).

@@ -350,7 +350,10 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         raise FormatError(path, f"cannot open: {exc.strerror}") from exc
     if size < HEADER_SIZE:
         raise FormatError(path, f"truncated: {size} bytes is shorter than the {HEADER_SIZE}-byte header", field="header", offset=0)
-    mapped = _MappedFile(path)
+    try:
+        mapped = _MappedFile(path)
+    except OSError as exc:
+        raise FormatError(path, f"cannot map: {exc.strerror}") from exc
     parsed = _parse(path, memoryview(mapped.array))
     kvs = parsed.kvs
 
@@ -473,8 +476,9 @@ def _read_config(path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[
         head_dim = u32("rope.dimension_count", hidden // heads, required=False)
 
     vocab_size = u32("vocab_size", required=False)
-    if vocab_size is None and Keys.Tokenizer.LIST in kvs:
-        vocab_size = len(kvs[Keys.Tokenizer.LIST].value)
+    tokens = _get(path, kvs, Keys.Tokenizer.LIST, GGUFValueType.ARRAY, required=False, elem_type=GGUFValueType.STRING)
+    if vocab_size is None and tokens is not None:
+        vocab_size = len(tokens)
     if vocab_size is None and "model.embed_tokens.weight" in tensors:
         vocab_size = tensors["model.embed_tokens.weight"].ne[-1]
     if vocab_size is None:

@@ -1,0 +1,164 @@
+"""Content fingerprints of the convqa code that a workflow job runs.
+
+Snakemake sees a `script:` file's mtime but not the modules the script imports, so a fix in a
+converter would rerun nothing and a `git checkout` of unchanged code would rerun everything.
+Each rule that runs convqa code therefore carries, in `params:`, a hash of the *content* of
+exactly the modules its job can execute: a change there reruns the job and its downstream, a
+touch changes nothing.
+
+Which modules a job can execute is read from the import statements (module level and inside
+functions) of the modules it starts from, followed transitively within the convqa package.
+The format modules are the exception: `convqa.formats` dispatches to all three lazily, but a job
+only ever runs the readers and writers of the formats it touches, so the other format modules
+are cut out of the closure. An edit to the GGUF writer therefore reruns the GGUF edges and not
+SafeTensors -> APR.
+
+The package is located from the imported `convqa` itself, so the hash describes the code the
+job's Python will import (an installed copy, a checkout, or a `PYTHONPATH` override in tests).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+from pathlib import Path
+
+import convqa
+
+PACKAGE = "convqa"
+FORMAT_MODULES = {
+    "safetensors": "convqa.formats.safetensors",
+    "gguf": "convqa.formats.gguf",
+    "apr": "convqa.formats.apr",
+}
+FINGERPRINT_CHARS = 16  # 64 bits of sha256: enough to tell code versions apart, short in logs
+
+
+def package_dir() -> Path:
+    return Path(convqa.__file__).resolve().parent
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a convqa module, or None if `module` is not one (a plain name)."""
+    parts = module.split(".")
+    if parts[0] != PACKAGE:
+        return None
+    base = package_dir().joinpath(*parts[1:])
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _parent_packages(module: str) -> list[str]:
+    # Importing convqa.formats.gguf executes convqa/__init__.py and convqa/formats/__init__.py.
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def imported_modules(module: str) -> set[str]:
+    """convqa modules named by the import statements of `module` (anywhere in the file)."""
+    path = module_file(module)
+    if path is None:
+        return set()
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(module, node, is_package)
+            if base is None:
+                continue
+            found.add(base)
+            # `from convqa import arch` imports the submodule convqa.arch.
+            found.update(f"{base}.{alias.name}" for alias in node.names if module_file(f"{base}.{alias.name}"))
+    return {m for m in found if module_file(m) is not None}
+
+
+def _absolute(module: str, node: ast.ImportFrom, is_package: bool) -> str | None:
+    if node.level == 0:
+        return node.module
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    anchor = package[: len(package) - (node.level - 1)]
+    return ".".join(anchor + ([node.module] if node.module else []))
+
+
+def module_closure(roots: list[str], exclude: set[str] = frozenset()) -> list[str]:
+    """`roots` and every convqa module they import, transitively, minus `exclude`."""
+    seen: set[str] = set()
+    pending = [m for root in roots for m in (*_parent_packages(root), root)]
+    while pending:
+        module = pending.pop()
+        if module in seen or module in exclude or module_file(module) is None:
+            continue
+        seen.add(module)
+        pending.extend(imported_modules(module))
+        pending.extend(_parent_packages(module))
+    return sorted(seen)
+
+
+def code_fingerprint(modules: list[str]) -> str:
+    """sha256 over the modules' package-relative paths and bytes, in sorted order."""
+    root = package_dir()
+    h = hashlib.sha256()
+    for path in sorted(module_file(m) for m in modules):
+        h.update(path.relative_to(root).as_posix().encode() + b"\x00")
+        h.update(path.read_bytes())
+        h.update(b"\x00")
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _format_roots(roots: tuple[str, ...], formats: tuple[str, ...]) -> tuple[list[str], set[str]]:
+    unknown = [f for f in formats if f not in FORMAT_MODULES]
+    if unknown:
+        raise ValueError(f"unknown format(s) {unknown}; expected {', '.join(FORMAT_MODULES)}")
+    used = [FORMAT_MODULES[f] for f in formats]
+    other = {m for f, m in FORMAT_MODULES.items() if f not in formats}
+    return [*roots, *used], other
+
+
+@functools.lru_cache(maxsize=None)
+def fingerprint(
+    roots: tuple[str, ...],
+    formats: tuple[str, ...],
+    *,
+    leaves: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+) -> str:
+    """Fingerprint of the code reachable from `roots` that reads or writes only `formats`.
+
+    `leaves` are hashed without following their imports (an entry point whose other commands
+    the job never runs); `exclude` names modules the job cannot reach although an import names
+    them (a branch for another kind of input).
+    """
+    modules, other_formats = _format_roots(roots, tuple(sorted(set(formats))))
+    closure = module_closure(modules, other_formats | set(exclude))
+    return code_fingerprint(sorted(set(closure) | {m for m in leaves if module_file(m)}))
+
+
+def conversion_fingerprint(source_format: str, target_format: str) -> str:
+    """What `convqa convert` runs for one edge: the converter plus both formats' modules.
+
+    cli.py is hashed as the entry point, but its imports for the other subcommands (engines,
+    server) are not followed: they never run during a conversion.
+    """
+    return fingerprint(("convqa.convert",), (source_format, target_format), leaves=("convqa.cli",))
+
+
+def inspection_fingerprint(fmt: str) -> str:
+    """What building one artifact's manifest runs."""
+    return fingerprint(("convqa.manifest",), (fmt,))
+
+
+def comparison_fingerprint(subject_format: str, reference_format: str) -> str:
+    """What comparing two artifacts tensor by tensor runs."""
+    return fingerprint(("convqa.compare.tensors",), (subject_format, reference_format))
+
+
+def source_fingerprint(formats: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
+    """What preparing a source runs (`convqa.sources` plus the formats it reads and writes,
+    minus the modules only other source kinds use)."""
+    return fingerprint(("convqa.sources",), formats, exclude=exclude)

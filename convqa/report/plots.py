@@ -1,0 +1,179 @@
+"""Report figures as PNG bytes, drawn from the evidence dict only.
+
+Figures are rendered with matplotlib's Agg backend (no display) and returned as bytes, so the
+HTML page can inline them as base64 and stay a single self-contained file.
+"""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from convqa.report.evidence import STATUSES, as_float, family_sort_key  # noqa: E402
+
+STATUS_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "skipped": "#9e9e9e", "not_evaluated": "#ef6c00"}
+STATUS_LETTERS = {"pass": "P", "fail": "F", "skipped": "S", "not_evaluated": "N"}
+# Worst first: a matrix cell holding several rows (one per reference) shows the worst status.
+STATUS_SEVERITY = ("fail", "not_evaluated", "skipped", "pass")
+
+# One marker and colour per tensor role, so a bug confined to one role stands out as a line of
+# identical markers apart from the rest.
+KIND_STYLES = {
+    "embed": ("D", "#1f77b4"),
+    "attn_q": ("o", "#d62728"),
+    "attn_k": ("s", "#ff7f0e"),
+    "attn_v": ("^", "#2ca02c"),
+    "attn_o": ("v", "#9467bd"),
+    "mlp_gate": ("<", "#8c564b"),
+    "mlp_up": (">", "#e377c2"),
+    "mlp_down": ("P", "#17becf"),
+    "norm": ("h", "#7f7f7f"),
+    "bias": ("d", "#bcbd22"),
+    "lm_head": ("*", "#000000"),
+    "other": (".", "#aaaaaa"),
+}
+# Errors of exactly 0 (bit-exact) cannot sit on a log axis; they are drawn on this floor.
+ERROR_FLOOR = 1e-9
+
+
+def worst_status(statuses: list[str]) -> str:
+    return min(statuses, key=STATUS_SEVERITY.index)
+
+
+def gate_matrix(rows: list[dict]) -> tuple[list[str], list[str], dict]:
+    """Gates (report order) x subjects, and {(gate, subject): [rows]} for the cells."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    families = {}
+    for r in rows:
+        cells.setdefault((r["gate"], r["subject"]), []).append(r)
+        families[r["gate"]] = r["family"]
+    gates = sorted(families, key=lambda g: (family_sort_key(families[g]), g))
+    subjects = sorted({r["subject"] for r in rows})
+    return gates, subjects, cells
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def gate_matrix_png(rows: list[dict], title: str) -> bytes | None:
+    if not rows:
+        return None
+    gates, subjects, cells = gate_matrix(rows)
+    codes = [[-1] * len(subjects) for _ in gates]
+    for i, g in enumerate(gates):
+        for j, s in enumerate(subjects):
+            if (g, s) in cells:
+                codes[i][j] = STATUSES.index(worst_status([r["status"] for r in cells[(g, s)]]))
+    cmap = ListedColormap(["#ffffff"] + [STATUS_COLORS[s] for s in STATUSES])
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(subjects) + 2.5), max(2.0, 0.32 * len(gates) + 1.2)))
+    ax.imshow([[c + 1 for c in row] for row in codes], cmap=cmap, vmin=0, vmax=len(STATUSES), aspect="auto")
+    for i, row in enumerate(codes):
+        for j, c in enumerate(row):
+            if c >= 0:
+                n = len(cells[(gates[i], subjects[j])])
+                ax.text(j, i, STATUS_LETTERS[STATUSES[c]] + (f"{n}" if n > 1 else ""), ha="center", va="center",
+                        color="white", fontsize=7, fontweight="bold")
+    ax.set_xticks(range(len(subjects)), subjects, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(gates)), gates, fontsize=7)
+    ax.set_xticks([x - 0.5 for x in range(1, len(subjects))], minor=True)
+    ax.set_yticks([y - 0.5 for y in range(1, len(gates))], minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=STATUS_COLORS[s]) for s in STATUSES]
+    ax.legend(handles, [f"{STATUS_LETTERS[s]} {s}" for s in STATUSES], loc="upper left", bbox_to_anchor=(1.01, 1),
+              fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def tensor_error_png(check: dict) -> bytes | None:
+    """Normalised max error per tensor against layer, one marker per tensor role.
+
+    Non-layer tensors sit beside the stack: the embedding left of layer 0, the final norm and
+    lm_head right of the last layer. Tensors without a value (missing, shape mismatch) or with
+    an infinite one are drawn as red crosses on the ceiling.
+    """
+    tensors = check["tensors"]
+    if not tensors:
+        return None
+    layers = [t["layer"] for t in tensors if t["layer"] is not None]
+    last = max(layers) if layers else -1
+    values = [as_float(t["normalized_max_abs"]) for t in tensors]
+    finite = [v for v in values if v is not None and v == v and v != float("inf")]
+    ceiling = max([1.0] + finite) * 10
+    kinds = sorted({t["kind"] for t in tensors}, key=list(KIND_STYLES).index)
+    # Spread the roles across the width of a layer so they do not hide each other.
+    offset = {k: (i - (len(kinds) - 1) / 2) * (0.7 / max(len(kinds), 1)) for i, k in enumerate(kinds)}
+
+    def x_of(t):
+        if t["layer"] is not None:
+            return t["layer"] + offset[t["kind"]]
+        return (-1 if t["kind"] == "embed" else last + 1) + offset[t["kind"]]
+
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    for kind in kinds:
+        marker, color = KIND_STYLES[kind]
+        pts = [(x_of(t), max(v, ERROR_FLOOR)) for t, v in zip(tensors, values)
+               if t["kind"] == kind and v is not None and v == v and v != float("inf")]
+        if pts:
+            ax.scatter(*zip(*pts), marker=marker, color=color, s=26, label=kind, alpha=0.85, linewidths=0)
+    bad = [(x_of(t), max(v, ERROR_FLOOR)) for t, v in zip(tensors, values)
+           if not t["ok"] and v is not None and v == v and v != float("inf")]
+    if bad:
+        ax.scatter(*zip(*bad), marker="o", facecolors="none", edgecolors="#c62828", s=90, linewidths=1.2,
+                   label="failing")
+    novalue = [x_of(t) for t, v in zip(tensors, values) if v is None or v != v or v == float("inf")]
+    if novalue:
+        ax.scatter(novalue, [ceiling] * len(novalue), marker="x", color="#c62828", s=50, label="no value / inf")
+    for tol in sorted({as_float(t["tolerance"]) for t in tensors} - {None}):
+        if tol > ERROR_FLOOR:
+            ax.axhline(tol, color="#555555", linestyle="--", linewidth=0.8)
+            ax.text(last + 1.6, tol, f"tol {tol:g}", fontsize=7, va="bottom", ha="right", color="#555555")
+    ax.axhline(ERROR_FLOOR, color="#2e7d32", linestyle=":", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylim(ERROR_FLOOR / 3, ceiling * 3)
+    ax.set_xlim(-1.6, last + 1.6)
+    ticks = [-1] + list(range(0, last + 1, max(1, (last + 1) // 16))) + [last + 1]
+    ax.set_xticks(ticks, ["embed"] + [str(t) for t in ticks[1:-1]] + ["head"], fontsize=7)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel(f"normalised max |error| (0 drawn at {ERROR_FLOOR:g})", fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="y", color="#eeeeee")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
+    ax.set_title(f"{check['label']}: " + ("all tensors within tolerance" if check["ok"] else "tensors out of tolerance"),
+                 fontsize=9, color="#2e7d32" if check["ok"] else "#c62828")
+    return _png(fig)
+
+
+def kl_per_position_png(details: list[dict], worst: int = 5) -> bytes | None:
+    """KL divergence per position for the prompts with the largest total KL, across artifacts."""
+    series = []
+    for d in details:
+        for p in d["prompts"]:
+            kl = [as_float(x) for x in p.get("kl_per_position") or []]
+            kl = [x for x in kl if x is not None]
+            if kl:
+                series.append((sum(kl), f"{d['label']} / {p.get('prompt_id', p.get('id', '?'))}", kl))
+    if not series:
+        return None
+    series.sort(key=lambda s: s[0], reverse=True)
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for _, label, kl in series[:worst]:
+        ax.plot(range(len(kl)), [max(x, ERROR_FLOOR) for x in kl], marker=".", linewidth=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("position", fontsize=8)
+    ax.set_ylabel("KL(reference || artifact)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(color="#eeeeee")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
+    ax.set_title(f"KL per position, {min(worst, len(series))} worst prompt(s)", fontsize=9)
+    return _png(fig)

@@ -1,0 +1,192 @@
+"""Run one converter command and record what it did: the artifact's sidecar.
+
+A converter is a command template from the workflow config (`convqa convert {input} {output}
+--to {format} {quant_arg}` for the built-in one, any other tool's command line for an external
+one). It is expanded token by token into an argv, never through a shell, so paths with spaces
+stay one argument and the recorded argv is exactly what ran.
+
+The output-path contract: the converter must write exactly the path it was asked for. If it
+exits without doing so, the job fails with a message naming the expected path and the files
+that appeared beside the input or in the working directory while it ran (the classic
+"model.converted.gguf next to the source" bug), instead of a later rule picking up whatever it
+finds.
+
+The sidecar (`sidecar.json` beside the artifact) holds the artifact's sha256 and size, the
+converter's name, fingerprint and argv, wall time, peak RSS and tool versions, plus the
+converter's own record when it prints one (`convqa convert --json`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from convqa import __version__
+from convqa.atomic import atomic_file
+from convqa.manifest import file_sha256
+
+SIDECAR_VERSION = 1
+TOOL_PACKAGES = ("numpy", "gguf", "safetensors", "torch", "transformers", "snakemake")
+STRAY_LIMIT = 20  # stray files named in an error message; more are counted
+
+
+class OutputPathError(RuntimeError):
+    """The converter exited without writing the path it was asked to write."""
+
+
+@dataclass
+class CommandResult:
+    argv: list[str]
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    stdout: str
+
+
+def expand_command(template: str, *, input: str, output: str, format: str, quant: str | None) -> list[str]:
+    """argv from a converter template. `{quant_arg}` as a whole token becomes `--quant Q` or
+    nothing; `{input}`, `{output}`, `{format}` and `{quant}` may appear inside any token."""
+    argv: list[str] = []
+    values = {"input": input, "output": output, "format": format, "quant": quant or ""}
+    for token in shlex.split(template):
+        if token == "{quant_arg}":
+            argv.extend(["--quant", quant] if quant else [])
+            continue
+        try:
+            argv.append(token.format(**values))
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"converter command {template!r}: unknown placeholder {exc}; "
+                             "known: {input} {output} {format} {quant} {quant_arg}") from None
+    if not argv:
+        raise ValueError("converter command is empty")
+    return argv
+
+
+def resolve_program(argv: list[str]) -> list[str]:
+    """Find argv[0] on PATH or, failing that, beside the running Python (a venv's bin/ when the
+    venv is not activated, which is how `.venv/bin/snakemake` runs its jobs)."""
+    program = argv[0]
+    if os.sep in program:
+        return argv
+    found = shutil.which(program) or shutil.which(program, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise FileNotFoundError(f"converter program {program!r} not found on PATH or in {Path(sys.executable).parent}")
+    return [found, *argv[1:]]
+
+
+def _listing(directories: list[Path]) -> dict[Path, set[str]]:
+    return {d: set(os.listdir(d)) if d.is_dir() else set() for d in directories}
+
+
+def watched_directories(input_path: Path, output_path: Path) -> list[Path]:
+    """Where a misdirected converter typically writes: beside the input, inside an input
+    directory, beside the requested output, and the working directory."""
+    dirs = [input_path.parent, output_path.parent, Path.cwd()]
+    if input_path.is_dir():
+        dirs.insert(0, input_path)
+    unique: list[Path] = []
+    for d in dirs:
+        d = d.resolve()
+        if d not in unique:
+            unique.append(d)
+    return unique
+
+
+def new_files(before: dict[Path, set[str]]) -> list[Path]:
+    after = _listing(list(before))
+    return sorted(d / name for d, names in after.items() for name in names - before[d])
+
+
+def run_converter(argv: list[str], input_path: str, output_path: str, log) -> CommandResult:
+    """Run argv, stream its stderr to `log`, and enforce the output-path contract."""
+    input_p, output_p = Path(input_path), Path(output_path)
+    watched = watched_directories(input_p, output_p)
+    before = _listing(watched)
+    argv = resolve_program(argv)
+    print(f"$ {shlex.join(argv)}", file=log, flush=True)
+    started = time.perf_counter()
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    wall_s = time.perf_counter() - started
+    # ru_maxrss of the largest waited-for child, in KiB on Linux.
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    log.write(proc.stdout)
+    log.flush()
+    result = CommandResult(argv, proc.returncode, round(wall_s, 4), round(peak_rss_mb, 1), proc.stdout)
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, argv, output=proc.stdout)
+    if not output_p.exists():
+        strays = [p for p in new_files(before) if p != output_p.resolve()]
+        raise OutputPathError(output_path_message(output_p, strays))
+    return result
+
+
+def output_path_message(expected: Path, strays: list[Path]) -> str:
+    message = f"converter exited 0 but did not write the expected output {expected}"
+    if not strays:
+        return message + "; no new files appeared beside the input, beside the output or in the working directory"
+    listed = ", ".join(str(p) for p in strays[:STRAY_LIMIT])
+    more = f" (+{len(strays) - STRAY_LIMIT} more)" if len(strays) > STRAY_LIMIT else ""
+    return f"{message}; it wrote elsewhere instead: {listed}{more} (left in place for inspection)"
+
+
+def tool_versions() -> dict:
+    versions = {"convqa": __version__, "python": platform.python_version()}
+    for package in TOOL_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def converter_record(stdout: str) -> dict | None:
+    """The converter's own JSON record (`convqa convert --json`), if stdout holds one."""
+    try:
+        record = json.loads(stdout)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def artifact_sidecar(
+    artifact: str | os.PathLike,
+    *,
+    converter: str,
+    fingerprint: str,
+    command: CommandResult | None = None,
+    record: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    path = Path(artifact)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    sidecar = {
+        "sidecar_version": SIDECAR_VERSION,
+        "artifact": os.fspath(path),
+        "sha256": file_sha256(path),
+        "size": size,
+        "converter": converter,
+        "fingerprint": fingerprint,
+        "argv": command.argv if command else None,
+        "command": shlex.join(command.argv) if command else None,
+        "wall_s": command.wall_s if command else None,
+        "peak_rss_mb": command.peak_rss_mb if command else None,
+        "tool_versions": tool_versions(),
+        "record": record,
+    }
+    sidecar.update(extra or {})
+    return sidecar
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

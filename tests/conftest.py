@@ -1,0 +1,78 @@
+"""Shared fixtures: real tiny models built once per test session, and the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    """Factory: synthetic_dir(preset, dtype="float32") -> HF directory, built once per session."""
+    from convqa.synthetic import build_preset
+
+    cache: dict[tuple, Path] = {}
+
+    def make(preset: str, dtype: str = "float32", **overrides) -> Path:
+        key = (preset, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"{preset}-{dtype}") / "model"
+            cache[key] = build_preset(out, preset, dtype=dtype, **overrides)
+        return cache[key]
+
+    return make
+
+
+def position_encode(model_dir: Path, names: list[str]) -> None:
+    """Overwrite tensors with values that encode their position: W[i, j] = 1000 * i + j.
+
+    Non-square and exactly representable in F32, so any transpose, reshape or row shuffle
+    leaves a value in the wrong place that a test can point at.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    for name in names:
+        rows, cols = tensors[name].shape
+        tensors[name] = (1000.0 * np.arange(rows)[:, None] + np.arange(cols)[None, :]).astype(tensors[name].dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="session")
+def position_model(synthetic_dir, tmp_path_factory):
+    """A synthetic qwen2 whose embedding, a k_proj and a gate_proj hold position-encoded values."""
+    import shutil
+
+    src = synthetic_dir("qwen2-tiny")
+    out = tmp_path_factory.mktemp("position") / "model"
+    shutil.copytree(src, out)
+    position_encode(out, ["model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight", "model.layers.1.self_attn.k_proj.weight"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    from convqa.synthetic import smollm2_gguf_path
+
+    try:
+        return smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def smollm2_st(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct imported G->S (dequantized to F32): the real-model ground truth."""
+    from convqa.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "source"
+    convert(smollm2_gguf, out, "safetensors")
+    return out
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
