@@ -40,25 +40,25 @@ TOKEN_USER_DEFINED = 4
 TOKEN_UNUSED = 5
 
 # The regexes as the models' own tokenizer.json files spell them (Oniguruma syntax).
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}" r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}" r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 # Per llama.cpp pre-tokenizer: the pipeline steps as (type, options that change the split), and
 # the BPE model's ignore_merges flag (llama.cpp sets it for llama-bpe only). trim_offsets is left
 # out: it moves offsets, never ids.
 _PRE_PIPELINES = {
     "qwen2": (
-        (("Split", (("behavior", "Isolated"), ("invert", False), ("pattern", QWEN2_SPLIT))), ("ByteLevel", (("add_prefix_space", False), ("use_regex", False)))),
+        (
+            ("Split", (("behavior", "Isolated"), ("invert", False), ("pattern", QWEN2_SPLIT))),
+            ("ByteLevel", (("add_prefix_space", False), ("use_regex", False))),
+        ),
         False,
     ),
     "llama-bpe": (
-        (("Split", (("behavior", "Isolated"), ("invert", False), ("pattern", LLAMA3_SPLIT))), ("ByteLevel", (("add_prefix_space", False), ("use_regex", False)))),
+        (
+            ("Split", (("behavior", "Isolated"), ("invert", False), ("pattern", LLAMA3_SPLIT))),
+            ("ByteLevel", (("add_prefix_space", False), ("use_regex", False))),
+        ),
         True,
     ),
     "smollm": (
@@ -91,7 +91,9 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerSpec | None:
         if model.get(key):
             raise FormatError(tokenizer_path, f"unsupported BPE option {key}={model[key]!r}", field=f"model.{key}")
     if model.get("byte_fallback"):
-        raise FormatError(tokenizer_path, "byte_fallback BPE is a SentencePiece-style tokenizer, not byte-level", field="model.byte_fallback")
+        raise FormatError(
+            tokenizer_path, "byte_fallback BPE is a SentencePiece-style tokenizer, not byte-level", field="model.byte_fallback"
+        )
     normalizer = tj.get("normalizer")
     if (normalizer or {}).get("type") not in _IGNORED_NORMALIZERS:
         raise FormatError(tokenizer_path, f"unsupported normalizer {normalizer.get('type')!r}", field="normalizer")
@@ -101,7 +103,9 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerSpec | None:
     config_vocab = model_config.get("vocab_size")
     if isinstance(config_vocab, int) and not isinstance(config_vocab, bool):
         if length > config_vocab:
-            raise FormatError(tokenizer_path, f"token id {length - 1} is outside the model's vocab_size {config_vocab}", field="model.vocab")
+            raise FormatError(
+                tokenizer_path, f"token id {length - 1} is outside the model's vocab_size {config_vocab}", field="model.vocab"
+            )
         length = config_vocab
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(length)]
     token_types = [types_by_id.get(i, TOKEN_NORMAL) if i in by_id else TOKEN_UNUSED for i in range(length)]
@@ -116,7 +120,9 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerSpec | None:
         if specials[name] is None:
             specials[name] = _int_or_none(generation_config.get(f"{name}_token_id"))
         if specials[name] is not None and not 0 <= specials[name] < length:
-            raise FormatError(directory, f"{name}_token_id {specials[name]} is outside the vocabulary of {length}", field=f"{name}_token_id")
+            raise FormatError(
+                directory, f"{name}_token_id {specials[name]} is outside the vocabulary of {length}", field=f"{name}_token_id"
+            )
 
     add_bos, add_eos = _adds_special_tokens(tj, tokenizer_config, specials, directory / TOKENIZER_CONFIG_FILE)
     return TokenizerSpec(
@@ -216,7 +222,9 @@ def build_pre_tokenizer(pre: str):
         elif kind == "Digits":
             built.append(pre_tokenizers.Digits(individual_digits=options["individual_digits"]))
         else:
-            built.append(pre_tokenizers.ByteLevel(add_prefix_space=options["add_prefix_space"], use_regex=options["use_regex"], trim_offsets=False))
+            built.append(
+                pre_tokenizers.ByteLevel(add_prefix_space=options["add_prefix_space"], use_regex=options["use_regex"], trim_offsets=False)
+            )
     return (built[0] if len(built) == 1 else pre_tokenizers.Sequence(built)), ignore_merges
 
 
@@ -270,7 +278,10 @@ def _step_signature(step: dict) -> tuple:
     kind = step.get("type")
     if kind == "Split":
         pattern = step.get("pattern") or {}
-        return (kind, (("behavior", step.get("behavior")), ("invert", step.get("invert")), ("pattern", pattern.get("Regex", pattern.get("String")))))
+        return (
+            kind,
+            (("behavior", step.get("behavior")), ("invert", step.get("invert")), ("pattern", pattern.get("Regex", pattern.get("String")))),
+        )
     if kind == "Digits":
         return (kind, (("individual_digits", step.get("individual_digits")),))
     if kind == "ByteLevel":
@@ -301,7 +312,9 @@ def _vocabulary(tj: dict, model: dict, path: Path) -> tuple[dict[int, str], dict
         if by_id.get(token_id, content) != content:
             raise FormatError(path, f"added token {content!r} reuses id {token_id} of {by_id[token_id]!r}", field=f"added_tokens[{index}]")
         if content in vocab and vocab[content] != token_id:
-            raise FormatError(path, f"added token {content!r} has id {token_id} but the vocab says {vocab[content]}", field=f"added_tokens[{index}]")
+            raise FormatError(
+                path, f"added token {content!r} has id {token_id} but the vocab says {vocab[content]}", field=f"added_tokens[{index}]"
+            )
         by_id[token_id] = content
         types[token_id] = TOKEN_CONTROL if entry.get("special") else TOKEN_USER_DEFINED
     if len(set(by_id.values())) != len(by_id):

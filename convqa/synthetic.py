@@ -63,7 +63,7 @@ _CORPUS = [
     "def add(a, b):\n    return a + b\n\nclass Model:\n    def __init__(self, name):\n        self.name = name\n",
     "for i in range(10):\n    print(i, i * i, i ** 3)\n",
     "import numpy as np\nx = np.zeros((64, 128), dtype=np.float32)\ny = x.sum(axis=0)\n",
-    "if (value != null && count > 0) { return value[count - 1]; } else { throw new Error(\"empty\"); }",
+    'if (value != null && count > 0) { return value[count - 1]; } else { throw new Error("empty"); }',
     "The numbers 0 1 2 3 4 5 6 7 8 9, 10 20 30, 3.14159 and 2.71828, 1234567890 and 3333.",
     "Dates: 2024-01-31, 1999-12-31. Prices: $19.99, 100%, 42 items at 7.5 each.",
     "Hello world! Hello, World? hello... HELLO; world: 'quoted' \"double\" (paren) [bracket] {brace}",

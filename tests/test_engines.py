@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from convqa.arch.hf_config import config_from_hf
@@ -24,6 +24,7 @@ from convqa.engines import capability, engine_for
 from convqa.engines.transformers_engine import ATTN_IMPLEMENTATION, model_from_artifact
 from convqa.errors import FormatError
 from convqa.formats import open_model, write_model
+from convqa.hf_tokenizer import QWEN2_SPLIT
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 LLAMA_CPP_MISSING = not capability("llama.cpp", "cpu")[0]
@@ -53,9 +54,14 @@ def smollm2_gguf() -> Path:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 pre-tokenizer) with Qwen-style chat markup, 320 tokens."""
+    """A byte-level BPE tokenizer with Qwen2's pre-tokenizer and chat markup, 320 tokens."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=320,

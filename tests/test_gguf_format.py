@@ -79,7 +79,9 @@ def tiny_values(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return values
 
 
-def tiny_plan(config: ModelConfig, encoding: encodings.Encoding = encodings.F32, *, quirks=WriterQuirks(), tokenizer="default"):
+def tiny_plan(
+    config: ModelConfig, encoding: encodings.Encoding = encodings.F32, *, quirks=WriterQuirks(), tokenizer="default"
+):
     """2-D weights in `encoding`, norms and biases F32 (as llama.cpp's convert does). The
     position-encoded tensors stay F32: their integer values only survive an exact encoding."""
     values = tiny_values(config)
@@ -181,7 +183,7 @@ def test_qwen2_qk_rows_and_biases_are_not_permuted(tmp_path):
 
 
 def test_quirk_dims_not_reversed_writes_numpy_shape_as_ne(tmp_path):
-    plan, values = tiny_plan(tiny_config("qwen2"), quirks=WriterQuirks(gguf_reverse_dims=False))
+    plan, _ = tiny_plan(tiny_config("qwen2"), quirks=WriterQuirks(gguf_reverse_dims=False))
     reader = raw_reader(written(tmp_path, plan))
     for t in reader.tensors:
         source = next(s for s in plan.tensors if hf_to_gguf(s.name) == t.name)
@@ -207,8 +209,16 @@ def test_kv_types_are_what_llama_cpp_requires(tmp_path):
     def types(key):
         return fields[key].types
 
-    for key in ("context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-                "attention.head_count_kv", "rope.dimension_count", "vocab_size"):
+    for key in (
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "rope.dimension_count",
+        "vocab_size",
+    ):
         assert types(f"llama.{key}") == [T.UINT32], key
     assert types("llama.rope.freq_base") == [T.FLOAT32]
     assert types("llama.attention.layer_norm_rms_epsilon") == [T.FLOAT32]
@@ -267,10 +277,15 @@ def test_writer_refuses_what_it_cannot_write_faithfully(tmp_path):
     with pytest.raises(ConversionError, match="no GGUF name"):
         write_gguf(tmp_path / "b.gguf", WritePlan(config, plan.tokenizer, plan.tensors + [stray]))
     with pytest.raises(ConversionError, match="tie_word_embeddings"):
-        write_gguf(tmp_path / "c.gguf", WritePlan(config.replace(tie_word_embeddings=False), plan.tokenizer, plan.tensors))
+        write_gguf(
+            tmp_path / "c.gguf", WritePlan(config.replace(tie_word_embeddings=False), plan.tokenizer, plan.tensors)
+        )
     apr = LazyTensor("lm_head.weight", (96, 64), encodings.APR_Q8, lambda: np.zeros(4 + 96 * 64, np.uint8))
     with pytest.raises(ConversionError, match="cannot hold"):
-        write_gguf(tmp_path / "d.gguf", WritePlan(config.replace(tie_word_embeddings=False), plan.tokenizer, plan.tensors + [apr]))
+        write_gguf(
+            tmp_path / "d.gguf",
+            WritePlan(config.replace(tie_word_embeddings=False), plan.tokenizer, plan.tensors + [apr]),
+        )
     assert not list(tmp_path.iterdir())  # nothing half-written left behind
 
 
@@ -339,9 +354,18 @@ def test_smollm2_canonical_view(smollm2_path, smollm2_reader):
     with open_model(smollm2_path) as model:
         assert len(model.tensors) == 272
         assert model.config == ModelConfig(
-            architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-            num_heads=9, num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
-            rms_norm_eps=1e-05, tie_word_embeddings=True,
+            architecture="llama",
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            max_position_embeddings=8192,
+            rope_theta=100000.0,
+            rms_norm_eps=1e-05,
+            tie_word_embeddings=True,
         )
         assert set(model.tensors) == set(expected_tensors(model.config))
         tok = model.tokenizer
@@ -374,7 +398,10 @@ def test_smollm2_canonical_view(smollm2_path, smollm2_reader):
 def test_smollm2_written_back_reproduces_every_tensor(tmp_path, smollm2_path, smollm2_reader):
     target = tmp_path / "smollm2.gguf"
     with read_gguf(smollm2_path) as model:
-        write_gguf(target, WritePlan(model.config, model.tokenizer, list(model.tensors.values()), metadata={"source": "smollm2"}))
+        write_gguf(
+            target,
+            WritePlan(model.config, model.tokenizer, list(model.tensors.values()), metadata={"source": "smollm2"}),
+        )
         with read_gguf(target) as copy:
             assert copy.config == model.config and copy.tokenizer == model.tokenizer
             assert list(copy.tensors) == list(model.tensors)
@@ -417,9 +444,16 @@ def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
     transformers = pytest.importorskip("transformers")
     config_class = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
     hf_config = config_class(
-        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rope_theta=1000000.0 if arch == "qwen2" else 100000.0,
-        rms_norm_eps=1e-06, tie_word_embeddings=tie,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=1000000.0 if arch == "qwen2" else 100000.0,
+        rms_norm_eps=1e-06,
+        tie_word_embeddings=tie,
     )
     torch.manual_seed(0)
     original = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
@@ -430,7 +464,9 @@ def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
     tensors = [const_tensor(name, state[name].numpy(), encodings.F32) for name in names]
     write_gguf(tmp_path / "model.gguf", WritePlan(config, tiny_tokenizer(), tensors))
 
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", dtype=torch.float32
+    ).eval()
     assert loaded.config.tie_word_embeddings is tie
     ids = torch.tensor([[5, 17, 3, 42, 88, 0, 63, 29, 11, 70]])
     with torch.no_grad():

@@ -21,13 +21,28 @@ from convqa.formats.gguf import read_gguf, write_gguf
 from convqa.model import LazyTensor, ModelConfig, TokenizerSpec, WritePlan
 
 CONFIG = ModelConfig(
-    architecture="llama", vocab_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-    num_kv_heads=1, head_dim=16, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-05,
+    architecture="llama",
+    vocab_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+    max_position_embeddings=64,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-05,
     tie_word_embeddings=True,
 )
 TOKENIZER = TokenizerSpec(
-    model="gpt2", pre="smollm", tokens=["<s>", "a", "b", "ab", "c", "abc"], token_types=[3, 1, 1, 1, 1, 1],
-    merges=["a b", "ab c"], bos_token_id=0, eos_token_id=0, chat_template="{{ messages }}",
+    model="gpt2",
+    pre="smollm",
+    tokens=["<s>", "a", "b", "ab", "c", "abc"],
+    token_types=[3, 1, 1, 1, 1, 1],
+    merges=["a b", "ab c"],
+    bos_token_id=0,
+    eos_token_id=0,
+    chat_template="{{ messages }}",
 )
 
 
@@ -84,7 +99,9 @@ def load_everything(path: Path) -> None:
             assert tensor.to_float32().shape == tensor.shape
 
 
-def expect_format_error(tmp_path: Path, data: bytes, *, field: str | None = None, offset: int | None = None, match: str | None = None) -> FormatError:
+def expect_format_error(
+    tmp_path: Path, data: bytes, *, field: str | None = None, offset: int | None = None, match: str | None = None
+) -> FormatError:
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     with pytest.raises(FormatError) as info:
@@ -152,7 +169,13 @@ def test_truncation_anywhere_before_the_last_tensor_end_is_a_format_error(tmp_pa
 
 def test_truncated_data_names_the_tensor_and_its_info(tmp_path, valid_bytes, layout):
     name, (info_offset, data_offset, nbytes) = max(layout["tensors"].items(), key=lambda kv: kv[1][1])
-    expect_format_error(tmp_path, valid_bytes[: data_offset + nbytes - 1], field=name + ".offset", offset=info_offset, match="past the end")
+    expect_format_error(
+        tmp_path,
+        valid_bytes[: data_offset + nbytes - 1],
+        field=name + ".offset",
+        offset=info_offset,
+        match="past the end",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +183,7 @@ def test_truncated_data_names_the_tensor_and_its_info(tmp_path, valid_bytes, lay
 
 
 def test_bad_magic_version_and_endianness(tmp_path, valid_bytes):
-    expect_format_error(tmp_path / "..", b"GGUX" + valid_bytes[4:], field="magic", offset=0)  # open_model: unknown type
+    expect_format_error(tmp_path, b"GGUX" + valid_bytes[4:], field="magic", offset=0)
     expect_format_error(tmp_path, patched(valid_bytes, 4, "<I", 1), field="version", offset=4, match="version 1")
     expect_format_error(tmp_path, patched(valid_bytes, 4, "<I", 4), field="version", offset=4)
     expect_format_error(tmp_path, patched(valid_bytes, 4, ">I", 3), field="version", match="big-endian")
@@ -181,27 +204,57 @@ def test_absurd_counts(tmp_path, valid_bytes):
 
 def test_string_and_array_lengths(tmp_path, valid_bytes, layout):
     key_len_at = layout["parts"]["general.name#0"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, key_len_at, "<Q", 2**62), field="kv[1].key.length", offset=key_len_at + 8)
+    expect_format_error(
+        tmp_path, patched(valid_bytes, key_len_at, "<Q", 2**62), field="kv[1].key", offset=key_len_at + 8
+    )
     value_len_at = layout["parts"]["general.name#3"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, value_len_at, "<Q", 2**62), field="general.name", match="truncated")
+    expect_format_error(
+        tmp_path, patched(valid_bytes, value_len_at, "<Q", 2**62), field="general.name", match="truncated"
+    )
     count_at = layout["parts"]["tokenizer.ggml.tokens#4"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, count_at, "<Q", 2**60), field="tokenizer.ggml.tokens", offset=count_at)
+    expect_format_error(
+        tmp_path, patched(valid_bytes, count_at, "<Q", 2**60), field="tokenizer.ggml.tokens", offset=count_at
+    )
     token_len_at = layout["parts"]["tokenizer.ggml.tokens#5"][0]
     expect_format_error(tmp_path, patched(valid_bytes, token_len_at, "<Q", 2**62), field="tokenizer.ggml.tokens[0]")
 
 
 def test_value_types(tmp_path, valid_bytes, layout):
     type_at = layout["parts"]["llama.block_count#2"][0]
-    err = expect_format_error(tmp_path, patched(valid_bytes, type_at, "<I", GGUFValueType.INT32), field="llama.block_count")
+    err = expect_format_error(
+        tmp_path, patched(valid_bytes, type_at, "<I", GGUFValueType.INT32), field="llama.block_count"
+    )
     assert "wrong type INT32 but expected type UINT32" in str(err)
-    expect_format_error(tmp_path, patched(valid_bytes, type_at, "<I", 13), field="llama.block_count", offset=type_at, match="unknown value type")
+    expect_format_error(
+        tmp_path,
+        patched(valid_bytes, type_at, "<I", 13),
+        field="llama.block_count",
+        offset=type_at,
+        match="unknown value type",
+    )
     elem_at = layout["parts"]["tokenizer.ggml.token_type#3"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, elem_at, "<I", GGUFValueType.UINT32), field="tokenizer.ggml.token_type", match="wrong type")
-    expect_format_error(tmp_path, patched(valid_bytes, elem_at, "<I", GGUFValueType.ARRAY), field="tokenizer.ggml.token_type", match="nested")
+    expect_format_error(
+        tmp_path,
+        patched(valid_bytes, elem_at, "<I", GGUFValueType.UINT32),
+        field="tokenizer.ggml.token_type",
+        match="wrong type",
+    )
+    expect_format_error(
+        tmp_path,
+        patched(valid_bytes, elem_at, "<I", GGUFValueType.ARRAY),
+        field="tokenizer.ggml.token_type",
+        match="nested",
+    )
     bool_at = layout["parts"]["tokenizer.ggml.add_bos_token#3"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, bool_at, "<B", 2), field="tokenizer.ggml.add_bos_token", offset=bool_at)
+    expect_format_error(
+        tmp_path, patched(valid_bytes, bool_at, "<B", 2), field="tokenizer.ggml.add_bos_token", offset=bool_at
+    )
     eps_type_at = layout["parts"]["llama.attention.layer_norm_rms_epsilon#2"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, eps_type_at, "<I", GGUFValueType.INT32), field="llama.attention.layer_norm_rms_epsilon")
+    expect_format_error(
+        tmp_path,
+        patched(valid_bytes, eps_type_at, "<I", GGUFValueType.INT32),
+        field="llama.attention.layer_norm_rms_epsilon",
+    )
 
 
 def test_key_names(tmp_path, valid_bytes, layout):
@@ -211,13 +264,26 @@ def test_key_names(tmp_path, valid_bytes, layout):
         return valid_bytes[:offset] + new + valid_bytes[offset + nbytes :]
 
     expect_format_error(tmp_path, rename("llama.block_count#1", b"llama.block_coun\xff"), match="UTF-8")
-    expect_format_error(tmp_path, rename("llama.block_count#1", b"llama.block_cnt_x"), field="llama.block_count", match="key not found")
-    expect_format_error(tmp_path, rename("llama.vocab_size#1", b"llama.block_count"), match="duplicate key")
     expect_format_error(
-        tmp_path, rename("llama.attention.layer_norm_rms_epsilon#1", b"llama.attention.layer_norm_rms_epsilom"), match="key not found"
+        tmp_path, rename("llama.block_count#1", b"llama.block_cnt_x"), field="llama.block_count", match="key not found"
     )
-    expect_format_error(tmp_path, rename("general.architecture#3", b"gpt2x"), field="general.architecture", match="unsupported architecture")
-    expect_format_error(tmp_path, rename("convqa.provenance#3", b"{" * layout["parts"]["convqa.provenance#3"][1]), field="convqa.provenance")
+    expect_format_error(tmp_path, rename("llama.context_length#1", b"llama.rope.freq_base"), match="duplicate key")
+    expect_format_error(
+        tmp_path,
+        rename("llama.attention.layer_norm_rms_epsilon#1", b"llama.attention.layer_norm_rms_epsilom"),
+        match="key not found",
+    )
+    expect_format_error(
+        tmp_path,
+        rename("general.architecture#4", b"gpt2x"),
+        field="general.architecture",
+        match="unsupported architecture",
+    )
+    expect_format_error(
+        tmp_path,
+        rename("convqa.provenance#4", b"{" * layout["parts"]["convqa.provenance#4"][1]),
+        field="convqa.provenance",
+    )
 
 
 def test_alignment(tmp_path):
@@ -235,14 +301,26 @@ def test_alignment(tmp_path):
     value_at = data.index(b"general.alignment") + len(b"general.alignment") + 4
     assert struct.unpack_from("<I", data, value_at)[0] == 64
     kv_at = value_at - 4 - len(b"general.alignment") - 8
-    expect_format_error(tmp_path, patched(data, value_at, "<I", 48), field="general.alignment", offset=kv_at, match="power of two")
+    expect_format_error(
+        tmp_path, patched(data, value_at, "<I", 48), field="general.alignment", offset=kv_at, match="power of two"
+    )
     expect_format_error(tmp_path, patched(data, value_at, "<I", 0), field="general.alignment", match="power of two")
-    expect_format_error(tmp_path, patched(data, value_at - 4, "<I", GGUFValueType.INT32), field="general.alignment", match="UINT32")
-    expect_format_error(tmp_path, patched(data, value_at, "<I", 2**31), match="past the end")
+    expect_format_error(
+        tmp_path, patched(data, value_at - 4, "<I", GGUFValueType.INT32), field="general.alignment", match="UINT32"
+    )
+    expect_format_error(
+        tmp_path, patched(data, value_at, "<I", 2**31), field="output_norm.weight.offset", match="alignment 2147483648"
+    )
     # The second tensor sits at relative offset 8*32*4 = 1024; 1056 is 32- but not 64-aligned.
     offset_at = data.index(b"output_norm.weight") + len(b"output_norm.weight") + 4 + 8 + 4
     assert struct.unpack_from("<Q", data, offset_at)[0] == 1024
-    expect_format_error(tmp_path, patched(data, offset_at, "<Q", 1056), field="output_norm.weight.offset", offset=offset_at, match="alignment 64")
+    expect_format_error(
+        tmp_path,
+        patched(data, offset_at, "<Q", 1056),
+        field="output_norm.weight.offset",
+        offset=offset_at,
+        match="alignment 64",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,17 +331,31 @@ def test_tensor_infos(tmp_path, valid_bytes, layout):
     parts = layout["parts"]
     name = "blk.0.attn_q.weight"
     n_dims_at, ne_at, type_at, offset_at = (parts[f"{name}#{i}"][0] for i in (2, 3, 4, 5))
-    expect_format_error(tmp_path, patched(valid_bytes, n_dims_at, "<I", 5), field=name + ".n_dims", offset=n_dims_at, match="1 to 4")
+    expect_format_error(
+        tmp_path, patched(valid_bytes, n_dims_at, "<I", 5), field=name + ".n_dims", offset=n_dims_at, match="1 to 4"
+    )
     expect_format_error(tmp_path, patched(valid_bytes, n_dims_at, "<I", 0), field=name + ".n_dims")
     expect_format_error(tmp_path, patched(valid_bytes, n_dims_at, "<I", 2**32 - 1), field=name + ".n_dims")
-    expect_format_error(tmp_path, patched(valid_bytes, type_at, "<I", 99), field=name + ".type", offset=type_at, match="unknown")
-    expect_format_error(tmp_path, patched(valid_bytes, type_at, "<I", int(gguf.GGMLQuantizationType.IQ2_XXS)), field=name + ".type")
+    expect_format_error(
+        tmp_path, patched(valid_bytes, type_at, "<I", 99), field=name + ".type", offset=type_at, match="unknown"
+    )
+    expect_format_error(
+        tmp_path, patched(valid_bytes, type_at, "<I", int(gguf.GGMLQuantizationType.IQ2_XXS)), field=name + ".type"
+    )
     expect_format_error(tmp_path, patched(valid_bytes, ne_at, "<Q", 48), field=name + ".ne[0]", match="block size")
     expect_format_error(tmp_path, patched(valid_bytes, ne_at, "<Q", 0), field=name + ".ne[0]", match="empty")
-    expect_format_error(tmp_path, patched(valid_bytes, ne_at + 8, "<Q", 2**62), field=name + ".ne", match="more than the whole file")
-    expect_format_error(tmp_path, patched(valid_bytes, offset_at, "<Q", 3), field=name + ".offset", offset=offset_at, match="alignment")
-    expect_format_error(tmp_path, patched(valid_bytes, offset_at, "<Q", 2**40), field=name + ".offset", match="past the end")
-    expect_format_error(tmp_path, patched(valid_bytes, offset_at, "<Q", 2**64 - 32), field=name + ".offset", match="past the end")
+    expect_format_error(
+        tmp_path, patched(valid_bytes, ne_at + 8, "<Q", 2**62), field=name + ".ne", match="more than the whole file"
+    )
+    expect_format_error(
+        tmp_path, patched(valid_bytes, offset_at, "<Q", 3), field=name + ".offset", offset=offset_at, match="alignment"
+    )
+    expect_format_error(
+        tmp_path, patched(valid_bytes, offset_at, "<Q", 2**40), field=name + ".offset", match="past the end"
+    )
+    expect_format_error(
+        tmp_path, patched(valid_bytes, offset_at, "<Q", 2**64 - 32), field=name + ".offset", match="past the end"
+    )
     # Point attn_q at the embedding's data: the two ranges overlap.
     embd_rel = layout["tensors"]["token_embd.weight"][1] - layout["data_offset"]
     expect_format_error(tmp_path, patched(valid_bytes, offset_at, "<Q", embd_rel), match="overlaps")
@@ -285,7 +377,9 @@ def test_tensor_names(tmp_path, valid_bytes, layout):
 
 def test_head_counts_that_cannot_unpermute(tmp_path, valid_bytes, layout):
     value_at = layout["parts"]["llama.attention.head_count#3"][0]
-    expect_format_error(tmp_path, patched(valid_bytes, value_at, "<I", 0), field="llama.attention.head_count", match="is 0")
+    expect_format_error(
+        tmp_path, patched(valid_bytes, value_at, "<I", 0), field="llama.attention.head_count", match="is 0"
+    )
     expect_format_error(tmp_path, patched(valid_bytes, value_at, "<I", 3), field="blk.0.attn_q.weight", match="heads")
     kv_at = layout["parts"]["llama.attention.head_count_kv#3"][0]
     expect_format_error(tmp_path, patched(valid_bytes, kv_at, "<I", 0), field="blk.0.attn_k.weight", match="heads")

@@ -231,7 +231,14 @@ def test_config_round_trip_through_hf_dict():
 
 
 def test_legacy_rope_theta_and_transformers_defaults():
-    base = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}
+    base = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+    }
     legacy = config_from_hf({**base, "rope_theta": 100000.0, "rope_scaling": None}, "c.json")
     assert legacy.rope_theta == 1e5 and legacy.num_kv_heads == 4 and legacy.head_dim == 16
     assert legacy.max_position_embeddings == 2048 and legacy.tie_word_embeddings is False
@@ -257,7 +264,14 @@ def test_legacy_rope_theta_and_transformers_defaults():
     ],
 )
 def test_config_errors(change, field):
-    hf = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}
+    hf = {
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+    }
     hf.update(change)
     hf = {k: v for k, v in hf.items() if v is not None}
     with pytest.raises(FormatError) as err:
@@ -294,8 +308,12 @@ def test_written_directory_loads_in_transformers_with_identical_logits(tmp_path,
     with read_safetensors(out) as model:
         broken = tmp_path / "broken"
         victim = "model.layers.0.input_layernorm.weight"
-        ones = LazyTensor(victim, model.tensors[victim].shape, model.tensors[victim].encoding,
-                          lambda: model.tensors[victim].encoding.encode(np.ones(model.tensors[victim].shape, np.float32)))
+        ones = LazyTensor(
+            victim,
+            model.tensors[victim].shape,
+            model.tensors[victim].encoding,
+            lambda: model.tensors[victim].encoding.encode(np.ones(model.tensors[victim].shape, np.float32)),
+        )
         tensors = [ones if t.name == victim else t for t in model]
         write_safetensors(broken, WritePlan(model.config, model.tokenizer, tensors))
     with torch.no_grad():

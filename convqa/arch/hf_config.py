@@ -46,7 +46,9 @@ def config_from_hf(hf: dict, path: str | os.PathLike | None) -> ModelConfig:
     kv_heads = hf.get("num_key_value_heads", defaults["num_key_value_heads"])
     kv_heads = heads if kv_heads is None else _positive_int({"num_key_value_heads": kv_heads}, "num_key_value_heads", path)
     if heads % kv_heads:
-        raise FormatError(path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}", field="num_key_value_heads")
+        raise FormatError(
+            path, f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}", field="num_key_value_heads"
+        )
 
     head_dim = hf.get("head_dim")
     head_dim = hidden // heads if head_dim is None else _positive_int(hf, "head_dim", path)
@@ -138,7 +140,9 @@ def _architecture(hf: dict, path) -> str:
             raise FormatError(path, f"architectures must be a list of one class name, got {classes!r}", field="architectures")
         from_class = _ARCH_BY_HF_CLASS.get(classes[0])
         if from_class is None:
-            raise FormatError(path, f"unsupported architecture {classes[0]!r}; supported: {sorted(_ARCH_BY_HF_CLASS)}", field="architectures")
+            raise FormatError(
+                path, f"unsupported architecture {classes[0]!r}; supported: {sorted(_ARCH_BY_HF_CLASS)}", field="architectures"
+            )
         if model_type is not None and model_type != from_class:
             raise FormatError(path, f"model_type {model_type!r} contradicts architectures {classes!r}", field="model_type")
         model_type = from_class

@@ -255,7 +255,9 @@ def _parse_key_value(cur: _Cursor, index: int) -> _KeyValue:
         count = cur.u64(key + ".count")
         min_elem = _STRING_LEN_SIZE if elem_type == GGUFValueType.STRING else _ARRAY_DTYPES[elem_type].itemsize
         if count * min_elem > cur.size - cur.pos:
-            raise cur.fail(f"array of {count} {elem_type.name} cannot fit in the {cur.size - cur.pos} bytes left", key, count_at)
+            raise cur.fail(
+                f"array of {count} {elem_type.name} cannot fit in the {cur.size - cur.pos} bytes left", key, count_at
+            )
         start = cur.pos
         if elem_type == GGUFValueType.STRING:
             value = [cur.string(f"{key}[{i}]") for i in range(count)]
@@ -289,7 +291,10 @@ def _parse_tensor_info(cur: _Cursor, index: int, alignment: int) -> _TensorInfo:
     at = cur.pos
     n_dims = cur.u32(name + ".n_dims")
     if not 1 <= n_dims <= GGML_MAX_DIMS:
-        raise cur.fail(f"tensor {name!r} has {n_dims} dimensions; 1 to {GGML_MAX_DIMS} are allowed", name + ".n_dims", at)
+        raise cur.fail(
+            f"tensor {name!r} has {n_dims} dimensions; 1 to {GGML_MAX_DIMS} are allowed", name + ".n_dims", at
+        )
+    ne_at = cur.pos
     ne = []
     for j in range(n_dims):
         at = cur.pos
@@ -307,7 +312,7 @@ def _parse_tensor_info(cur: _Cursor, index: int, alignment: int) -> _TensorInfo:
             f"tensor {name!r} row length ne[0] = {ne[0]} is not a multiple of the {encoding.name} block size "
             f"{encoding.block_elems}",
             name + ".ne[0]",
-            at,
+            ne_at,
         )
     # Python integers: the product cannot overflow, and the file size bounds it.
     nbytes = math.prod(ne) // encoding.block_elems * encoding.block_bytes
@@ -316,7 +321,9 @@ def _parse_tensor_info(cur: _Cursor, index: int, alignment: int) -> _TensorInfo:
     at = cur.pos
     offset = cur.u64(name + ".offset")
     if offset % alignment:
-        raise cur.fail(f"tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}", name + ".offset", at)
+        raise cur.fail(
+            f"tensor {name!r} data offset {offset} is not a multiple of the alignment {alignment}", name + ".offset", at
+        )
     return _TensorInfo(name, tuple(ne), encoding, offset, nbytes, info_offset)
 
 
@@ -349,7 +356,9 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
     except OSError as exc:
         raise FormatError(path, f"cannot open: {exc.strerror}") from exc
     if size < HEADER_SIZE:
-        raise FormatError(path, f"truncated: {size} bytes is shorter than the {HEADER_SIZE}-byte header", field="header", offset=0)
+        raise FormatError(
+            path, f"truncated: {size} bytes is shorter than the {HEADER_SIZE}-byte header", field="header", offset=0
+        )
     try:
         mapped = _MappedFile(path)
     except OSError as exc:
@@ -360,7 +369,9 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
     architecture = _get(path, kvs, Keys.General.ARCHITECTURE, GGUFValueType.STRING)
     if architecture not in SUPPORTED:
         kv = kvs[Keys.General.ARCHITECTURE]
-        raise FormatError(path, f"unsupported architecture {architecture!r}; supported: {SUPPORTED}", field=kv.key, offset=kv.offset)
+        raise FormatError(
+            path, f"unsupported architecture {architecture!r}; supported: {SUPPORTED}", field=kv.key, offset=kv.offset
+        )
 
     metadata: dict = {
         "gguf_version": parsed.version,
@@ -377,7 +388,9 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         try:
             metadata["provenance"] = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise FormatError(path, f"provenance is not JSON: {exc.msg}", field=PROVENANCE_KEY, offset=kvs[PROVENANCE_KEY].offset) from None
+            raise FormatError(
+                path, f"provenance is not JSON: {exc.msg}", field=PROVENANCE_KEY, offset=kvs[PROVENANCE_KEY].offset
+            ) from None
 
     names = {}
     for info in parsed.tensors:
@@ -386,14 +399,25 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
             canonical = info.name
             metadata["unmapped_tensors"].append(info.name)
         if canonical in names:
-            raise FormatError(path, f"tensors {names[canonical].name!r} and {info.name!r} both map to {canonical!r}", field=info.name, offset=info.info_offset)
+            raise FormatError(
+                path,
+                f"tensors {names[canonical].name!r} and {info.name!r} both map to {canonical!r}",
+                field=info.name,
+                offset=info.info_offset,
+            )
         names[canonical] = info
 
     tokenizer = _read_tokenizer(path, kvs, metadata)
     config = _read_config(path, kvs, architecture, names, metadata)
     tensors = {canonical: _lazy_tensor(path, mapped, canonical, info, config) for canonical, info in names.items()}
     return ModelArtifact(
-        path=path, format="gguf", config=config, tokenizer=tokenizer, tensors=tensors, metadata=metadata, closers=[mapped.close]
+        path=path,
+        format="gguf",
+        config=config,
+        tokenizer=tokenizer,
+        tensors=tensors,
+        metadata=metadata,
+        closers=[mapped.close],
     )
 
 
@@ -427,7 +451,12 @@ def _lazy_tensor(path: str, mapped: _MappedFile, canonical: str, info: _TensorIn
 
 def _check_permutable(path: str, info: _TensorInfo, shape: tuple[int, ...], n_head: int) -> None:
     if len(shape) == 1 and info.encoding.block_elems != 1:
-        raise FormatError(path, f"{info.name}: a 1-D {info.encoding.name} tensor cannot be row-permuted", field=info.name, offset=info.info_offset)
+        raise FormatError(
+            path,
+            f"{info.name}: a 1-D {info.encoding.name} tensor cannot be row-permuted",
+            field=info.name,
+            offset=info.info_offset,
+        )
     if n_head <= 0 or shape[0] % (2 * n_head):
         raise FormatError(
             path,
@@ -437,7 +466,16 @@ def _check_permutable(path: str, info: _TensorInfo, shape: tuple[int, ...], n_he
         )
 
 
-def _get(path: str, kvs: dict[str, _KeyValue], key: str, vtype: GGUFValueType, default=None, *, required: bool = True, elem_type=None):
+def _get(
+    path: str,
+    kvs: dict[str, _KeyValue],
+    key: str,
+    vtype: GGUFValueType,
+    default=None,
+    *,
+    required: bool = True,
+    elem_type=None,
+):
     """The value of `key`, which must have exactly the type llama.cpp expects."""
     kv = kvs.get(key)
     if kv is None:
@@ -446,7 +484,9 @@ def _get(path: str, kvs: dict[str, _KeyValue], key: str, vtype: GGUFValueType, d
         return default
     if kv.type != vtype or (elem_type is not None and kv.elem_type != elem_type):
         expected = f"ARRAY[{elem_type.name}]" if elem_type is not None else vtype.name
-        raise FormatError(path, f"key {key} has wrong type {kv.type_name} but expected type {expected}", field=key, offset=kv.offset)
+        raise FormatError(
+            path, f"key {key} has wrong type {kv.type_name} but expected type {expected}", field=key, offset=kv.offset
+        )
     return kv.value
 
 
@@ -455,7 +495,9 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _read_config(path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[str, _TensorInfo], metadata: dict) -> ModelConfig:
+def _read_config(
+    path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[str, _TensorInfo], metadata: dict
+) -> ModelConfig:
     def u32(name: str, default=None, required=True):
         return _get(path, kvs, f"{arch}.{name}", GGUFValueType.UINT32, default, required=required)
 
@@ -465,7 +507,12 @@ def _read_config(path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[
     hidden = u32("embedding_length")
     heads = u32("attention.head_count")
     if heads == 0:
-        raise FormatError(path, "attention.head_count is 0", field=f"{arch}.attention.head_count", offset=kvs[f"{arch}.attention.head_count"].offset)
+        raise FormatError(
+            path,
+            "attention.head_count is 0",
+            field=f"{arch}.attention.head_count",
+            offset=kvs[f"{arch}.attention.head_count"].offset,
+        )
     kv_heads = u32("attention.head_count_kv", heads, required=False)
     rope_theta = f32("rope.freq_base", required=False)
     if rope_theta is None:
@@ -482,7 +529,9 @@ def _read_config(path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[
     if vocab_size is None and "model.embed_tokens.weight" in tensors:
         vocab_size = tensors["model.embed_tokens.weight"].ne[-1]
     if vocab_size is None:
-        raise FormatError(path, "no vocabulary size: no vocab_size key, token list or token_embd.weight", field=f"{arch}.vocab_size")
+        raise FormatError(
+            path, "no vocabulary size: no vocab_size key, token list or token_embd.weight", field=f"{arch}.vocab_size"
+        )
 
     return ModelConfig(
         architecture=arch,
@@ -515,7 +564,9 @@ def _read_tokenizer(path: str, kvs: dict[str, _KeyValue], metadata: dict) -> Tok
     scores = _get(path, kvs, T.SCORES, GGUFValueType.ARRAY, required=False, elem_type=GGUFValueType.FLOAT32)
     for key, values in ((T.TOKEN_TYPE, token_types), (T.SCORES, scores)):
         if values is not None and len(values) != len(tokens):
-            raise FormatError(path, f"{key} has {len(values)} entries for {len(tokens)} tokens", field=key, offset=kvs[key].offset)
+            raise FormatError(
+                path, f"{key} has {len(values)} entries for {len(tokens)} tokens", field=key, offset=kvs[key].offset
+            )
     scores = [_f32(s) for s in scores.tolist()] if scores is not None else None
 
     padded = _get(path, kvs, TOKENIZER_PADDING_KEY, GGUFValueType.UINT32, 0, required=False)
@@ -526,7 +577,12 @@ def _read_tokenizer(path: str, kvs: dict[str, _KeyValue], metadata: dict) -> Tok
         )
         if not pads_ok:
             kv = kvs[TOKENIZER_PADDING_KEY]
-            raise FormatError(path, f"the last {padded} tokens are not the writer's [PAD{{i}}] padding", field=kv.key, offset=kv.offset)
+            raise FormatError(
+                path,
+                f"the last {padded} tokens are not the writer's [PAD{{i}}] padding",
+                field=kv.key,
+                offset=kv.offset,
+            )
         tokens, token_types = tokens[:keep], token_types[:keep]
         scores = scores[:keep] if scores is not None else None
         metadata["tokenizer_padding"] = padded
@@ -694,7 +750,12 @@ def _add_tokenizer(writer: GGUFWriter, plan: WritePlan) -> None:
     if spec.scores is not None:
         scores = [float(s) for s in spec.scores] + [0.0] * len(padding)
         writer.add_key_value(T.SCORES, scores, GGUFValueType.ARRAY, sub_type=GGUFValueType.FLOAT32)
-    for key, token_id in ((T.BOS_ID, spec.bos_token_id), (T.EOS_ID, spec.eos_token_id), (T.UNK_ID, spec.unk_token_id), (T.PAD_ID, spec.pad_token_id)):
+    for key, token_id in (
+        (T.BOS_ID, spec.bos_token_id),
+        (T.EOS_ID, spec.eos_token_id),
+        (T.UNK_ID, spec.unk_token_id),
+        (T.PAD_ID, spec.pad_token_id),
+    ):
         if token_id is not None:
             if not 0 <= token_id < n_rows:
                 raise ConversionError(f"GGUF writer: {key} {token_id} is outside the vocabulary of {n_rows}")
@@ -716,7 +777,9 @@ def _stored_rows(tensor: LazyTensor, plan: WritePlan) -> np.ndarray:
     """The bytes to store for `tensor` (uint8), llama's q/k rows permuted into GGUF order."""
     raw = tensor.raw()
     if raw.size != tensor.nbytes:
-        raise ConversionError(f"GGUF writer: {tensor.name} has {raw.size} bytes, expected {tensor.nbytes} for {tensor.encoding.name} {list(tensor.shape)}")
+        raise ConversionError(
+            f"GGUF writer: {tensor.name} has {raw.size} bytes, expected {tensor.nbytes} for {tensor.encoding.name} {list(tensor.shape)}"
+        )
     is_q, is_k = is_qk_projection(tensor.name)
     config = plan.config
     if not (PERMUTES_QK_IN_GGUF[config.architecture] and plan.quirks.llama_permute_qk and (is_q or is_k)):
@@ -725,6 +788,8 @@ def _stored_rows(tensor: LazyTensor, plan: WritePlan) -> np.ndarray:
     if len(tensor.shape) == 1 and tensor.encoding.block_elems != 1:
         raise ConversionError(f"GGUF writer: cannot row-permute the 1-D {tensor.encoding.name} tensor {tensor.name}")
     if tensor.shape[0] % (2 * n_head):
-        raise ConversionError(f"GGUF writer: {tensor.name} rows {tensor.shape[0]} do not split into {n_head} heads of rotary pairs")
+        raise ConversionError(
+            f"GGUF writer: {tensor.name} rows {tensor.shape[0]} do not split into {n_head} heads of rotary pairs"
+        )
     # Whole rows move, so the uint8 row view is exact for quantized blocks too.
     return np.ascontiguousarray(permute_rows_for_gguf(raw.reshape(tensor.shape[0], -1), n_head))

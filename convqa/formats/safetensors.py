@@ -85,12 +85,16 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         with open(path, "rb") as fh:
             prefix = fh.read(HEADER_LENGTH_BYTES)
             if len(prefix) < HEADER_LENGTH_BYTES:
-                raise FormatError(path, f"truncated: {size} bytes, the header length alone needs {HEADER_LENGTH_BYTES}", field="header_length", offset=0)
+                raise FormatError(
+                    path, f"truncated: {size} bytes, the header length alone needs {HEADER_LENGTH_BYTES}", field="header_length", offset=0
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len < 2 or header_len > MAX_HEADER_BYTES:
                 raise FormatError(path, f"header length {header_len} outside 2..{MAX_HEADER_BYTES}", field="header_length", offset=0)
             if HEADER_LENGTH_BYTES + header_len > size:
-                raise FormatError(path, f"header length {header_len} runs past the end of the {size}-byte file", field="header_length", offset=0)
+                raise FormatError(
+                    path, f"header length {header_len} runs past the end of the {size}-byte file", field="header_length", offset=0
+                )
             raw = fh.read(header_len)
     except OSError as exc:
         raise FormatError(path, f"cannot read: {exc.strerror}") from exc
@@ -120,13 +124,19 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     for entry in entries:
         if entry.begin != position:
             what = "overlaps the previous tensor" if entry.begin < position else f"leaves a gap after offset {position}"
-            raise FormatError(path, f"tensor {entry.name!r} starts at {entry.begin} and {what}", field=f"{entry.name}.data_offsets", offset=data_start + entry.begin)
+            raise FormatError(
+                path,
+                f"tensor {entry.name!r} starts at {entry.begin} and {what}",
+                field=f"{entry.name}.data_offsets",
+                offset=data_start + entry.begin,
+            )
         position = entry.end
     data_len = size - data_start
     if position != data_len:
         raise FormatError(
             path,
-            f"tensors cover {position} bytes of a {data_len}-byte data region" + (" (truncated file)" if position > data_len else " (trailing bytes)"),
+            f"tensors cover {position} bytes of a {data_len}-byte data region"
+            + (" (truncated file)" if position > data_len else " (trailing bytes)"),
             field="data_offsets",
             offset=data_start + min(position, data_len),
         )
@@ -173,7 +183,11 @@ def read_safetensors(path: str | os.PathLike) -> ModelArtifact:
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(seen_in))
         if missing:
-            raise FormatError(directory / INDEX_FILE, f"{len(missing)} indexed tensors are in no shard, first {missing[0]!r} (listed in {weight_map[missing[0]]})", field="weight_map")
+            raise FormatError(
+                directory / INDEX_FILE,
+                f"{len(missing)} indexed tensors are in no shard, first {missing[0]!r} (listed in {weight_map[missing[0]]})",
+                field="weight_map",
+            )
 
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         _drop_tied_head(tensors, dropped, seen_in["lm_head.weight"])
@@ -216,7 +230,9 @@ def write_safetensors(path: str | os.PathLike, plan: WritePlan, *, max_shard_byt
     for tensor in plan.tensors:
         dtype = DTYPE_OF_ENCODING.get(tensor.encoding.name)
         if dtype is None:
-            raise ConversionError(f"{tensor.name}: SafeTensors cannot hold {tensor.encoding.name}; dequantize it first (allowed: {', '.join(DTYPES)})")
+            raise ConversionError(
+                f"{tensor.name}: SafeTensors cannot hold {tensor.encoding.name}; dequantize it first (allowed: {', '.join(DTYPES)})"
+            )
         entries.append((tensor, dtype, tensor.encoding.nbytes(tensor.shape)))
     if len({tensor.name for tensor, _, _ in entries}) != len(entries):
         raise ConversionError("the plan lists a tensor name twice")
@@ -258,7 +274,9 @@ def _write_file(path: Path, entries: list, metadata: dict[str, str]) -> None:
         for tensor, _, nbytes in entries:
             data = tensor.raw()
             if data.nbytes != nbytes:
-                raise ConversionError(f"{tensor.name}: {data.nbytes} bytes for {tensor.encoding.name} {list(tensor.shape)}, expected {nbytes}")
+                raise ConversionError(
+                    f"{tensor.name}: {data.nbytes} bytes for {tensor.encoding.name} {list(tensor.shape)}, expected {nbytes}"
+                )
             fh.write(memoryview(data))
         fh.flush()
         os.fsync(fh.fileno())
@@ -289,7 +307,11 @@ def _shards(path: Path, directory: Path) -> tuple[list[Path], dict[str, str] | N
         for name, file_name in weight_map.items():
             # Plain file names only: an index must not point outside its directory.
             if not isinstance(file_name, str) or Path(file_name).name != file_name or not file_name.endswith(".safetensors"):
-                raise FormatError(index_path, f"tensor {name!r} maps to {file_name!r}, not a .safetensors file in this directory", field=f"weight_map.{name}")
+                raise FormatError(
+                    index_path,
+                    f"tensor {name!r} maps to {file_name!r}, not a .safetensors file in this directory",
+                    field=f"weight_map.{name}",
+                )
             if not (directory / file_name).is_file():
                 raise FormatError(index_path, f"shard {file_name!r} (for {name!r}) does not exist", field=f"weight_map.{name}")
         return [directory / name for name in sorted(set(weight_map.values()))], weight_map
@@ -344,7 +366,12 @@ def _slice_loader(memmap: np.memmap | None, entry: TensorEntry):
 
 def _drop_tied_head(tensors: dict[str, LazyTensor], dropped: list[dict], file: Path) -> None:
     head, embedding = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
-    if embedding is None or head.shape != embedding.shape or head.encoding != embedding.encoding or not np.array_equal(head.raw(), embedding.raw()):
+    if (
+        embedding is None
+        or head.shape != embedding.shape
+        or head.encoding != embedding.encoding
+        or not np.array_equal(head.raw(), embedding.raw())
+    ):
         raise FormatError(
             file,
             "config.json says tie_word_embeddings but lm_head.weight differs from model.embed_tokens.weight; "

@@ -102,7 +102,7 @@ def read_gate_table(path: str | os.PathLike) -> list[dict]:
     """Read one gate TSV; every malformed row is an error naming the file, line and column."""
     path = Path(path)
     with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.DictReader(fh, delimiter="\t")  # csv and pandas quoting
         header = reader.fieldnames or []
         missing = [c for c in GATE_COLUMNS if c not in header]
         if missing:

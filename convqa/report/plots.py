@@ -139,8 +139,8 @@ def tensor_error_png(check: dict) -> bytes | None:
             ax.axhline(tol, color="#555555", linestyle="--", linewidth=0.8)
             ax.text(last + 1.6, tol, f"tol {tol:g}", fontsize=7, va="bottom", ha="right", color="#555555")
     ax.axhline(ERROR_FLOOR, color="#2e7d32", linestyle=":", linewidth=0.8)
-    ax.set_yscale("log")
     ax.set_ylim(ERROR_FLOOR / 3, ceiling * 3)
+    ax.set_yscale("log")
     ax.set_xlim(-1.6, last + 1.6)
     ticks = [-1] + list(range(0, last + 1, max(1, (last + 1) // 16))) + [last + 1]
     ax.set_xticks(ticks, ["embed"] + [str(t) for t in ticks[1:-1]] + ["head"], fontsize=7)

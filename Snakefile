@@ -1,0 +1,48 @@
+# convqa: qualify model-format converters between SafeTensors, GGUF and APR.
+#
+# results/{model}/source/                          S ground truth (config, tokenizer, *.safetensors)
+# results/{model}/{variant}/{chain}/model.{ext}    one conversion artifact per chain (st-gguf, st-gguf-apr, ...)
+# results/{model}/{variant}/{chain}/sidecar.json   sha256, size, converter, fingerprint, argv, time, memory
+# results/{model}/{variant}/{chain}/manifest.json  tensors, config, tokenizer as read back
+# results/{model}/{variant}/compare/{subject}~{reference}.json
+# results/{model}/{variant}/gates/{tier}/tensor.tsv
+# results/{model}/report/{tier}/qualification.json, report.md, report.html, junit.xml
+# results/summary/{tier}/summary.json, summary.md
+#
+# Every path is built by the helpers in rules/common.smk; see README for usage.
+
+from snakemake.utils import min_version
+
+min_version("9.11")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/sources.smk"
+include: "rules/convert.smk"
+include: "rules/inspect.smk"
+include: "rules/compare.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        tier_targets(TIER),
+
+
+rule smoke:
+    input:
+        tier_targets("smoke"),
+
+
+rule mvp:
+    input:
+        tier_targets("mvp"),
+
+
+rule full:
+    input:
+        tier_targets("full"),

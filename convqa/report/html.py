@@ -1,0 +1,168 @@
+"""report.html: one self-contained page (inline CSS, plots as base64 PNG, no scripts, no fetches).
+
+Rendered from the evidence dict only, through a jinja2 template with autoescaping on, so a
+reason or tensor name containing markup is shown as text.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import jinja2
+from markupsafe import Markup
+
+from convqa.report import plots
+from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
+                                    inference_rows, row_diagnosis)
+from convqa.report.markdown import prompt_columns
+
+VERDICT_COLORS = {"QUALIFIED": "#2e7d32", "NOT QUALIFIED": "#c62828", "INCOMPLETE": "#ef6c00"}
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ ev.model }}: {{ s.verdict }}</title>
+<style>
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #212121; background: #fafafa; }
+main { max-width: 1200px; margin: 0 auto; padding: 0 1.2em 3em; }
+.banner { padding: 1.1em 1.2em; color: #fff; background: {{ verdict_color }}; }
+.banner h1 { margin: 0; font-size: 1.6em; }
+.banner p { margin: .3em 0 0; }
+h2 { border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 1.6em; }
+.cards { display: flex; gap: .8em; flex-wrap: wrap; margin-top: 1em; }
+.card { background: #fff; border: 1px solid #e0e0e0; border-radius: 6px; padding: .6em 1em; min-width: 7em; }
+.card b { display: block; font-size: 1.5em; }
+table { border-collapse: collapse; background: #fff; font-size: .85em; margin: .5em 0; }
+th, td { border: 1px solid #e0e0e0; padding: .25em .5em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code, .mono { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .95em; }
+.st-pass { background: #c8e6c9; } .st-fail { background: #ffcdd2; font-weight: bold; }
+.st-skipped { background: #eeeeee; color: #616161; } .st-not_evaluated { background: #ffe0b2; }
+.matrix td { text-align: center; min-width: 2.2em; }
+.matrix th.subj { writing-mode: vertical-rl; transform: rotate(180deg); white-space: nowrap; font-weight: normal; }
+img { max-width: 100%; background: #fff; border: 1px solid #e0e0e0; }
+.note { color: #616161; font-size: .85em; }
+details > summary { cursor: pointer; margin: .5em 0; }
+</style>
+</head>
+<body>
+<div class="banner"><h1>{{ ev.model }}: {{ s.verdict }}</h1><p>{{ s.verdict_reason }}.</p></div>
+<main>
+<div class="cards">
+{% for label, value in cards %}<div class="card">{{ label }}<b>{{ value }}</b></div>
+{% endfor %}</div>
+<p class="note">pass rate = pass / (pass + fail); coverage = (pass + fail) / (rows &minus; skipped).
+Generated {{ ev.generated_at }}, evidence schema <code>{{ ev.schema_version }}</code>.</p>
+
+<h2>Rows needing attention</h2>
+{% if attention %}{{ gate_table(attention) }}{% else %}<p>None.</p>{% endif %}
+
+<h2>Gate &times; artifact matrix</h2>
+{% if ev.gates %}{{ matrix(conversion_rows) }}
+{% if matrix_png %}<p><img alt="gate matrix" src="data:image/png;base64,{{ matrix_png }}"></p>{% endif %}
+{% else %}<p>No gate rows: nothing was evaluated.</p>{% endif %}
+
+{% if ev.tensor_checks %}<h2>Tensor checks</h2>
+<p class="note">Normalised max error = max |ref &minus; artifact| / max |ref| per tensor; bit-exact tensors lie on the dotted floor.
+One marker per tensor role: a layout bug on one role shows as one marker apart from the rest.</p>
+{% for c in ev.tensor_checks %}<h3>{{ c.label }}</h3>
+{% if tensor_pngs[loop.index0] %}<p><img alt="per-tensor error by layer, {{ c.label }}" src="data:image/png;base64,{{ tensor_pngs[loop.index0] }}"></p>{% endif %}
+{% set bad = c.tensors | rejectattr("ok") | list %}
+{% if c.config_differences %}<p>Config differences: {% for k, v in c.config_differences.items() %}<code>{{ k }}</code> {{ v[0] }} &rarr; {{ v[1] }}{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
+{% if c.tokenizer_differences %}<p>Tokenizer differences: {% for k in c.tokenizer_differences %}<code>{{ k }}</code>{% if not loop.last %}, {% endif %}{% endfor %}</p>{% endif %}
+{% if bad %}<table><tr><th>tensor</th><th>layer</th><th>kind</th><th>status</th><th>normalised max error</th><th>tolerance</th><th>diagnosis</th></tr>
+{% for t in bad %}<tr class="st-fail"><td class="mono">{{ t.name }}</td><td class="num">{{ t.layer if t.layer is not none else "" }}</td><td>{{ t.kind }}</td><td>{{ t.status }}</td><td class="num">{{ t.normalized_max_abs | num }}</td><td class="num">{{ t.tolerance | num }}</td><td>{{ t.diagnosis }}</td></tr>
+{% endfor %}</table>{% else %}<p>{{ c.tensors | length }} tensors, all within tolerance.</p>{% endif %}
+{% endfor %}{% endif %}
+
+{% if inference_section %}<h2>Inference</h2>
+{% if inf_rows %}{{ matrix(inf_rows) }}{% endif %}
+{% if kl_png %}<p><img alt="KL per position" src="data:image/png;base64,{{ kl_png }}"></p>{% endif %}
+{% for d in ev.inference.details %}{% if d.prompts %}<h3>{{ d.label }}: per-prompt results</h3>
+{% set cols = prompt_cols(d.prompts) %}<table><tr>{% for c in cols %}<th>{{ c }}</th>{% endfor %}</tr>
+{% for p in d.prompts %}<tr>{% for c in cols %}<td>{{ p.get(c) | num }}</td>{% endfor %}</tr>
+{% endfor %}</table>{% endif %}{% endfor %}
+{% if ev.inference.throughput %}<h3>Throughput</h3>
+<table><tr><th>format</th><th>engine</th><th>backend</th><th>prefill tok/s</th><th>decode tok/s</th></tr>
+{% for t in ev.inference.throughput %}<tr><td>{{ t.get("format") or "" }}</td><td>{{ t.get("engine") or "" }}</td><td>{{ t.get("backend") or "" }}</td><td class="num">{{ t.get("prefill_tps") | num }}</td><td class="num">{{ t.get("decode_tps") | num }}</td></tr>
+{% endfor %}</table>{% endif %}{% endif %}
+
+<h2>Artifacts</h2>
+<table><tr><th>artifact</th><th>format</th><th>sha256</th><th>size</th><th>tensors</th><th>encodings</th><th>converter</th><th>fingerprint</th><th>wall s</th><th>peak RSS MB</th><th>hash check</th></tr>
+{% for a in ev.artifacts %}{% set p = a.producer or {} %}<tr><td class="mono">{{ a.label }}</td><td>{{ a.format or "" }}</td>
+<td class="mono" title="{{ a.file_sha256 or '' }}">{{ a.file_sha256 | shorthash }}</td><td class="num">{{ a.file_size | size }}</td>
+<td class="num">{{ a.tensor_count | num }}</td><td>{% for e, n in a.encodings.items() %}{{ e }}&times;{{ n }} {% endfor %}</td>
+<td>{{ p.get('converter') or "source" }}{% if p.get('mutant') %} (mutant {{ p.get('mutant') }}){% endif %}</td>
+<td class="mono" title="{{ p.get('fingerprint') or '' }}">{{ p.get('fingerprint') | shorthash }}</td><td class="num">{{ p.get('wall_s') | num }}</td><td class="num">{{ p.get('peak_rss_mb') | num }}</td>
+<td class="{{ 'st-fail' if a.sha256_consistent is false else '' }}">{{ {True: "manifest = sidecar", False: "MISMATCH", None: ""}[a.sha256_consistent] }}</td></tr>
+{% endfor %}</table>
+<details><summary>Producer command lines</summary>
+<table><tr><th>artifact</th><th>argv</th></tr>
+{% for a in ev.artifacts if a.producer %}<tr><td class="mono">{{ a.label }}</td><td class="mono">{{ (a.producer.argv or []) | join(" ") }}</td></tr>
+{% endfor %}</table></details>
+
+<h2>All gate rows</h2>
+<details><summary>{{ ev.gates | length }} rows</summary>{{ gate_table(ev.gates) }}</details>
+
+<h2>Tool versions</h2>
+<table><tr><th>tool</th><th>version</th></tr>
+{% for k, v in ev.tool_versions.items() %}<tr><td>{{ k }}</td><td class="mono">{{ v or "not installed" }}</td></tr>
+{% endfor %}</table>
+{% set host = ev.get('host') or {} %}{% if host %}<p class="note">Host {{ host.get('hostname') }}, {{ host.get('system') }}, {{ host.get('cpu_count') }} CPUs.</p>{% endif %}
+</main>
+</body>
+</html>
+"""
+
+GATE_TABLE = """<table class="gates"><tr><th>gate</th><th>subject</th><th>reference</th><th>status</th><th>metric</th><th>value</th><th>threshold</th><th>reason</th><th>diagnosis</th></tr>
+{% for r in rows %}<tr class="st-{{ r.status }}" data-gate="{{ r.gate }}" data-subject="{{ r.subject }}" data-reference="{{ r.reference or '' }}"><td class="mono">{{ r.gate }}</td><td class="mono">{{ r.subject }}</td><td class="mono">{{ r.reference or "" }}</td><td>{{ r.status }}</td><td>{{ r.metric or "" }}</td><td class="num">{{ r.value | num }}</td><td class="num">{{ r.threshold | num }}</td><td>{{ r.reason }}</td><td>{{ diagnosis(r) }}</td></tr>
+{% endfor %}</table>"""
+
+MATRIX = """<table class="matrix"><tr><th>gate</th>{% for s in subjects %}<th class="subj mono">{{ s }}</th>{% endfor %}</tr>
+{% for g in gates %}<tr><th class="mono">{{ g }}</th>{% for s in subjects %}{% set here = cells.get((g, s)) %}{% if here %}{% set st = worst(here) %}<td class="st-{{ st }}" title="{% for r in here %}{{ r.status }}{% if r.reference %} vs {{ r.reference }}{% endif %}{% if r.reason %}: {{ r.reason }}{% endif %}&#10;{% endfor %}">{{ letters[st] }}{% if here | length > 1 %}<sub>{{ here | length }}</sub>{% endif %}</td>{% else %}<td></td>{% endif %}{% endfor %}</tr>
+{% endfor %}</table>"""
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=False)
+    env.filters.update(num=display_number, pct=display_percent, size=display_size, shorthash=display_hash)
+    return env
+
+
+def _b64(png: bytes | None) -> str | None:
+    return base64.b64encode(png).decode("ascii") if png else None
+
+
+def render_html(evidence: dict) -> str:
+    env = _environment()
+    gate_table_template = env.from_string(GATE_TABLE)
+    matrix_template = env.from_string(MATRIX)
+
+    def gate_table(rows):
+        return Markup(gate_table_template.render(rows=rows, diagnosis=row_diagnosis))
+
+    def matrix(rows):
+        gates, subjects, cells = plots.gate_matrix(rows)
+        return Markup(matrix_template.render(
+            gates=gates, subjects=subjects, cells=cells, letters=plots.STATUS_LETTERS,
+            worst=lambda here: plots.worst_status([r["status"] for r in here])))
+
+    s = evidence["summary"]
+    inf_rows = inference_rows(evidence)
+    conversion_rows = [r for r in evidence["gates"] if r not in inf_rows]
+    inference = evidence["inference"]
+    return env.from_string(TEMPLATE).render(
+        ev=evidence, s=s, verdict_color=VERDICT_COLORS[s["verdict"]],
+        cards=[("verdict", s["verdict"]), ("pass", s["pass"]), ("fail", s["fail"]), ("skipped", s["skipped"]),
+               ("not evaluated", s["not_evaluated"]), ("pass rate", display_percent(s["pass_rate"])),
+               ("coverage", display_percent(s["coverage"]))],
+        attention=attention_rows(evidence), conversion_rows=conversion_rows or evidence["gates"],
+        matrix_png=_b64(plots.gate_matrix_png(conversion_rows or evidence["gates"], f"{evidence['model']}: gates")),
+        tensor_pngs=[_b64(plots.tensor_error_png(c)) for c in evidence["tensor_checks"]],
+        inference_section=bool(inf_rows or inference["throughput"] or inference["details"]),
+        inf_rows=inf_rows, kl_png=_b64(plots.kl_per_position_png(inference["details"])),
+        gate_table=gate_table, matrix=matrix, prompt_cols=prompt_columns,
+    )

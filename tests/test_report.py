@@ -1,0 +1,430 @@
+"""Qualification report: evidence JSON, Markdown, self-contained HTML, JUnit XML, cross-model summary.
+
+Inputs are built here the way the workflow builds them: tensor comparisons come from
+convqa.compare.tensors.compare_models on small in-memory llama models (one candidate quantized
+to Q8_0 with its K rows left in GGUF's permuted order, one bit-exact copy), manifests from
+convqa.manifest.artifact_manifest, sidecars from convqa.convert.ConversionRecord.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xmlschema
+
+from convqa import encodings
+from convqa.arch import expected_tensors
+from convqa.arch.permute import permute_rows_for_gguf
+from convqa.compare.tensors import compare_models
+from convqa.convert import ConversionRecord
+from convqa.errors import FormatError
+from convqa.manifest import artifact_manifest
+from convqa.model import LazyTensor, ModelArtifact, ModelConfig
+from convqa.report import render_reports, write_report, write_summary
+from convqa.report.evidence import (GATE_COLUMNS, INCOMPLETE, NOT_QUALIFIED, QUALIFIED, load_evidence, row_key,
+                                    row_name, summarize)
+
+JUNIT_XSD = Path(__file__).parent / "data" / "junit.xsd"
+CHROMIUM = Path("/usr/bin/chromium")
+MODEL = "tiny-llama.v1"
+HOSTILE_REASON = 'mean moved <script>alert("x")</script> | by 3% & more'
+
+CONFIG = ModelConfig(architecture="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=6,
+                     num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=128, rope_theta=10000.0,
+                     rms_norm_eps=1e-06, tie_word_embeddings=False)
+
+
+# --- synthetic but real inputs ----------------------------------------------------------------
+
+def _tensor(name: str, values: np.ndarray, enc=encodings.F32) -> LazyTensor:
+    raw = enc.encode(values.astype(np.float32)) if enc is not encodings.F32 else values.astype(np.float32)
+    return LazyTensor(name, values.shape, enc, lambda raw=raw: raw)
+
+
+def _reference_values() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(7)
+    return {name: (1.0 + 0.1 * rng.standard_normal(shape) if name.endswith("norm.weight")
+                   else 0.05 * rng.standard_normal(shape)).astype(np.float32)
+            for name, shape in expected_tensors(CONFIG).items()}
+
+
+def _artifact(path: str, fmt: str, tensors: list[LazyTensor]) -> ModelArtifact:
+    return ModelArtifact(path=path, format=fmt, config=CONFIG, tokenizer=None, tensors={t.name: t for t in tensors})
+
+
+def _models():
+    values = _reference_values()
+    ref = _artifact("results/tiny/native/st/model.safetensors", "safetensors",
+                    [_tensor(n, v) for n, v in values.items()])
+    exact = _artifact("results/tiny/native/st-apr/model.apr", "apr", [_tensor(n, v) for n, v in values.items()])
+    # A Q8_0 GGUF whose reader forgot to undo llama's K permutation: every k_proj is off, the
+    # rest is within Q8_0 rounding.
+    quant = []
+    for n, v in values.items():
+        if ".k_proj." in n:
+            v = permute_rows_for_gguf(v, CONFIG.num_kv_heads)
+        quant.append(_tensor(n, v, encodings.Q8_0 if v.ndim == 2 else encodings.F32))
+    bad = _artifact("results/tiny/q8_0/st-gguf/model.gguf", "gguf", quant)
+    return ref, exact, bad
+
+
+def _write_json(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _write_tsv(path: Path, rows: list[dict], with_details: bool = True) -> Path:
+    columns = list(GATE_COLUMNS) + (["details"] if with_details else [])
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, columns, delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r.get(c, "") for c in columns})
+    return path
+
+
+def _row(gate, subject, status, reference="", metric="", value="", threshold="", reason="", details=None):
+    variant = subject.split("/")[0]
+    return {"gate": gate, "subject": subject, "reference": reference, "metric": metric, "value": value,
+            "threshold": threshold, "status": status, "reason": reason, "model": MODEL, "variant": variant,
+            "details": json.dumps(details) if details is not None else ""}
+
+
+CONVERSION_ROWS = [
+    _row("G0-INTEGRITY", "native/st", "pass", metric="config_vs_shapes", value=0, threshold=0),
+    _row("G0-INTEGRITY", "q8_0/st-gguf", "pass", metric="config_vs_shapes", value=0, threshold=0),
+    _row("G0-VALIDATE", "q8_0/st-gguf", "pass", metric="nan_inf_zero", value=0, threshold=0),
+    _row("F-LAYOUT-001", "q8_0/st-gguf", "fail", metric="tensors_off", value=6, threshold=0,
+         reason="6 tensors have values that do not match the canonical tensor",
+         details={"diagnosis": "rows are in GGUF's permuted Q/K order (llama permutation not undone)",
+                  "comparison": "F-CONV-S-G q8_0/st-gguf"}),
+    _row("F-CONV-S-G", "q8_0/st-gguf", "fail", reference="native/st", metric="normalized_max_abs", value=1.9,
+         threshold=0.005, reason="k_proj out of tolerance in every layer"),
+    _row("F-CONV-S-A", "native/st-apr", "pass", reference="native/st", metric="normalized_max_abs", value=0,
+         threshold=0),
+    _row("F-CONV-RT-001", "native/st-apr-gguf-apr", "not_evaluated", reference="native/st-apr",
+         reason="input native/st-apr-gguf was not produced (converter error)"),
+    _row("F-CONV-COM-001", "native/st-gguf-apr", "pass", reference="native/st-apr", metric="bit_exact", value=1,
+         threshold=1),
+    _row("F-CONV-COM-001", "native/st-gguf-apr", "pass", reference="native/st-gguf-s-apr", metric="bit_exact",
+         value=1, threshold=1),
+    _row("F-CONTRACT-I4", "q8_0/st-gguf", "fail", metric="stat_drift", value="inf", threshold=0.05,
+         reason=HOSTILE_REASON),
+]
+INFERENCE_ROWS = [
+    _row("F-INF-gguf-cpu-run", "q8_0/st-gguf", "fail", reference="native/st", metric="kl_max", value=2.5,
+         threshold=0.05, reason="logits diverge from the first position"),
+    _row("F-INF-gguf-gpu-run", "q8_0/st-gguf", "skipped", reason="no CUDA device"),
+    _row("F-INF-safetensors-cpu-chat", "native/st", "pass", reference="native/st", metric="kl_max", value=0,
+         threshold=0),
+    _row("F-ENGINE-001", "q8_0/st-gguf", "pass", metric="kl_max", value=0.001, threshold=0.01),
+]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("inputs")
+    ref, exact, bad = _models()
+    comparisons = {"F-CONV-S-G q8_0/st-gguf": compare_models(ref, bad), "F-CONV-S-A native/st-apr": compare_models(ref, exact)}
+    manifests, sidecars = {}, {}
+    for label, model in (("native/st", ref), ("native/st-apr", exact), ("q8_0/st-gguf", bad)):
+        m = artifact_manifest(model)
+        m["file_sha256"] = f"{abs(hash(label)):064x}"[-64:]
+        m["file_size"] = sum(t.nbytes for t in model)
+        manifests[label] = _write_json(d / f"{label.replace('/', '_')}.manifest.json", m)
+        if label != "native/st":
+            record = ConversionRecord(source=ref.path, output=model.path, source_format="safetensors",
+                                      target_format=model.format, quant=label.split("/")[0], mutant=None,
+                                      tensors_written=len(model.tensors), wall_s=0.42)
+            sidecars[label] = _write_json(d / f"{label.replace('/', '_')}.sidecar.json", {
+                "sha256": m["file_sha256"], "size": m["file_size"], "converter": "convqa",
+                "fingerprint": "f" * 64, "argv": ["convqa", "convert", ref.path, model.path], "wall_s": 0.42,
+                "peak_rss_mb": 123.4, "tool_versions": {"convqa": "0.1.0"}, "record": record.as_dict()})
+    details = _write_json(d / "inference_details.json", {"prompts": [
+        {"prompt_id": f"p{i}", "prompt": f"<b>prompt {i}</b>", "kl_max": 0.5 * i, "top1_agreement": 1 - 0.1 * i,
+         "first_divergence": i, "kl_per_position": [1e-4 * (i + 1) * (k + 1) for k in range(12)]} for i in range(4)]})
+    return {
+        "gate_tsvs": [_write_tsv(d / "conversion.tsv", CONVERSION_ROWS),
+                      _write_tsv(d / "inference.tsv", INFERENCE_ROWS, with_details=False)],
+        "manifests": manifests, "sidecars": sidecars,
+        "comparisons": {label: _write_json(d / f"cmp{i}.json", c.as_dict()) for i, (label, c) in enumerate(comparisons.items())},
+        "extra": {"throughput": [{"format": "gguf", "engine": "llama.cpp", "backend": "cpu", "prefill_tps": 812.5,
+                                  "decode_tps": 95.25}],
+                  "inference_details": {"q8_0/st-gguf": details}},
+    }
+
+
+@pytest.fixture(scope="module")
+def report(inputs, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("report")
+    paths = write_report(MODEL, inputs["gate_tsvs"], inputs["manifests"], inputs["sidecars"], inputs["comparisons"], out,
+                         extra=inputs["extra"])
+    return {"paths": paths, "evidence": load_evidence(paths["evidence"])}
+
+
+ALL_ROWS = CONVERSION_ROWS + INFERENCE_ROWS
+
+
+# --- evidence ---------------------------------------------------------------------------------
+
+def test_outputs_are_written(report):
+    assert sorted(p.name for p in report["paths"].values()) == ["junit.xml", "qualification.json", "report.html",
+                                                               "report.md"]
+    out_dir = report["paths"]["evidence"].parent
+    assert not list(out_dir.glob(".tmp-*")), "atomic writes left temporaries"
+
+
+def test_evidence_is_strict_json_with_everything(report):
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    json.loads(report["paths"]["evidence"].read_text(), parse_constant=refuse)
+    ev = report["evidence"]
+    assert ev["model"] == MODEL
+    assert set(ev["tool_versions"]) >= {"python", "convqa", "numpy", "torch", "transformers", "gguf", "safetensors",
+                                        "snakemake", "llama_cpp"}
+    assert ev["tool_versions"]["numpy"] == np.__version__
+    assert {row_key(r) for r in ev["gates"]} == {(r["gate"], r["subject"], r["reference"]) for r in ALL_ROWS}
+    stat_row = next(r for r in ev["gates"] if r["gate"] == "F-CONTRACT-I4")
+    assert stat_row["value"] == "inf" and stat_row["threshold"] == 0.05 and stat_row["reason"] == HOSTILE_REASON
+    layout = next(r for r in ev["gates"] if r["gate"] == "F-LAYOUT-001")
+    assert "permuted Q/K" in layout["details"]["diagnosis"]
+
+
+def test_evidence_summary_and_verdict(report):
+    s = report["evidence"]["summary"]
+    assert (s["pass"], s["fail"], s["skipped"], s["not_evaluated"]) == (8, 4, 1, 1)
+    assert s["pass_rate"] == pytest.approx(8 / 12)
+    assert s["coverage"] == pytest.approx(12 / 13)
+    assert s["verdict"] == NOT_QUALIFIED
+
+
+def test_evidence_artifacts_carry_provenance(report):
+    arts = {a["label"]: a for a in report["evidence"]["artifacts"]}
+    assert set(arts) == {"native/st", "native/st-apr", "q8_0/st-gguf"}
+    assert arts["native/st"]["producer"] is None  # the ground truth is not converted
+    gguf = arts["q8_0/st-gguf"]
+    assert len(gguf["file_sha256"]) == 64 and gguf["sha256_consistent"] is True
+    assert gguf["encodings"] == {"F32": 13, "Q8_0": 44}
+    p = gguf["producer"]
+    assert (p["converter"], p["wall_s"], p["peak_rss_mb"], p["quant"]) == ("convqa", 0.42, 123.4, "q8_0")
+    assert p["argv"][:2] == ["convqa", "convert"] and p["fingerprint"] == "f" * 64
+
+
+def test_evidence_tensor_errors_single_out_the_broken_kind(report):
+    checks = {c["label"]: c for c in report["evidence"]["tensor_checks"]}
+    bad = checks["F-CONV-S-G q8_0/st-gguf"]
+    assert not bad["ok"]
+    off = [t for t in bad["tensors"] if not t["ok"]]
+    assert {t["kind"] for t in off} == {"attn_k"}
+    assert sorted(t["layer"] for t in off) == list(range(CONFIG.num_layers))
+    assert all("permuted Q/K order" in t["diagnosis"] for t in off)
+    within = [t for t in bad["tensors"] if t["ok"]]
+    assert within and all(0 <= t["normalized_max_abs"] <= t["tolerance"] for t in within)
+    kinds = {t["name"]: t["kind"] for t in bad["tensors"]}
+    assert kinds["model.embed_tokens.weight"] == "embed" and kinds["lm_head.weight"] == "lm_head"
+    assert kinds["model.layers.3.mlp.down_proj.weight"] == "mlp_down" and kinds["model.norm.weight"] == "norm"
+    exact = checks["F-CONV-S-A native/st-apr"]
+    assert exact["ok"] and all(t["normalized_max_abs"] == 0 for t in exact["tensors"])
+
+
+# --- verdict logic ----------------------------------------------------------------------------
+
+def _statuses(*statuses):
+    return [{"status": s} for s in statuses]
+
+
+@pytest.mark.parametrize("statuses, verdict", [
+    ((), INCOMPLETE),
+    (("skipped",), INCOMPLETE),
+    (("not_evaluated",), INCOMPLETE),
+    (("pass", "not_evaluated"), INCOMPLETE),
+    (("pass", "skipped"), QUALIFIED),
+    (("pass", "pass"), QUALIFIED),
+    (("fail",), NOT_QUALIFIED),
+    (("pass", "fail", "not_evaluated", "skipped"), NOT_QUALIFIED),
+])
+def test_verdict(statuses, verdict):
+    assert summarize(_statuses(*statuses))["verdict"] == verdict
+
+
+def test_rates_are_undefined_without_decided_rows():
+    s = summarize(_statuses("skipped", "not_evaluated"))
+    assert s["pass_rate"] is None and s["coverage"] == 0.0
+    assert summarize([])["coverage"] is None
+
+
+@pytest.mark.parametrize("tables", [[], [[]]], ids=["no tables", "header-only table"])
+def test_empty_input_is_incomplete_everywhere(tmp_path, tables):
+    tsvs = [_write_tsv(tmp_path / f"t{i}.tsv", rows) for i, rows in enumerate(tables)]
+    paths = write_report(MODEL, tsvs, {}, {}, {}, tmp_path / "out")
+    ev = load_evidence(paths["evidence"])
+    assert ev["summary"]["verdict"] == INCOMPLETE and ev["gates"] == []
+    assert "INCOMPLETE" in paths["markdown"].read_text() and "QUALIFIED</h1>" not in paths["html"].read_text().replace(
+        "INCOMPLETE", "")
+    xmlschema.XMLSchema(JUNIT_XSD).validate(paths["junit"])
+
+
+def test_one_failure_means_not_qualified(tmp_path):
+    rows = [_row("G0-INTEGRITY", "native/st", "pass"), _row("G0-VALIDATE", "native/st", "fail", reason="all-zero norm")]
+    ev = load_evidence(write_report(MODEL, [_write_tsv(tmp_path / "g.tsv", rows)], {}, {}, {}, tmp_path)["evidence"])
+    assert ev["summary"]["verdict"] == NOT_QUALIFIED
+
+
+def test_not_evaluated_only_is_incomplete(tmp_path):
+    rows = [_row("F-CONV-S-G", "native/st-gguf", "not_evaluated", reference="native/st", reason="0 tensors")]
+    ev = load_evidence(write_report(MODEL, [_write_tsv(tmp_path / "g.tsv", rows)], {}, {}, {}, tmp_path)["evidence"])
+    assert ev["summary"]["verdict"] == INCOMPLETE and ev["summary"]["coverage"] == 0.0
+
+
+# --- malformed inputs and tampered evidence ---------------------------------------------------
+
+@pytest.mark.parametrize("rows, field", [
+    ([_row("G0-INTEGRITY", "native/st", "passed")], "status"),
+    ([_row("G0-INTEGRITY", "native/st", "skipped")], "reason"),
+    ([_row("G0-INTEGRITY", "", "pass")], "subject"),
+    ([_row("G0-INTEGRITY", "native/st", "pass"), _row("G0-INTEGRITY", "native/st", "fail", reason="x")], "gate"),
+], ids=["unknown status", "skip without reason", "no subject", "duplicate row"])
+def test_malformed_gate_table_is_refused(tmp_path, rows, field):
+    with pytest.raises(FormatError) as err:
+        write_report(MODEL, [_write_tsv(tmp_path / "g.tsv", rows)], {}, {}, {}, tmp_path / "out")
+    assert err.value.field == field and "g.tsv" in str(err.value)
+    assert not (tmp_path / "out" / "qualification.json").exists()
+
+
+def test_missing_column_is_refused(tmp_path):
+    (tmp_path / "g.tsv").write_text("gate\tsubject\tstatus\nG0-INTEGRITY\tnative/st\tpass\n")
+    with pytest.raises(FormatError, match="lacks columns"):
+        write_report(MODEL, [tmp_path / "g.tsv"], {}, {}, {}, tmp_path / "out")
+
+
+def test_tampered_summary_is_not_rendered(report, tmp_path):
+    ev = json.loads(report["paths"]["evidence"].read_text())
+    ev["summary"]["verdict"] = QUALIFIED
+    (tmp_path / "qualification.json").write_text(json.dumps(ev))
+    with pytest.raises(FormatError, match="summary does not match"):
+        render_reports(tmp_path / "qualification.json", tmp_path)
+
+
+# --- every rendered row is in the evidence ----------------------------------------------------
+
+def _md_table(md: str, heading: str) -> list[list[str]]:
+    section = md.split(f"## {heading}\n", 1)[1].lstrip("\n")
+    lines = section.split("\n\n", 1)[0].splitlines()
+    assert all(l.startswith("|") for l in lines)
+    cells = [[c.strip().replace("\\|", "|").replace("\\\\", "\\") for c in re.split(r"(?<!\\)\|", l)[1:-1]]
+             for l in lines]
+    return cells[2:]  # header and rule
+
+
+class _RowCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.rows, self.imgs, self.tags = [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        if tag == "tr" and "data-gate" in a:
+            self.rows.append((a["data-gate"], a["data-subject"], a["data-reference"]))
+        if tag == "img":
+            self.imgs.append(a["src"])
+
+
+def test_markdown_rows_are_in_evidence(report):
+    md = report["paths"]["markdown"].read_text()
+    keys = {row_key(r) for r in report["evidence"]["gates"]}
+    all_rows = _md_table(md, "All gate rows")
+    assert {(c[0], c[1], c[2]) for c in all_rows} == keys and len(all_rows) == len(keys)
+    attention = _md_table(md, "Rows needing attention (failing first)")
+    assert [c[3] for c in attention] == ["**FAIL**"] * 4 + ["*not evaluated*", "skip"]
+    assert {(c[0], c[1], c[2]) for c in attention} <= keys
+    assert HOSTILE_REASON in [c[7] for c in attention]  # the pipe was escaped, not a column break
+    assert md.startswith(f"# Qualification of {MODEL}: NOT QUALIFIED")
+
+
+def test_html_rows_are_in_evidence_and_page_is_self_contained(report):
+    page = report["paths"]["html"].read_text()
+    parser = _RowCollector()
+    parser.feed(page)
+    keys = {row_key(r) for r in report["evidence"]["gates"]}
+    assert set(parser.rows) <= keys and len(set(parser.rows)) == len(keys)
+    for forbidden in ('src="http', "src='http", "<link", "<script", "@import", "url(", "href=\"http"):
+        assert forbidden not in page, forbidden
+    assert "script" not in parser.tags and "link" not in parser.tags
+    assert "&lt;script&gt;alert" in page and "&lt;b&gt;prompt 0&lt;/b&gt;" in page
+    # matrix + one plot per tensor check + KL per position; all inline PNGs
+    assert len(parser.imgs) == 1 + len(report["evidence"]["tensor_checks"]) + 1
+    for src in parser.imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "NOT QUALIFIED" in page and "Throughput" in page and "812.5" in page
+    assert "rows are in GGUF&#39;s permuted Q/K order" in page
+
+
+def test_junit_validates_with_unique_names(report):
+    schema = xmlschema.XMLSchema(JUNIT_XSD)
+    schema.validate(report["paths"]["junit"])
+    root = ET.parse(report["paths"]["junit"]).getroot()
+    cases = root.findall("./testsuite/testcase")
+    names = [c.get("classname") + "/" + c.get("name") for c in cases]
+    assert len(names) == len(set(names)) == len(report["evidence"]["gates"])
+    assert {c.get("name") for c in cases} == {row_name(r) for r in report["evidence"]["gates"]}
+    assert len(root.findall("./testsuite/testcase/failure")) == 4
+    errors = root.findall("./testsuite/testcase/error")
+    assert len(errors) == 1 and errors[0].get("message").startswith("not evaluated: ")
+    assert [s.get("message") for s in root.findall("./testsuite/testcase/skipped")] == ["no CUDA device"]
+    suites = {s.get("name"): s for s in root.findall("testsuite")}
+    assert set(suites) == {"G0", "F-LAYOUT", "F-CONV", "F-CONV-RT", "F-CONV-COM", "F-CONTRACT", "F-INF", "F-ENGINE"}
+    assert suites["F-INF"].get("failures") == "1" and suites["F-INF"].get("skipped") == "1"
+    props = {p.get("name"): p.get("value") for p in suites["G0"].findall("properties/property")}
+    assert props["verdict"] == NOT_QUALIFIED and props["version.numpy"] == np.__version__
+    failure = next(c for c in cases if c.get("name") == "F-CONV-S-G q8_0/st-gguf vs native/st").find("failure")
+    assert "1.9" in failure.get("message") and "0.005" in failure.get("message")
+
+
+def test_junit_survives_control_characters(tmp_path):
+    rows = [_row("G0-VALIDATE", "native/st", "fail", reason="tensor name b'\x01\x02' is not UTF-8")]
+    paths = write_report(MODEL, [_write_tsv(tmp_path / "g.tsv", rows)], {}, {}, {}, tmp_path)
+    xmlschema.XMLSchema(JUNIT_XSD).validate(paths["junit"])
+
+
+# --- cross-model summary ----------------------------------------------------------------------
+
+def test_summary_across_models(report, tmp_path):
+    good = write_report("good-model", [_write_tsv(tmp_path / "g.tsv", [_row("G0-INTEGRITY", "native/st", "pass")])],
+                        {}, {}, {}, tmp_path / "good")
+    summary = write_summary([report["paths"]["evidence"], good["evidence"]], tmp_path / "s.json", tmp_path / "s.md")
+    assert summary["verdict"] == NOT_QUALIFIED
+    assert [(m["model"], m["verdict"], m["pass"], m["fail"]) for m in summary["models"]] == [
+        (MODEL, NOT_QUALIFIED, 8, 4), ("good-model", QUALIFIED, 1, 0)]
+    assert json.loads((tmp_path / "s.json").read_text()) == summary
+    md = (tmp_path / "s.md").read_text()
+    assert "| good-model | QUALIFIED | 1 | 0 | 0 | 0 | 100.0% | 100.0% |" in md
+    only_good = write_summary([good["evidence"]], tmp_path / "g.json", tmp_path / "g.md")
+    assert only_good["verdict"] == QUALIFIED
+    assert write_summary([], tmp_path / "e.json", tmp_path / "e.md")["verdict"] == INCOMPLETE
+
+
+# --- the page in a real browser -----------------------------------------------------------------
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium on this machine")
+def test_html_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "report.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,4000",
+                    f"--screenshot={shot}", report["paths"]["html"].as_uri()], check=True, timeout=60,
+                   capture_output=True)
+    assert shot.stat().st_size > 10_000
+    keep = Path(__file__).parent.parent / "results" / "test-report-screenshot.png"
+    if keep.parent.is_dir():
+        shutil.copy(shot, keep)
