@@ -95,8 +95,9 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerSpec | None:
             tokenizer_path, "byte_fallback BPE is a SentencePiece-style tokenizer, not byte-level", field="model.byte_fallback"
         )
     normalizer = tj.get("normalizer")
-    if (normalizer or {}).get("type") not in _IGNORED_NORMALIZERS:
-        raise FormatError(tokenizer_path, f"unsupported normalizer {normalizer.get('type')!r}", field="normalizer")
+    normalizer_type = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+    if normalizer_type not in _IGNORED_NORMALIZERS:
+        raise FormatError(tokenizer_path, f"unsupported normalizer {json.dumps(normalizer)[:200]}", field="normalizer")
 
     by_id, types_by_id = _vocabulary(tj, model, tokenizer_path)
     length = max(by_id, default=-1) + 1

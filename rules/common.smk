@@ -262,6 +262,15 @@ def converter_entry():
     return config["converters"][CONVERTER]
 
 
+def converter_command(wildcards):
+    # A function, so Snakemake does not format the template's {input}/{output} itself.
+    return converter_entry()["command"]
+
+
+def converter_json_record(wildcards):
+    return converter_entry()["json_record"]
+
+
 def converter_fingerprint(wildcards):
     """Content hash of the convqa code the edge runs, for the built-in converter; for an
     external tool, the version string its config entry declares."""

@@ -25,8 +25,8 @@ rule convert_to_gguf:
         format="gguf",
         quant=conversion_quant,
         converter=CONVERTER,
-        command=converter_entry()["command"],
-        json_record=converter_entry()["json_record"],
+        command=converter_command,
+        json_record=converter_json_record,
         fingerprint=converter_fingerprint,
     script:
         "../scripts/convert.py"
@@ -53,8 +53,8 @@ rule convert_to_apr:
         format="apr",
         quant=conversion_quant,
         converter=CONVERTER,
-        command=converter_entry()["command"],
-        json_record=converter_entry()["json_record"],
+        command=converter_command,
+        json_record=converter_json_record,
         fingerprint=converter_fingerprint,
     script:
         "../scripts/convert.py"
@@ -83,8 +83,8 @@ rule convert_to_safetensors:
         format="safetensors",
         quant=conversion_quant,
         converter=CONVERTER,
-        command=converter_entry()["command"],
-        json_record=converter_entry()["json_record"],
+        command=converter_command,
+        json_record=converter_json_record,
         fingerprint=converter_fingerprint,
     script:
         "../scripts/convert.py"

@@ -32,6 +32,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from convqa.engines.base import DEFAULT_THREADS, Engine, engine_for
 from convqa.model import TokenizerSpec
 
@@ -90,6 +92,30 @@ def special_token_text(spec: TokenizerSpec | None, token_id: int | None) -> str:
 # ---------------------------------------------------------------- the app
 
 
+# Request bodies live at module level: FastAPI resolves the (postponed) annotations of the
+# endpoint functions in this module's namespace.
+class CompletionRequest(BaseModel):
+    model: str | None = None
+    prompt: str | list[int]
+    max_tokens: int = Field(default=16, ge=0)
+    temperature: float = 0.0
+    stop_token_ids: list[int] | None = None  # vLLM's extension: exact stop ids
+    add_special_tokens: bool = True  # for text prompts: what the tokenizer adds (BOS, ...)
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str | None = None
+    messages: list[ChatMessage]
+    max_tokens: int = Field(default=16, ge=0)
+    temperature: float = 0.0
+    stop_token_ids: list[int] | None = None
+
+
 class ServingState:
     """What the endpoints share: one loaded engine (used under a lock), tokenizer, chat template."""
 
@@ -125,26 +151,6 @@ class ServingState:
 
 def build_app(state: ServingState):
     from fastapi import FastAPI, HTTPException
-    from pydantic import BaseModel, Field
-
-    class CompletionRequest(BaseModel):
-        model: str | None = None
-        prompt: str | list[int]
-        max_tokens: int = Field(default=16, ge=0)
-        temperature: float = 0.0
-        stop_token_ids: list[int] | None = None  # vLLM's extension: exact stop ids
-        add_special_tokens: bool = True  # for text prompts: what the tokenizer adds (BOS, ...)
-
-    class ChatMessage(BaseModel):
-        role: str
-        content: str
-
-    class ChatRequest(BaseModel):
-        model: str | None = None
-        messages: list[ChatMessage]
-        max_tokens: int = Field(default=16, ge=0)
-        temperature: float = 0.0
-        stop_token_ids: list[int] | None = None
 
     def require_greedy(temperature: float) -> None:
         if temperature != 0.0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
                                     inference_rows, row_diagnosis)
 from convqa.report.plots import STATUS_LETTERS, gate_matrix, worst_status
@@ -11,8 +13,10 @@ WORST_TENSORS_SHOWN = 5
 
 
 def cell(text) -> str:
-    """Table-cell text: pipes escaped and newlines folded so a reason cannot break the table."""
-    return str("" if text is None else text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    """Inline text: markup characters as entities (a reason quoting `<b>` is shown, not applied),
+    pipes escaped and newlines folded so a reason cannot break a table."""
+    text = html.escape(str("" if text is None else text), quote=False)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
@@ -46,7 +50,7 @@ def render_markdown(evidence: dict) -> str:
 
     out += ["## Gate x subject matrix", ""]
     if evidence["gates"]:
-        out += _matrix(evidence["gates"])
+        out += _matrix([r for r in evidence["gates"] if r not in inference_rows(evidence)] or evidence["gates"])
         out.append("P pass, F fail, S skipped, N not evaluated; a number counts the rows behind a cell "
                    "(one per reference), the letter is the worst of them.\n")
     else:
