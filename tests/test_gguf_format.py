@@ -474,3 +474,72 @@ def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
         got = loaded(ids).logits
     assert torch.equal(got, expected)
     assert math.isfinite(float(got.abs().max())) and float(got.abs().max()) > 0
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_llama_cpp_loads_our_gguf_and_agrees_with_transformers(tmp_path, arch):
+    """llama.cpp checks KV types, tokenizer and tensor shapes strictly; its F32 forward (F32 KV cache)
+    matches transformers to float rounding only if the Q/K rows are in the order it expects."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    config_class = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
+    hf_config = config_class(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-06,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    original = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    state = original.state_dict()
+    config = hf_to_model_config(arch, hf_config)
+    tensors = [const_tensor(name, state[name].numpy(), encodings.F32) for name in expected_tensors(config)]
+    path = tmp_path / "model.gguf"
+    write_gguf(path, WritePlan(config, tiny_tokenizer(), tensors))
+
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=64,
+        n_batch=64,
+        n_threads=2,
+        n_threads_batch=2,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        verbose=False,
+    )
+    ids = [5, 17, 3, 42, 88, 0, 63, 29, 11, 70]
+    llm.reset()
+    llm.eval(ids)
+    got = np.array(llm.scores[: llm.n_tokens])
+    with torch.no_grad():
+        expected = original(torch.tensor([ids])).logits[0].numpy()
+    assert llm.n_vocab() == 96
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_llama_qk_biases_are_permuted_too(tmp_path):
+    """llama checkpoints with attention_bias carry q/k biases, permuted like their weights' rows."""
+    config = tiny_config("llama")
+    plan, _ = tiny_plan(config)
+    rng = np.random.default_rng(7)
+    rows = {"q_proj": config.num_heads * config.head_dim, "k_proj": config.num_kv_heads * config.head_dim}
+    biases = {
+        f"model.layers.0.self_attn.{proj}.bias": rng.normal(size=n).astype(np.float32) for proj, n in rows.items()
+    }
+    plan.tensors += [const_tensor(name, values, encodings.F32) for name, values in biases.items()]
+    path = written(tmp_path, plan)
+    by_name = {t.name: t for t in raw_reader(path).tensors}
+    with read_gguf(path) as model:
+        for name, values in biases.items():
+            n_head = config.num_heads if "q_proj" in name else config.num_kv_heads
+            assert np.array_equal(by_name[hf_to_gguf(name)].data, permute_rows_for_gguf(values, n_head))
+            assert np.array_equal(model.tensors[name].to_float32(), values)
