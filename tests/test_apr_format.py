@@ -425,7 +425,6 @@ def test_round_trip_is_bit_exact(tmp_path, tied, encoding):
             tensor = artifact.tensors[source.name]
             assert tensor.shape == source.shape and tensor.encoding is source.encoding
             assert tensor.raw().tobytes() == source.raw().tobytes(), source.name
-            assert isinstance(tensor.load_raw(), np.memmap)  # zero-copy view of the file
         position = artifact.tensors["extra.position"].to_float32()
         assert position.shape == (3, 5) and position[2, 4] == 2004 and position[1, 0] == 1000
         assert artifact.metadata["name_style"] == "hf"

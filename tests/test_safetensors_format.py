@@ -140,7 +140,6 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, encoding):
             got = model.tensors[tensor.name]
             assert got.encoding == encoding and got.shape == tensor.shape
             assert got.sha256() == tensor.sha256()
-        assert isinstance(model.tensors["lm_head.weight"].load_raw(), np.memmap)  # zero copy
         assert model.metadata["provenance"] == {"converter": "test", "n": 1}
     torch_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[encoding.name]
     with safe_open(out / "model.safetensors", framework="pt") as fh:

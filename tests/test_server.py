@@ -98,12 +98,15 @@ def test_text_prompt_is_tokenized_with_the_ground_truth_tokenizer(server, engine
     assert answer["choices"][0]["token_ids"] == engine.generate(ids, 6, set())
 
 
-def test_default_stop_is_the_tokenizer_eos(server, engine):
-    eos = tiny_tokenizer().eos_token_id
-    answer = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 40})
-    expected = engine.generate(PROMPT, 40, {eos})
-    assert answer["choices"][0]["token_ids"] == expected
-    assert answer["choices"][0]["finish_reason"] == ("stop" if expected[-1] == eos else "length")
+def test_stop_token_ids_end_the_answer(server, engine):
+    free_run = engine.generate(PROMPT, 10, set())
+    stop = free_run[3]
+    expected = free_run[: free_run.index(stop) + 1]
+    answer = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 10, "stop_token_ids": [stop]})
+    choice = answer["choices"][0]
+    assert choice["token_ids"] == expected and choice["finish_reason"] == "stop"
+    # The text leaves the stop token out, as OpenAI-style servers do.
+    assert choice["text"] == tiny_tokenizer().decode(expected[:-1], skip_special_tokens=True)
 
 
 def test_chat_uses_the_artifacts_template(server, engine, model_dir):
@@ -175,14 +178,13 @@ def test_startup_failure_and_timeout_are_reported_and_cleaned_up():
 
 def test_sigterm_to_the_parent_kills_the_server_group(tmp_path):
     """The parent (a Snakemake job) gets SIGTERM while holding a server: nothing may survive it."""
+    port = free_port()
+    argv = http_server_argv(port, with_grandchild=True)
     parent_code = textwrap.dedent(
         f"""
-        import sys, time
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_server import http_server_argv
-        from convqa.engines.server import ServerProcess, free_port
-        port = free_port()
-        with ServerProcess(http_server_argv(port, with_grandchild=True), port=port, health_path="/", startup_timeout_s=20) as srv:
+        import time
+        from convqa.engines.server import ServerProcess
+        with ServerProcess({argv!r}, port={port}, health_path="/", startup_timeout_s=20) as srv:
             print(srv.pid, flush=True)
             time.sleep(600)
         """

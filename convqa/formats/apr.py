@@ -35,6 +35,7 @@ from convqa.arch.names import gguf_to_hf, is_qk_projection
 from convqa.arch.permute import unpermute_rows_from_gguf
 from convqa.atomic import atomic_file
 from convqa.encodings import Encoding
+from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec, WritePlan
 
@@ -858,13 +859,9 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
                 data_end,
             )
 
-    mapped = {"mm": np.memmap(path, dtype=np.uint8, mode="r")}
-
     def file_bytes(start: int, size: int):
         def load() -> np.ndarray:
-            if mapped["mm"] is None:
-                raise ValueError(f"{path}: APR artifact is closed")
-            return mapped["mm"][start : start + size]
+            return read_file_range(path, start, size)
 
         return load
 
@@ -931,9 +928,6 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
     if PROVENANCE_KEY in metadata:
         artifact_metadata["provenance"] = metadata[PROVENANCE_KEY]
 
-    def close() -> None:
-        mapped["mm"] = None
-
     return ModelArtifact(
         path=str(path),
         format="apr",
@@ -941,7 +935,6 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
         tokenizer=tokenizer,
         tensors=tensors,
         metadata=artifact_metadata,
-        closers=[close],
     )
 
 

@@ -9,8 +9,8 @@ and the header maps tensor names to `{dtype, shape, data_offsets: [begin, end]}`
 relative to the data region, plus an optional `__metadata__` of string -> string. The checks
 are those of the reference Rust implementation (`safetensors/src/tensor.rs`: header size limit,
 offsets contiguous from 0 with no gap or overlap, byte size = elements x dtype size, data region
-exactly covered) plus duplicate-key and type checks. Tensor bytes are then a zero-copy slice of
-one read-only memmap per file.
+exactly covered) plus duplicate-key and type checks. Tensor bytes are read one tensor at a time
+into private memory (convqa.formats.filerange), so peak memory tracks the largest tensor.
 
 Tied embeddings: with `tie_word_embeddings` the canonical view has no `lm_head.weight`. A file
 that stores one anyway (some exporters do) has it dropped only when it is byte-identical to the
@@ -32,6 +32,7 @@ import numpy as np
 from convqa import encodings
 from convqa.arch.hf_config import config_from_hf, generation_config_from, hf_config_from
 from convqa.atomic import atomic_dir
+from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.hf_tokenizer import load_json_object, tokenizer_from_hf_dir, write_hf_tokenizer, write_json
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
@@ -157,11 +158,8 @@ def read_safetensors(path: str | os.PathLike) -> ModelArtifact:
     headers = [read_header(shard) for shard in shard_files]
     tensors: dict[str, LazyTensor] = {}
     dropped: list[dict] = []
-    mmaps: list[np.memmap] = []
     seen_in: dict[str, Path] = {}
     for header in headers:
-        memmap = _map_data(header)
-        mmaps.append(memmap)
         for entry in header.entries:
             if entry.name in seen_in:
                 raise FormatError(header.path, f"tensor {entry.name!r} is also in {seen_in[entry.name].name}", field=entry.name)
@@ -175,7 +173,7 @@ def read_safetensors(path: str | os.PathLike) -> ModelArtifact:
                 name=entry.name,
                 shape=entry.shape,
                 encoding=DTYPES[entry.dtype],
-                load_raw=_slice_loader(memmap, entry),
+                load_raw=_range_loader(header, entry),
                 stored_name=entry.name,
                 stored_shape=entry.shape,
                 file_offset=header.data_start + entry.begin,
@@ -212,7 +210,6 @@ def read_safetensors(path: str | os.PathLike) -> ModelArtifact:
         tokenizer=tokenizer_from_hf_dir(directory),
         tensors=tensors,
         metadata=metadata,
-        closers=[mmaps.clear],  # memmaps unmap once the last view of them is gone
     )
 
 
@@ -348,18 +345,9 @@ def _entry(path: Path, name: str, info) -> TensorEntry:
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def _map_data(header: SafetensorsHeader) -> np.memmap | None:
-    length = header.entries[-1].end if header.entries else 0
-    if length == 0:
-        return None  # mmap refuses empty ranges; every tensor here is empty
-    return np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start, shape=(length,))
-
-
-def _slice_loader(memmap: np.memmap | None, entry: TensorEntry):
+def _range_loader(header: SafetensorsHeader, entry: TensorEntry):
     def load_raw() -> np.ndarray:
-        if memmap is None or entry.begin == entry.end:
-            return np.zeros(0, dtype=np.uint8)
-        return memmap[entry.begin : entry.end]
+        return read_file_range(header.path, header.data_start + entry.begin, entry.end - entry.begin)
 
     return load_raw
 
