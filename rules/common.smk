@@ -7,6 +7,7 @@
 import re
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from convqa import plan
@@ -21,7 +22,6 @@ from convqa.fingerprint import (
 from convqa.gates import label
 from convqa.sources import kind_fingerprint_args
 
-
 validate(config, schema="../config/schema.yaml")
 
 MODELS = list(config["models"])
@@ -30,7 +30,7 @@ TIER = config["tier"]
 TIERS = list(plan.TIER_CHECKS)
 CONVERTER = config["converter"]
 if CONVERTER not in config["converters"]:
-    raise ValueError(
+    raise WorkflowError(
         f"config: converter {CONVERTER!r} is not defined under `converters:` "
         f"(defined: {', '.join(config['converters']) or 'none'})"
     )
@@ -66,7 +66,7 @@ def _check_variants():
             continue
         missing = sorted(f for f in first_hop_formats if f not in QUANT_TARGETS[quant])
         if missing:
-            raise ValueError(
+            raise WorkflowError(
                 f"config: variant {variant!r} cannot be applied when converting to "
                 f"{', '.join(missing)} (the qualification converts S to "
                 f"{', '.join(sorted(first_hop_formats))}); pick another variant"
@@ -159,8 +159,13 @@ def log_path(model, variant, chain, step):
 
 def comparison_pairs(tier, variant):
     """(subject, reference) of every tensor comparison: one per tensors-mode check, plus each
-    converted artifact against its parent (for the contract gates). Sorted, no duplicates."""
-    pairs = {(c.subject, c.reference) for c in plan.checks_for(tier, variant) if c.mode == "tensors"}
+    converted artifact against its parent (for the contract gates). Sorted, no duplicates.
+    """
+    pairs = {
+        (c.subject, c.reference)
+        for c in plan.checks_for(tier, variant)
+        if c.mode == "tensors"
+    }
     pairs |= {(c, plan.parent(c)) for c in plan.artifact_chains(tier, variant)}
     return sorted(pairs)
 
@@ -203,7 +208,10 @@ def tier_targets(tier):
         for m in MODELS
         for name in ("qualification.json", "report.md", "report.html", "junit.xml")
     ]
-    return reports + [summary_path(tier, "summary.json"), summary_path(tier, "summary.md")]
+    return reports + [
+        summary_path(tier, "summary.json"),
+        summary_path(tier, "summary.md"),
+    ]
 
 
 # ---------------------------------------------------------------- input functions

@@ -372,6 +372,9 @@ def test_html_rows_are_in_evidence_and_page_is_self_contained(report):
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     assert "NOT QUALIFIED" in page and "Throughput" in page and "812.5" in page
     assert "rows are in GGUF&#39;s permuted Q/K order" in page
+    # the failing layout row links to the tensor check it was decided on, inside the page
+    check = [c["label"] for c in report["evidence"]["tensor_checks"]].index("F-CONV-S-G q8_0/st-gguf")
+    assert f'<a href="#check-{check}">' in page and f'id="check-{check}"' in page
 
 
 def test_junit_validates_with_unique_names(report):

@@ -417,6 +417,12 @@ def row_diagnosis(row: dict) -> str:
     return str(details.get("diagnosis", "")) if isinstance(details, dict) else ""
 
 
+def row_comparison(row: dict) -> str | None:
+    """The tensor check a gate row was decided on, when the row's details name one."""
+    details = row.get("details")
+    return details.get("comparison") if isinstance(details, dict) else None
+
+
 def display_number(x) -> str:
     """Numbers as a reader wants them: 4 significant digits, empty for None."""
     if x is None:

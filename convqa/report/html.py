@@ -13,7 +13,7 @@ from markupsafe import Markup
 
 from convqa.report import plots
 from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
-                                    inference_rows, row_diagnosis)
+                                    inference_rows, row_comparison, row_diagnosis)
 from convqa.report.markdown import prompt_columns
 
 VERDICT_COLORS = {"QUALIFIED": "#2e7d32", "NOT QUALIFIED": "#c62828", "INCOMPLETE": "#ef6c00"}
@@ -68,7 +68,7 @@ Generated {{ ev.generated_at }}, evidence schema <code>{{ ev.schema_version }}</
 {% if ev.tensor_checks %}<h2>Tensor checks</h2>
 <p class="note">Normalised max error = max |ref &minus; artifact| / max |ref| per tensor; bit-exact tensors lie on the dotted floor.
 One marker per tensor role: a layout bug on one role shows as one marker apart from the rest.</p>
-{% for c in ev.tensor_checks %}<h3>{{ c.label }}</h3>
+{% for c in ev.tensor_checks %}<h3 id="check-{{ loop.index0 }}">{{ c.label }}</h3>
 {% if tensor_pngs[loop.index0] %}<p><img alt="per-tensor error by layer, {{ c.label }}" src="data:image/png;base64,{{ tensor_pngs[loop.index0] }}"></p>{% endif %}
 {% set bad = c.tensors | rejectattr("ok") | list %}
 {% if c.config_differences %}<p>Config differences: {% for k, v in c.config_differences.items() %}<code>{{ k }}</code> {{ v[0] }} &rarr; {{ v[1] }}{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
@@ -118,7 +118,7 @@ One marker per tensor role: a layout bug on one role shows as one marker apart f
 """
 
 GATE_TABLE = """<table class="gates"><tr><th>gate</th><th>subject</th><th>reference</th><th>status</th><th>metric</th><th>value</th><th>threshold</th><th>reason</th><th>diagnosis</th></tr>
-{% for r in rows %}<tr class="st-{{ r.status }}" data-gate="{{ r.gate }}" data-subject="{{ r.subject }}" data-reference="{{ r.reference or '' }}"><td class="mono">{{ r.gate }}</td><td class="mono">{{ r.subject }}</td><td class="mono">{{ r.reference or "" }}</td><td>{{ r.status }}</td><td>{{ r.metric or "" }}</td><td class="num">{{ r.value | num }}</td><td class="num">{{ r.threshold | num }}</td><td>{{ r.reason }}</td><td>{{ diagnosis(r) }}</td></tr>
+{% for r in rows %}<tr class="st-{{ r.status }}" data-gate="{{ r.gate }}" data-subject="{{ r.subject }}" data-reference="{{ r.reference or '' }}"><td class="mono">{{ r.gate }}</td><td class="mono">{{ r.subject }}</td><td class="mono">{{ r.reference or "" }}</td><td>{{ r.status }}</td><td>{{ r.metric or "" }}</td><td class="num">{{ r.value | num }}</td><td class="num">{{ r.threshold | num }}</td><td>{{ r.reason }}</td><td>{{ diagnosis(r) }}{% set check = check_index.get(comparison(r)) %}{% if check is not none %} <a href="#check-{{ check }}">tensor check</a>{% endif %}</td></tr>
 {% endfor %}</table>"""
 
 MATRIX = """<table class="matrix"><tr><th>gate</th>{% for s in subjects %}<th class="subj mono">{{ s }}</th>{% endfor %}</tr>
@@ -142,7 +142,8 @@ def render_html(evidence: dict) -> str:
     matrix_template = env.from_string(MATRIX)
 
     def gate_table(rows):
-        return Markup(gate_table_template.render(rows=rows, diagnosis=row_diagnosis))
+        return Markup(gate_table_template.render(rows=rows, diagnosis=row_diagnosis, comparison=row_comparison,
+                                                 check_index=check_index))
 
     def matrix(rows):
         gates, subjects, cells = plots.gate_matrix(rows)
@@ -150,6 +151,7 @@ def render_html(evidence: dict) -> str:
             gates=gates, subjects=subjects, cells=cells, letters=plots.STATUS_LETTERS,
             worst=lambda here: plots.worst_status([r["status"] for r in here])))
 
+    check_index = {c["label"]: i for i, c in enumerate(evidence["tensor_checks"])}
     s = evidence["summary"]
     inf_rows = inference_rows(evidence)
     conversion_rows = [r for r in evidence["gates"] if r not in inf_rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
-                                    inference_rows, row_diagnosis)
+                                    inference_rows, row_comparison, row_diagnosis)
 from convqa.report.plots import STATUS_LETTERS, gate_matrix, worst_status
 
 STATUS_ICONS = {"pass": "PASS", "fail": "**FAIL**", "skipped": "skip", "not_evaluated": "*not evaluated*"}
@@ -27,7 +27,8 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 def gate_row_cells(r: dict) -> list:
     return [r["gate"], r["subject"], r["reference"] or "", STATUS_ICONS[r["status"]], r["metric"] or "",
-            display_number(r["value"]), display_number(r["threshold"]), r["reason"], row_diagnosis(r)]
+            display_number(r["value"]), display_number(r["threshold"]), r["reason"],
+            row_diagnosis(r) + (f" (tensor check {row_comparison(r)})" if row_comparison(r) else "")]
 
 
 GATE_ROW_HEADER = ["gate", "subject", "reference", "status", "metric", "value", "threshold", "reason", "diagnosis"]
