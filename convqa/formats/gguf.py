@@ -34,6 +34,7 @@ from convqa.arch import PERMUTES_QK_IN_GGUF, SUPPORTED
 from convqa.arch.names import gguf_to_hf, hf_to_gguf, is_qk_projection
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.atomic import atomic_file
+from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec, WritePlan
 
@@ -331,19 +332,7 @@ def _parse_tensor_info(cur: _Cursor, index: int, alignment: int) -> _TensorInfo:
 # Reading: the canonical view
 
 
-class _MappedFile:
-    """The read-only memory map behind every tensor of one artifact."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.array: np.ndarray | None = np.memmap(path, dtype=np.uint8, mode="r")
-
-    def bytes_at(self, offset: int, nbytes: int) -> np.ndarray:
-        if self.array is None:
-            raise ValueError(f"{self.path}: the model was closed")
-        return self.array[offset : offset + nbytes]
-
-    def close(self) -> None:
+def close(self) -> None:
         # The mapping itself goes when the last view handed out is released.
         self.array = None
 
@@ -360,10 +349,13 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
             path, f"truncated: {size} bytes is shorter than the {HEADER_SIZE}-byte header", field="header", offset=0
         )
     try:
-        mapped = _MappedFile(path)
+        # Only the header, key/values and tensor infos are read through this map; tensor data is
+        # read per tensor into private memory (convqa.formats.filerange) so peak RSS tracks the
+        # largest tensor, not the file.
+        header_map = np.memmap(path, dtype=np.uint8, mode="r")
     except OSError as exc:
         raise FormatError(path, f"cannot map: {exc.strerror}") from exc
-    parsed = _parse(path, memoryview(mapped.array))
+    parsed = _parse(path, memoryview(header_map))
     kvs = parsed.kvs
 
     architecture = _get(path, kvs, Keys.General.ARCHITECTURE, GGUFValueType.STRING)
@@ -378,7 +370,7 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         "alignment": parsed.alignment,
         "data_offset": parsed.data_offset,
         "tensor_types": dict(Counter(info.encoding.name for info in parsed.tensors)),
-        "kv": {key: _json_value(mapped, kv) for key, kv in kvs.items()},
+        "kv": {key: _json_value(header_map, kv) for key, kv in kvs.items()},
         "kv_types": {key: kv.type_name for key, kv in kvs.items()},
         "unmapped_tensors": [],
         "defaults_applied": [],
@@ -409,7 +401,7 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
 
     tokenizer = _read_tokenizer(path, kvs, metadata)
     config = _read_config(path, kvs, architecture, names, metadata)
-    tensors = {canonical: _lazy_tensor(path, mapped, canonical, info, config) for canonical, info in names.items()}
+    tensors = {canonical: _lazy_tensor(path, canonical, info, config) for canonical, info in names.items()}
     return ModelArtifact(
         path=path,
         format="gguf",
@@ -417,15 +409,14 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         tokenizer=tokenizer,
         tensors=tensors,
         metadata=metadata,
-        closers=[mapped.close],
     )
 
 
-def _lazy_tensor(path: str, mapped: _MappedFile, canonical: str, info: _TensorInfo, config: ModelConfig) -> LazyTensor:
+def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConfig) -> LazyTensor:
     shape = tuple(reversed(info.ne))
 
     def load_stored() -> np.ndarray:
-        return mapped.bytes_at(info.offset, info.nbytes)
+        return read_file_range(path, info.offset, info.nbytes)
 
     load_raw = load_stored
     is_q, is_k = is_qk_projection(canonical)
@@ -620,12 +611,12 @@ def _json_scalar(value, vtype: GGUFValueType):
     return int(value)
 
 
-def _json_value(mapped: _MappedFile, kv: _KeyValue):
+def _json_value(header: np.ndarray, kv: _KeyValue):
     if kv.type != GGUFValueType.ARRAY:
         return _json_scalar(kv.value, kv.type)
     if len(kv.value) > _INLINE_ARRAY_LIMIT:
         start, end = kv.value_bytes
-        digest = hashlib.sha256(memoryview(mapped.bytes_at(start, end - start))).hexdigest()
+        digest = hashlib.sha256(memoryview(header[start:end])).hexdigest()
         return {"type": kv.type_name, "count": len(kv.value), "sha256": digest}
     return [_json_scalar(v, kv.elem_type) for v in kv.value]
 

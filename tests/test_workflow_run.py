@@ -1,0 +1,246 @@
+"""Real workflow runs on a tiny synthetic model: reports and sidecars are produced; a touch of
+converter code reruns nothing while a real change reruns exactly the affected edges; a converter
+that writes beside its input fails naming the stray file; a conversion killed half way is not
+trusted by the next run.
+
+The workflow and the convqa package are copied into a temporary directory and the runs import
+that copy (PYTHONPATH), so the tests can edit converter code without touching the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from convqa import plan
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
+CONVERT_RULES = {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors"}
+MODEL, VARIANT = "qwen2-tiny", "q8_0"
+CONVQA_COMMAND = "convqa convert {input} {output} --to {format} {quant_arg} --json"
+
+pytestmark = pytest.mark.slow
+
+
+def run_config(converter: str = "convqa", extra_converters: dict | None = None) -> dict:
+    converters = {"convqa": {"command": CONVQA_COMMAND, "json_record": True}, **(extra_converters or {})}
+    return {
+        "tier": "mvp",
+        "variants": [VARIANT],
+        "converter": converter,
+        "converters": converters,
+        "models": {MODEL: {"source": {"kind": "synthetic", "preset": "qwen2-tiny", "seed": 0}}},
+    }
+
+
+def artifact_path(chain: str) -> str:
+    if chain == "st":
+        return f"results/{MODEL}/source"
+    name = {"gguf": "model.gguf", "apr": "model.apr", "safetensors": "model"}[plan.target_format(chain)]
+    return f"results/{MODEL}/{VARIANT}/{chain}/{name}"
+
+
+class Workflow:
+    """A temporary copy of the workflow and of the convqa package, run with that copy."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.workdir = root / "wf"
+        self.package = root / "pkg" / "convqa"
+
+    @classmethod
+    def create(cls, root: Path) -> "Workflow":
+        wf = cls(root)
+        wf.workdir.mkdir(parents=True)
+        for part in WORKFLOW_PARTS:
+            src = REPO / part
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, wf.workdir / part)
+        shutil.copytree(REPO / "convqa", wf.package, ignore=shutil.ignore_patterns("__pycache__"))
+        wf.write_config(run_config())
+        return wf
+
+    def clone(self, root: Path) -> "Workflow":
+        """A copy of this workflow with its results and Snakemake metadata."""
+        shutil.copytree(self.root, root, symlinks=True, dirs_exist_ok=True)
+        return Workflow(root)
+
+    def write_config(self, config: dict) -> None:
+        (self.workdir / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def env(self, **extra: str) -> dict:
+        return {**os.environ, "PYTHONPATH": str(self.package.parent), **extra}
+
+    def command(self, *args: str) -> list[str]:
+        return [str(SNAKEMAKE), "--directory", str(self.workdir), "--workflow-profile", "none", "--cores", "2",
+                "--configfile", "test-config.yaml", "--replace-workflow-config", *args]
+
+    def run(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.command(*args), cwd=self.workdir, env=self.env(**env), capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"snakemake {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        return proc
+
+    def planned_jobs(self, *args: str) -> list[tuple[str, dict]]:
+        """(rule, wildcards) of every job a dry run would execute."""
+        proc = self.run("--dry-run", *args)
+        jobs = []
+        for line in proc.stdout.splitlines():
+            if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
+                jobs.append((line.split()[1].rstrip(":"), {}))
+            elif line.startswith("    wildcards: ") and jobs:
+                jobs[-1][1].update(kv.split("=", 1) for kv in line.split(": ", 1)[1].split(", "))
+        return jobs
+
+    def path(self, relative: str) -> Path:
+        return self.workdir / relative
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Workflow:
+    wf = Workflow.create(tmp_path_factory.mktemp("run"))
+    wf.run("mvp")
+    return wf
+
+
+def test_run_writes_reports_and_sidecars(built):
+    from convqa.formats import open_model
+    from convqa.manifest import file_sha256
+
+    for name in ("qualification.json", "report.md", "report.html", "junit.xml"):
+        assert built.path(f"results/{MODEL}/report/mvp/{name}").stat().st_size > 0
+    summary = yaml.safe_load(built.path("results/summary/mvp/summary.json").read_text())
+    assert [m["model"] for m in summary["models"]] == [MODEL]
+
+    for chain in plan.artifact_chains("mvp", VARIANT):
+        sidecar = yaml.safe_load(built.path(f"results/{MODEL}/{VARIANT}/{chain}/sidecar.json").read_text())
+        artifact = built.path(artifact_path(chain))
+        assert sidecar["argv"][1:4] == ["convert", artifact_path(plan.parent(chain)), artifact_path(chain)]
+        assert sidecar["fingerprint"].startswith("convqa:")
+        assert sidecar["wall_s"] > 0 and sidecar["peak_rss_mb"] > 0
+        assert sidecar["record"]["tensors_written"] > 0
+        # The quantization is applied when leaving S, never again.
+        expected_quant = VARIANT if plan.is_first_hop(chain) else None
+        assert sidecar["quant"] == expected_quant, chain
+        assert ("--quant" in sidecar["argv"]) == (expected_quant is not None), chain
+        if plan.target_format(chain) != "safetensors":  # Snakemake adds a timestamp file to directories later
+            assert sidecar["sha256"] == file_sha256(artifact)
+        with open_model(artifact) as model:
+            assert len(model.tensors) == sidecar["record"]["tensors_written"]
+    source_sidecar = yaml.safe_load(built.path(f"results/{MODEL}/source.sidecar.json").read_text())
+    assert source_sidecar["record"]["kind"] == "synthetic"
+    assert source_sidecar["converter"] == "source:synthetic"
+
+
+def test_nothing_to_do_after_a_run(built):
+    assert built.planned_jobs("mvp") == []
+
+
+def test_touching_converter_code_reruns_nothing(built):
+    gguf_module = built.package / "formats" / "gguf.py"
+    future = time.time() + 60
+    os.utime(gguf_module, (future, future))
+    for script in (built.workdir / "rules").iterdir():
+        os.utime(script, (future, future))
+    assert built.planned_jobs("mvp") == []
+
+
+def test_changing_the_gguf_module_reruns_exactly_the_gguf_edges(built, tmp_path):
+    wf = built.clone(tmp_path / "changed")
+    with open(wf.package / "formats" / "gguf.py", "a") as fh:
+        fh.write("\n# a real change: this comment changes the module's content\n")
+    jobs = wf.planned_jobs("mvp")
+    rerun = {(rule, w.get("chain")) for rule, w in jobs}
+
+    gguf_chains = {c for c in plan.artifact_chains("mvp", VARIANT) if "gguf" in plan.hops(c)}
+    untouched = set(plan.artifact_chains("mvp", VARIANT)) - gguf_chains
+    assert untouched == {"st-apr", "st-apr.run2", "st-apr-st"}
+    converted = {chain for rule, chain in rerun if rule in CONVERT_RULES}
+    assert converted == gguf_chains
+    inspected = {chain for rule, chain in rerun if rule == "inspect_artifact"}
+    assert inspected == gguf_chains
+    assert not any(rule in ("prepare_source", "inspect_source") for rule, _ in rerun)
+    for rule, w in jobs:
+        if rule == "compare_tensors":  # only comparisons that involve a GGUF-touched chain
+            assert {w["subject"], w["reference"]} & gguf_chains, w
+    untouched_pairs = {("st-apr", "st"), ("st-apr.run2", "st"), ("st-apr-st", "st-apr"), ("st-apr-st", "st")}
+    assert not {(w["subject"], w["reference"]) for rule, w in jobs if rule == "compare_tensors"} & untouched_pairs
+    assert {rule for rule, _ in jobs} >= {"tensor_gates", "report", "summary"}
+
+
+def test_converter_writing_beside_its_input_fails_naming_the_stray_file(built, tmp_path):
+    wf = built.clone(tmp_path / "beside")
+    beside = {"beside": {"command": CONVQA_COMMAND.replace(" --json", " --mutant write-beside-input")}}
+    wf.write_config(run_config("beside", beside))
+    target = f"results/{MODEL}/{VARIANT}/st-gguf-apr/model.apr"
+    proc = wf.run(target, "--latency-wait", "0", check=False)
+    assert proc.returncode != 0
+    expected = f"results/{MODEL}/{VARIANT}/st-gguf-apr/model.apr"
+    stray = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/model.converted.apr")
+    assert stray.is_file(), "the mutant did not write beside its input"
+    log = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf-apr/convert.log").read_text()
+    for text in (log, proc.stdout + proc.stderr):
+        assert "OutputPathError" in text
+        assert expected in text
+        assert str(stray.resolve()) in text
+    assert not wf.path(expected).exists()
+
+
+FAKE_CONVERTER = textwrap.dedent("""\
+    # A converter that, when told to hang, writes a partial artifact and stalls (to be killed).
+    import os, subprocess, sys, time
+    src, dst, fmt, *rest = sys.argv[1:]
+    if os.environ.get("FAKE_CONVERTER_HANG"):
+        with open(dst, "wb") as fh:
+            fh.write(b"GGUF partial")
+        time.sleep(600)
+    sys.exit(subprocess.call([sys.executable, "-m", "convqa.cli", "convert", src, dst, "--to", fmt, *rest]))
+""")
+
+
+def test_killed_conversion_is_not_trusted(built, tmp_path):
+    from convqa.formats import open_model
+    from convqa.manifest import file_sha256
+
+    wf = built.clone(tmp_path / "killed")
+    fake = wf.root / "fake_convert.py"
+    fake.write_text(FAKE_CONVERTER)
+    command = f"{sys.executable} {fake} {{input}} {{output}} {{format}} {{quant_arg}}"
+    wf.write_config(run_config("fake", {"fake": {"command": command}}))
+    target = f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf"
+    artifact = wf.path(target)
+
+    proc = subprocess.Popen(wf.command(target), cwd=wf.workdir, env=wf.env(FAKE_CONVERTER_HANG="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (artifact.exists() and artifact.read_bytes().startswith(b"GGUF partial")):
+            assert proc.poll() is None, "snakemake ended before the conversion started"
+            assert time.monotonic() < deadline, "the conversion never started"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    assert artifact.read_bytes() == b"GGUF partial"
+    wf.run("--unlock")
+    refused = wf.run(target, check=False)
+    assert refused.returncode != 0
+    assert "IncompleteFilesException" in refused.stdout + refused.stderr
+
+    wf.run(target, "--rerun-incomplete")
+    with open_model(artifact) as model:
+        assert model.format == "gguf" and len(model.tensors) > 0
+    sidecar = yaml.safe_load(wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/sidecar.json").read_text())
+    assert sidecar["sha256"] == file_sha256(artifact)
+    assert wf.planned_jobs(target) == []
