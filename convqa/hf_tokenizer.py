@@ -65,7 +65,7 @@ _PRE_PIPELINES = {
         (("Digits", (("individual_digits", True),)), ("ByteLevel", (("add_prefix_space", False), ("use_regex", True)))),
         False,
     ),
-    "gpt2": ((("ByteLevel", (("add_prefix_space", False), ("use_regex", True))),), False),
+    "gpt-2": ((("ByteLevel", (("add_prefix_space", False), ("use_regex", True))),), False),
 }
 SUPPORTED_PRE = tuple(_PRE_PIPELINES)
 # Normalizers llama.cpp does not run either; any other normalizer changes ids and is refused.

@@ -48,8 +48,9 @@ KIND_FORMATS = {
     "bundled": ("gguf", "safetensors"),
     "synthetic": ("safetensors",),
 }
-# Modules only one kind runs, excluded from the other kinds' fingerprints.
-KIND_ONLY_MODULES = {"convqa.synthetic": ("synthetic", "bundled")}
+# Modules only one kind runs, excluded from the other kinds' fingerprints. (The bundled kind
+# only asks convqa.synthetic where the GGUF is; the GGUF itself is the job's input.)
+KIND_ONLY_MODULES = {"convqa.synthetic": ("synthetic",)}
 
 
 class SourceError(RuntimeError):
@@ -103,12 +104,31 @@ def _required(spec: dict, key: str):
     return value
 
 
-def _model_files(directory: Path) -> list[Path]:
+def input_files(spec: dict) -> list[str]:
+    """Files on disk a source is built from, for the workflow to track as the job's inputs
+    (a replaced GGUF or edited weights rebuild the source). Hub and synthetic sources have none."""
+    kind = spec.get("kind")
+    if kind == "gguf":
+        return [str(Path(spec["path"]).expanduser())]
+    if kind == "local":
+        directory = Path(spec["path"]).expanduser()
+        return [str(p) for p in model_files(directory)] if directory.is_dir() else [str(directory / "config.json")]
+    if kind == "bundled":
+        from convqa.synthetic import smollm2_gguf_path
+
+        try:
+            return [str(smollm2_gguf_path())]
+        except FileNotFoundError:
+            return []  # the job reports the missing package with its install hint
+    return []
+
+
+def model_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in HF_MODEL_FILES))
 
 
 def _copy_model_dir(src: Path, out_dir: Path) -> dict:
-    files = _model_files(src)
+    files = model_files(src)
     if not any(p.suffix == ".safetensors" for p in files):
         raise SourceError(f"{src}: no *.safetensors files (found: {', '.join(p.name for p in files) or 'nothing'})")
     with atomic_dir(out_dir) as tmp:

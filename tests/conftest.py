@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# torch and llama.cpp share this process: busy-waiting OpenMP threads of one starve the other on
+# 2 cores (10x slower forwards). Must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import json
 from pathlib import Path
 

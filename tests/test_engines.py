@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from convqa.arch.hf_config import config_from_hf
 from convqa.compare.inference import compare_greedy, compare_logits
@@ -41,7 +48,24 @@ TRAINING_TEXT = [
     "def f(x):\n    return x + 1\n",
 ]
 PROMPT = [1, 87, 85, 289, 201, 74, 75, 2, 201, 1, 300, 40, 41]
-SMOLLM2_PROMPT = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]  # chat: capital of France?
+SMOLLM2_PROMPT = [
+    1,
+    4093,
+    198,
+    1780,
+    314,
+    260,
+    3575,
+    282,
+    4649,
+    47,
+    2,
+    198,
+    1,
+    520,
+    9531,
+    198,
+]  # chat: capital of France?
 SMOLLM2_EOS = 2
 
 
@@ -122,7 +146,9 @@ def qwen2_dir(tmp_path_factory) -> Path:
 
 
 def reference_model(model_dir: Path):
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+    ).eval()
 
 
 def hand_built_artifact(model_dir: Path) -> ModelArtifact:

@@ -83,7 +83,9 @@ def test_health_and_models(server):
 
 def test_completion_token_ids_equal_engine_generate(server, engine):
     expected = engine.generate(PROMPT, 10, set())
-    answer = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop_token_ids": []})
+    answer = server.post(
+        "/v1/completions", {"prompt": PROMPT, "max_tokens": 10, "temperature": 0, "stop_token_ids": []}
+    )
     choice = answer["choices"][0]
     assert choice["token_ids"] == expected
     assert choice["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 10
@@ -111,7 +113,9 @@ def test_stop_token_ids_end_the_answer(server, engine):
 
 def test_chat_uses_the_artifacts_template(server, engine, model_dir):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    expected_prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+    expected_prompt = tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     answer = server.post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 8, "stop_token_ids": []})
     assert answer["prompt_token_ids"] == list(expected_prompt)
     assert answer["choices"][0]["token_ids"] == engine.generate(list(expected_prompt), 8, set())
@@ -137,20 +141,20 @@ def test_render_chat_matches_transformers(model_dir):
 
 def http_server_argv(port: int, *, with_grandchild: bool = False) -> list[str]:
     """A stand-in server: Python's http.server, optionally forking a long-lived grandchild first."""
-    code = textwrap.dedent(
-        f"""
+    code = textwrap.dedent(f"""
         import http.server, subprocess, sys
         if {with_grandchild}:
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         http.server.ThreadingHTTPServer(("127.0.0.1", {port}), http.server.SimpleHTTPRequestHandler).serve_forever()
-        """
-    )
+        """)
     return [sys.executable, "-c", code]
 
 
 def test_process_group_is_killed_on_exit_and_on_exception():
     port = free_port()
-    with ServerProcess(http_server_argv(port, with_grandchild=True), port=port, health_path="/", startup_timeout_s=20) as srv:
+    with ServerProcess(
+        http_server_argv(port, with_grandchild=True), port=port, health_path="/", startup_timeout_s=20
+    ) as srv:
         pid = srv.pid
         children = psutil.Process(pid).children(recursive=True)
         assert children, "the stand-in server should have forked a grandchild"
@@ -169,7 +173,12 @@ def test_startup_failure_and_timeout_are_reported_and_cleaned_up():
     with pytest.raises(ServerError, match=r"exited with status 3(.|\n)*cannot load model"):
         with ServerProcess(crash, port=free_port(), health_path="/health", startup_timeout_s=20):
             pass
-    mute = ServerProcess([sys.executable, "-c", "import time; time.sleep(600)"], port=free_port(), health_path="/health", startup_timeout_s=1)
+    mute = ServerProcess(
+        [sys.executable, "-c", "import time; time.sleep(600)"],
+        port=free_port(),
+        health_path="/health",
+        startup_timeout_s=1,
+    )
     with pytest.raises(ServerError, match="did not answer /health within 1 s"):
         with mute:
             pass
@@ -180,15 +189,13 @@ def test_sigterm_to_the_parent_kills_the_server_group(tmp_path):
     """The parent (a Snakemake job) gets SIGTERM while holding a server: nothing may survive it."""
     port = free_port()
     argv = http_server_argv(port, with_grandchild=True)
-    parent_code = textwrap.dedent(
-        f"""
+    parent_code = textwrap.dedent(f"""
         import time
         from convqa.engines.server import ServerProcess
         with ServerProcess({argv!r}, port={port}, health_path="/", startup_timeout_s=20) as srv:
             print(srv.pid, flush=True)
             time.sleep(600)
-        """
-    )
+        """)
     parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
     try:
         server_pid = int(parent.stdout.readline())

@@ -45,6 +45,7 @@ STARTUP_PER_GB_S = 20.0
 HEALTH_POLL_S = 0.2
 # After SIGTERM, how long the process group gets before SIGKILL.
 TERMINATE_GRACE_S = 10.0
+GROUP_EXIT_WAIT_S = 2.0
 REQUEST_TIMEOUT_S = 600.0
 
 
@@ -119,7 +120,9 @@ class ChatRequest(BaseModel):
 class ServingState:
     """What the endpoints share: one loaded engine (used under a lock), tokenizer, chat template."""
 
-    def __init__(self, engine: Engine, tokenizer, artifact_tokenizer: TokenizerSpec | None, stop_ids: set[int], model_name: str):
+    def __init__(
+        self, engine: Engine, tokenizer, artifact_tokenizer: TokenizerSpec | None, stop_ids: set[int], model_name: str
+    ):
         self.engine = engine
         self.tokenizer = tokenizer  # the ground-truth HF tokenizer
         self.artifact_tokenizer = artifact_tokenizer
@@ -154,7 +157,9 @@ def build_app(state: ServingState):
 
     def require_greedy(temperature: float) -> None:
         if temperature != 0.0:
-            raise HTTPException(status_code=400, detail=f"only greedy decoding is served: temperature must be 0, got {temperature}")
+            raise HTTPException(
+                status_code=400, detail=f"only greedy decoding is served: temperature must be 0, got {temperature}"
+            )
 
     app = FastAPI(title="convqa serve")
 
@@ -354,7 +359,13 @@ class ServerProcess:
         ]  # fmt: skip
         for stop_id in sorted(stop_ids or ()):
             argv += ["--stop-id", str(stop_id)]
-        return cls(argv, port=port, health_path="/health", startup_timeout_s=startup_timeout_s(artifact_path), log_path=log_path)
+        return cls(
+            argv,
+            port=port,
+            health_path="/health",
+            startup_timeout_s=startup_timeout_s(artifact_path),
+            log_path=log_path,
+        )
 
     @classmethod
     def llama_cpp(
@@ -377,7 +388,13 @@ class ServerProcess:
         for key, value in llama_settings(backend, threads, n_ctx).items():
             argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
         # Its /v1/models answers once the model is loaded (it has no /health).
-        return cls(argv, port=port, health_path="/v1/models", startup_timeout_s=startup_timeout_s(artifact_path), log_path=log_path)
+        return cls(
+            argv,
+            port=port,
+            health_path="/v1/models",
+            startup_timeout_s=startup_timeout_s(artifact_path),
+            log_path=log_path,
+        )
 
     @property
     def base_url(self) -> str:
@@ -406,7 +423,9 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"server exited with status {self.process.returncode} before answering:\n{self.log_tail()}")
+                raise ServerError(
+                    f"server exited with status {self.process.returncode} before answering:\n{self.log_tail()}"
+                )
             try:
                 with urllib.request.urlopen(self.base_url + self.health_path, timeout=HEALTH_POLL_S * 5) as response:
                     if response.status == 200:
@@ -414,7 +433,9 @@ class ServerProcess:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(HEALTH_POLL_S)
-        raise ServerError(f"server did not answer {self.health_path} within {self.startup_timeout_s:.0f} s:\n{self.log_tail()}")
+        raise ServerError(
+            f"server did not answer {self.health_path} within {self.startup_timeout_s:.0f} s:\n{self.log_tail()}"
+        )
 
     def stop(self) -> None:
         """SIGTERM the whole process group, SIGKILL what is left after the grace period."""
@@ -429,6 +450,7 @@ class ServerProcess:
             # Also reaches children that outlived the leader.
             _signal_group(pgid, signal.SIGKILL)
             process.wait()
+            _wait_group_gone(pgid, GROUP_EXIT_WAIT_S)
             self.process = None
         if self._log_file is not None and self.log_path is not None:
             self._log_file.close()
@@ -504,6 +526,20 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except ProcessLookupError:
         pass  # the group is already gone
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> None:
+    """Give SIGKILLed members time to exit; signal 0 fails once the group is empty.
+
+    Bounded, because orphaned zombies count as members until init reaps them.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- command line
