@@ -20,7 +20,7 @@ from convqa.fingerprint import (
     source_fingerprint,
 )
 from convqa.gates import label
-from convqa.sources import kind_fingerprint_args
+from convqa.sources import input_files, kind_fingerprint_args
 
 validate(config, schema="../config/schema.yaml")
 
@@ -253,6 +253,10 @@ def report_params(wildcards):
 
 
 # ---------------------------------------------------------------- params: converter and fingerprints
+
+
+def source_inputs(wildcards):
+    return input_files(config["models"][wildcards.model]["source"])
 
 
 def source_spec(wildcards):

@@ -3,6 +3,8 @@
 
 
 rule prepare_source:
+    input:
+        source_inputs,
     output:
         model=directory(source_dir("{model}")),
         sidecar=source_sidecar_path("{model}"),

@@ -182,13 +182,13 @@ def test_converter_writing_beside_its_input_fails_naming_the_stray_file(built, t
     wf = built.clone(tmp_path / "beside")
     beside = {"beside": {"command": CONVQA_COMMAND.replace(" --json", " --mutant write-beside-input")}}
     wf.write_config(run_config("beside", beside))
-    target = f"results/{MODEL}/{VARIANT}/st-gguf-apr/model.apr"
-    proc = wf.run(target, "--latency-wait", "0", check=False)
+    expected = f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf"
+    proc = wf.run(expected, "--latency-wait", "0", check=False)
     assert proc.returncode != 0
-    expected = f"results/{MODEL}/{VARIANT}/st-gguf-apr/model.apr"
-    stray = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/model.converted.apr")
+    # The input is the source directory: the mutant writes <input>/model.converted.gguf.
+    stray = wf.path(f"results/{MODEL}/source/model.converted.gguf")
     assert stray.is_file(), "the mutant did not write beside its input"
-    log = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf-apr/convert.log").read_text()
+    log = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/convert.log").read_text()
     for text in (log, proc.stdout + proc.stderr):
         assert "OutputPathError" in text
         assert expected in text
@@ -244,3 +244,40 @@ def test_killed_conversion_is_not_trusted(built, tmp_path):
     sidecar = yaml.safe_load(wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/sidecar.json").read_text())
     assert sidecar["sha256"] == file_sha256(artifact)
     assert wf.planned_jobs(target) == []
+
+
+def test_local_gguf_and_offline_hub_sources(built, tmp_path):
+    wf = built.clone(tmp_path / "sources")
+    local_dir = built.path(f"results/{MODEL}/source")
+    gguf_file = built.path(f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf")
+    config = run_config()
+    config["models"] = {
+        "from-local": {"source": {"kind": "local", "path": str(local_dir)}},
+        "from-gguf": {"source": {"kind": "gguf", "path": str(gguf_file)}},
+        "from-hub": {"source": {"kind": "hub", "repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": "main"}},
+    }
+    wf.write_config(config)
+    targets = [f"results/{m}/source.sidecar.json" for m in ("from-local", "from-gguf")]
+    wf.run(*targets, HF_HUB_OFFLINE="1")
+
+    local = yaml.safe_load(wf.path(targets[0]).read_text())
+    assert local["record"]["origin"]["path"] == str(local_dir.resolve())
+    assert local["record"]["files"]["model.safetensors"]["sha256"] == yaml.safe_load(
+        built.path(f"results/{MODEL}/source.sidecar.json").read_text())["record"]["files"]["model.safetensors"]["sha256"]
+    imported = yaml.safe_load(wf.path(targets[1]).read_text())
+    # The q8_0 GGUF's quantized weights are dequantized to F32, and that is recorded.
+    assert imported["record"]["record"]["dequantized"], "no dequantization recorded"
+    assert {(src, dst) for _, src, dst in imported["record"]["record"]["dequantized"]} == {("Q8_0", "F32")}
+
+    proc = wf.run("results/from-hub/source.sidecar.json", check=False, HF_HUB_OFFLINE="1")
+    assert proc.returncode != 0
+    log = wf.path("results/from-hub/logs/prepare-source.log").read_text()
+    assert "cannot download Qwen/Qwen2.5-0.5B-Instruct@main from the Hugging Face Hub" in log
+    assert "kind: local" in log
+
+
+def test_snakemake_report(built, tmp_path):
+    wf = built.clone(tmp_path / "report")
+    wf.run("mvp", "--report", "snakemake-report.html")
+    html = wf.path("snakemake-report.html").read_text(errors="replace")
+    assert "Qualification" in html and MODEL in html

@@ -1,0 +1,293 @@
+"""The inference gates, decided from recorded runs (convqa.inference_run): pure functions, no engines.
+
+- F-INF-{fmt}-{backend}-{modality}: one artifact under one engine and backend, against the ground
+  truth (transformers on cpu over the SafeTensors source): teacher-forced logits (max |dlogit|,
+  relative |dlogit|, KL, top-1) within the tolerance configured for (variant, engine), greedy
+  continuation compared token by token, output non-empty and not garbage.
+- F-ENGINE-001: llama.cpp and transformers on the same GGUF file.
+- F-SERVE-001: the HTTP answers equal the `run` answers (ids for transformers, text for llama.cpp,
+  whose server tokenizes the prompt text itself).
+
+A tolerance is a dict of limits, any of: max_abs_dlogit, max_rel_dlogit, max_mean_kl, min_top1,
+greedy_equal, plus the `reason` for the values. Garbage output fails only where the ground truth
+itself is not garbage: a random-weight test model babbles under every engine, and that is no
+conversion's fault.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
+from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
+from convqa.plan import hops
+from convqa.prompts import CHAT, RUN
+
+GROUND_TRUTH = ("st", "transformers", "cpu")  # chain, engine, backend
+REPLACEMENT_CHARACTER = "\ufffd"
+# Limit name -> (metric name, aggregate key, True when the value must stay at or below the limit).
+LIMITS = {
+    "max_abs_dlogit": ("max |dlogit|", "max_abs_dlogit", True),
+    "max_rel_dlogit": ("max |dlogit| / max |logit|", "max_rel_dlogit", True),
+    "max_mean_kl": ("mean KL", "mean_kl", True),
+    "min_top1": ("top-1 agreement", "top1_agreement", False),
+}
+
+
+def fmt_of(chain: str) -> str:
+    """st | gguf | apr: the format of the chain's last hop."""
+    return hops(chain)[-1]
+
+
+def subject_of(variant: str, chain: str, engine: str) -> str:
+    return f"{label(variant, chain)}/{engine}"
+
+
+def _g(x) -> str:
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, float):
+        return "inf" if np.isinf(x) else f"{x:.6g}"
+    return str(x)
+
+
+def _by_prompt(record: dict, modality: str | None = None) -> dict[str, dict]:
+    return {p["prompt_id"]: p for p in record.get("prompts", []) if modality is None or p["modality"] == modality}
+
+
+# ---------------------------------------------------------------- comparing one run against another
+
+
+def compare_runs(reference: dict, candidate: dict, modality: str | None = None) -> dict:
+    """Per-prompt and aggregate parity of `candidate` against `reference` (loaded run records).
+
+    Returns {"prompts": [...], "aggregate": {...} or None, "problems": [...]}. A prompt the
+    candidate could not render (or that renders to other ids) is a problem, not a comparison.
+    """
+    refs, cands = _by_prompt(reference, modality), _by_prompt(candidate, modality)
+    prompts, problems = [], []
+    abs_d, rel_d, kls, agree, positions = [], [], [], 0, 0
+    for prompt_id, ref in refs.items():
+        cand = cands.get(prompt_id)
+        if ref.get("ids") is None:
+            continue  # the ground truth cannot render it either (source without a chat template)
+        if cand is None or cand.get("ids") is None:
+            why = (cand or {}).get("error") or "prompt missing from the run"
+            problems.append(f"{prompt_id}: {why}")
+            prompts.append({"prompt_id": prompt_id, "modality": ref["modality"], "error": why})
+            continue
+        if list(cand["ids"]) != list(ref["ids"]):
+            first = compare_greedy(ref["ids"], cand["ids"]).first_divergence
+            why = f"prompt renders to other ids than the ground truth's (first difference at position {first})"
+            problems.append(f"{prompt_id}: {why}")
+            prompts.append({"prompt_id": prompt_id, "modality": ref["modality"], "error": why})
+            continue
+        logits = compare_logits(reference["logits"][prompt_id], candidate["logits"][prompt_id])
+        greedy = compare_greedy(ref["generated_ids"], cand["generated_ids"])
+        garbage = detect_garbage(cand["generated_ids"], cand.get("text"))
+        ref_garbage = detect_garbage(ref["generated_ids"], ref.get("text"))
+        if garbage.is_garbage and not ref_garbage.is_garbage:
+            problems.append(f"{prompt_id}: garbage output ({'; '.join(garbage.reasons)})")
+        abs_d.append(logits.max_abs_dlogit)
+        rel_d.append(logits.max_rel_dlogit)
+        kls.extend(logits.kl_per_position)
+        agree += round(logits.top1_agreement * logits.n_positions)
+        positions += logits.n_positions
+        prompts.append({
+            "prompt_id": prompt_id,
+            "modality": ref["modality"],
+            "n_prompt_tokens": len(ref["ids"]),
+            "max_abs_dlogit": logits.max_abs_dlogit,
+            "max_rel_dlogit": logits.max_rel_dlogit,
+            "mean_kl": logits.mean_kl,
+            "max_kl": logits.max_kl,
+            "top1_agreement": logits.top1_agreement,
+            "greedy_equal": greedy.ids_equal,
+            "first_divergence": greedy.first_divergence,
+            "garbage": "; ".join(garbage.reasons),
+            "reference_garbage": "; ".join(ref_garbage.reasons),
+            "text": cand.get("text", ""),
+            "reference_text": ref.get("text", ""),
+            "kl_per_position": logits.kl_per_position,
+        })
+    aggregate = None
+    if positions:
+        aggregate = {
+            "prompts_compared": len(abs_d),
+            "max_abs_dlogit": max(abs_d),
+            "max_rel_dlogit": max(rel_d),
+            "mean_kl": float(np.mean(kls)),
+            "max_kl": float(np.max(kls)),
+            "top1_agreement": agree / positions,
+            "greedy_equal": all(p.get("greedy_equal") for p in prompts if "greedy_equal" in p),
+        }
+    return {"prompts": prompts, "aggregate": aggregate, "problems": problems}
+
+
+def judge(row: GateRow, comparison: dict, tolerance: dict | None) -> GateRow:
+    """Fill `row` from a compare_runs result and a tolerance: metric/value/threshold, status, reason."""
+    aggregate, problems = comparison["aggregate"], list(comparison["problems"])
+    if tolerance is None:
+        row.status, row.reason = NOT_EVALUATED, "no tolerance configured for this variant and engine"
+        return row
+    limits = [key for key in LIMITS if key in tolerance]
+    row.metric = "; ".join(LIMITS[key][0] for key in limits)
+    row.threshold = "; ".join(("<= " if LIMITS[key][2] else ">= ") + _g(float(tolerance[key])) for key in limits)
+    if aggregate is None:
+        if problems:  # the artifact could not even be asked: that is a failure, with the reason
+            row.status, row.reason = FAIL, "; ".join(problems[:3])
+        else:
+            row.status, row.reason = NOT_EVALUATED, "no prompt of this modality could be compared"
+        row.details = json.dumps({"problems": problems})
+        return row
+    row.value = "; ".join(_g(aggregate[LIMITS[key][1]]) for key in limits)
+    for key in limits:
+        name, field, at_most = LIMITS[key]
+        value, limit = aggregate[field], float(tolerance[key])
+        within = value <= limit if at_most else value >= limit  # NaN fails both ways
+        if not within:
+            problems.append(f"{name} {_g(value)} {'>' if at_most else '<'} {_g(limit)}")
+    if tolerance.get("greedy_equal") and not aggregate["greedy_equal"]:
+        diverged = [f"{p['prompt_id']}@{p['first_divergence']}" for p in comparison["prompts"]
+                    if p.get("greedy_equal") is False]
+        problems.append(f"greedy generation diverges ({', '.join(diverged)})")
+    row.status = FAIL if problems else PASS
+    row.reason = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+    if not problems:
+        row.reason = tolerance.get("reason", "")
+    row.details = json.dumps({"aggregate": aggregate, "problems": problems, "tolerance": tolerance})
+    return row
+
+
+# ---------------------------------------------------------------- the gate rows
+
+
+def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolerances: dict,
+                   modalities=(RUN, CHAT)) -> list[GateRow]:
+    """F-INF rows. runs: (chain, engine, backend) -> loaded run record; tolerances: engine -> tolerance."""
+    rows = []
+    for (chain, engine, backend), record in sorted(runs.items()):
+        if (chain, engine, backend) == GROUND_TRUTH:
+            continue  # the reference itself
+        for modality in (m for m in (RUN, CHAT) if m in modalities):
+            row = GateRow(f"F-INF-{fmt_of(chain)}-{backend}-{modality}", subject_of(variant, chain, engine),
+                          reference=subject_of(variant, GROUND_TRUTH[0], GROUND_TRUTH[1]), model=model, variant=variant)
+            if record.get("skipped"):
+                row.status, row.reason = SKIPPED, record["skipped"]
+            elif record.get("error"):
+                row.status, row.reason = FAIL, record["error"][:500]
+            else:
+                judge(row, compare_runs(reference, record, modality), tolerances.get(engine))
+            rows.append(row)
+    return rows
+
+
+def engine_rows(model: str, variant: str, runs: dict, tolerances: dict) -> list[GateRow]:
+    """F-ENGINE-001 per GGUF chain: llama.cpp against transformers on the same file (cpu, run prompts)."""
+    rows = []
+    for chain in sorted({c for c, _, _ in runs if fmt_of(c) == "gguf"}):
+        row = GateRow("F-ENGINE-001", subject_of(variant, chain, "llama.cpp"),
+                      reference=subject_of(variant, chain, "transformers"), model=model, variant=variant)
+        llama, torch_run = runs.get((chain, "llama.cpp", "cpu")), runs.get((chain, "transformers", "cpu"))
+        if llama is None or torch_run is None:
+            row.reason = "both engines must have run on cpu"
+        elif llama.get("skipped") or torch_run.get("skipped"):
+            row.status, row.reason = SKIPPED, llama.get("skipped") or torch_run.get("skipped")
+        elif llama.get("error") or torch_run.get("error"):
+            row.status, row.reason = FAIL, (llama.get("error") or torch_run.get("error"))[:500]
+        else:
+            judge(row, compare_runs(torch_run, llama, RUN), tolerances.get("llama.cpp"))
+        rows.append(row)
+    return rows
+
+
+def _visible(text: str) -> str:
+    # A server drops the bytes of an incomplete UTF-8 character; a local decode shows U+FFFD.
+    return (text or "").replace(REPLACEMENT_CHARACTER, "")
+
+
+def serve_rows(model: str, variant: str, runs: dict, serves: dict) -> list[GateRow]:
+    """F-SERVE-001 per served (chain, engine): HTTP answers against the cpu run of the same engine."""
+    rows = []
+    for (chain, engine), served in sorted(serves.items()):
+        by_ids = engine == "transformers"
+        row = GateRow("F-SERVE-001", subject_of(variant, chain, engine), reference=f"{subject_of(variant, chain, engine)}/run",
+                      metric="answers differing from run", threshold="0", model=model, variant=variant)
+        run = runs.get((chain, engine, "cpu"))
+        if served.get("skipped"):
+            row.status, row.reason = SKIPPED, served["skipped"]
+            rows.append(row)
+            continue
+        if run is None or run.get("skipped") or run.get("error"):
+            row.reason = "no cpu run of this engine to compare with"
+            rows.append(row)
+            continue
+        run_prompts = _by_prompt(run)
+        compared, problems = 0, []
+        for answer in served.get("answers", []):
+            local = run_prompts.get(answer["prompt_id"])
+            if answer.get("not_sent") or local is None or local.get("ids") is None:
+                continue  # not asked, or the run could not render it either (its F-INF row says why)
+            compared += 1
+            if answer.get("error"):
+                problems.append(f"{answer['prompt_id']}: {answer['error'][:200]}")
+            elif by_ids and list(answer["token_ids"]) != list(local["generated_ids"]):
+                first = compare_greedy(local["generated_ids"], answer["token_ids"]).first_divergence
+                problems.append(f"{answer['prompt_id']}: ids differ from token {first}")
+            elif not by_ids and _visible(answer["text"]) != _visible(local.get("text", "")):
+                problems.append(f"{answer['prompt_id']}: text {answer['text'][:40]!r} != run {local.get('text', '')[:40]!r}")
+        if not compared:
+            row.reason = "no prompt could be compared"
+        else:
+            row.value = str(len(problems))
+            row.status = FAIL if problems else PASS
+            row.reason = "; ".join(problems[:3]) if problems else (
+                f"{compared} answer(s) equal token for token" if by_ids else
+                f"{compared} answer(s) equal as text (llama.cpp's server tokenizes the prompt text itself)")
+            row.details = json.dumps({"problems": problems, "compared": compared})
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- report extras
+
+
+def throughput(variant: str, runs: dict) -> list[dict]:
+    """Prefill and decode tokens/s per (chain, engine, backend) run, summed over its prompts."""
+    table = []
+    for (chain, engine, backend), record in sorted(runs.items()):
+        prompts = [p for p in record.get("prompts", []) if p.get("ids") is not None]
+        if record.get("skipped") or record.get("error") or not prompts:
+            continue
+        prefill_s, decode_s = sum(p["prefill_s"] for p in prompts), sum(p["decode_s"] for p in prompts)
+        table.append({
+            "format": fmt_of(chain), "engine": engine, "backend": backend, "variant": variant, "chain": chain,
+            "prefill_tps": sum(p["prefill_tokens"] for p in prompts) / prefill_s if prefill_s > 0 else None,
+            "decode_tps": sum(p["decode_tokens"] for p in prompts) / decode_s if decode_s > 0 else None,
+        })
+    return table
+
+
+def prompt_details(variant: str, reference: dict, runs: dict) -> dict[str, list[dict]]:
+    """Per-prompt parity against the ground truth, by `variant/chain/engine-backend` (for the report)."""
+    details = {}
+    for (chain, engine, backend), record in sorted(runs.items()):
+        if (chain, engine, backend) == GROUND_TRUTH or record.get("skipped") or record.get("error"):
+            continue
+        details[f"{subject_of(variant, chain, engine)}-{backend}"] = compare_runs(reference, record)["prompts"]
+    return details
+
+
+def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dict,
+             modalities=(RUN, CHAT, "serve")) -> tuple[list[GateRow], list[dict], dict]:
+    """(gate rows, throughput, per-prompt details) of one (model, variant)."""
+    reference = runs.get(GROUND_TRUTH)
+    if reference is None or reference.get("skipped") or reference.get("error"):
+        raise ValueError("the ground truth run (transformers, cpu, on the SafeTensors source) is missing")
+    rows = inference_rows(model, variant, reference, runs, tolerances, modalities)
+    rows += engine_rows(model, variant, runs, tolerances)
+    if "serve" in modalities:
+        rows += serve_rows(model, variant, runs, serves)
+    return rows, throughput(variant, runs), prompt_details(variant, reference, runs)

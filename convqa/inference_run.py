@@ -1,0 +1,180 @@
+"""Run the prompt set through one engine (or one engine's HTTP server) and record what came out.
+
+`run_prompts` writes, per (artifact, engine, backend), a JSON record (per prompt: modality, ids,
+generated ids, decoded text, timings) and an .npz of teacher-forced logits keyed by prompt id.
+`serve_prompts` starts the engine's OpenAI-compatible server under `ServerProcess` (which kills
+it with the job), sends the same prompts and records the answers. The gates compare these files
+(convqa.inference_gates); nothing here decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from convqa.atomic import atomic_file
+from convqa.engines import capability, engine_for
+from convqa.engines.server import ServerError, ServerProcess
+from convqa.formats import detect_format, open_model
+from convqa.prompts import CHAT, RUN, Prompt, prompt_ids
+from convqa.sidecar import write_json
+
+# Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
+LLAMACPP_GREEDY = {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
+
+
+def ground_truth_tokenizer(source_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(source_dir))
+
+
+def stop_ids_of(tokenizer) -> set[int]:
+    return {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+
+
+def artifact_tokenizer(artifact_path: str | os.PathLike):
+    with open_model(artifact_path) as artifact:
+        return artifact.tokenizer
+
+
+def _content(generated: list[int], stop_ids: set[int]) -> list[int]:
+    return generated[:-1] if generated and generated[-1] in stop_ids else generated
+
+
+def run_prompts(
+    artifact_path: str | os.PathLike,
+    source_dir: str | os.PathLike,
+    engine_name: str,
+    backend: str,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    threads: int,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(record, logits by prompt id) of every prompt through one engine on one backend.
+
+    An absent capability (no CUDA device) gives `skipped` with the reason and loads nothing.
+    A prompt that cannot be rendered for this artifact (chat without a template) carries `error`.
+    """
+    record = {
+        "artifact": os.fspath(artifact_path),
+        "engine": engine_name,
+        "backend": backend,
+        "max_new_tokens": max_new_tokens,
+        "skipped": None,
+        "error": None,
+        "prompts": [],
+    }
+    available, reason = capability(engine_name, backend)
+    if not available:
+        record["skipped"] = reason
+        return record, {}
+    record["format"] = detect_format(artifact_path)
+    tokenizer = ground_truth_tokenizer(source_dir)
+    spec = artifact_tokenizer(artifact_path)
+    stop_ids = stop_ids_of(tokenizer)
+    logits: dict[str, np.ndarray] = {}
+    with engine_for(engine_name, backend, threads=threads) as engine:
+        try:
+            engine.load(artifact_path)
+        except Exception as exc:  # a broken artifact is a finding for the gates, not a crash
+            record["error"] = f"{engine_name} could not load the artifact: {type(exc).__name__}: {exc}"[:2000]
+            return record, {}
+        record["load_s"] = engine.timings.load_s
+        for prompt in prompts:
+            ids, error = prompt_ids(tokenizer, spec, prompt)
+            entry = {"prompt_id": prompt.id, "modality": prompt.modality, "ids": ids, "error": error or None}
+            if ids is not None:
+                result = engine.run(prompt.id, ids, max_new_tokens, stop_ids)
+                content = _content(result.generated_ids, stop_ids)
+                text = engine.detokenize(content) if engine_name == "llama.cpp" else tokenizer.decode(
+                    content, skip_special_tokens=True
+                )
+                entry.update(result.as_row(), text=text)
+                entry.pop("engine"), entry.pop("backend")
+                logits[prompt.id] = result.logits
+            record["prompts"].append(entry)
+    return record, logits
+
+
+def write_run(record: dict, logits: dict[str, np.ndarray], json_path, npz_path) -> None:
+    """The record as JSON and the logits as .npz (empty when skipped), each written atomically."""
+    with atomic_file(npz_path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **logits)
+    write_json(json_path, record)
+
+
+def load_run(json_path, npz_path=None) -> dict:
+    """A run record with `logits` (prompt id -> array) attached when the .npz is given."""
+    import json
+
+    with open(json_path) as fh:
+        record = json.load(fh)
+    record["logits"] = {}
+    if npz_path is not None and Path(npz_path).exists():
+        with np.load(npz_path, allow_pickle=False) as data:
+            record["logits"] = {key: data[key] for key in data.files}
+    return record
+
+
+# ---------------------------------------------------------------- serve
+
+
+def serve_prompts(
+    artifact_path: str | os.PathLike,
+    source_dir: str | os.PathLike,
+    engine_name: str,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    threads: int,
+    log_path: str | os.PathLike | None = None,
+) -> dict:
+    """Answers of the engine's HTTP server (cpu) to the prompts.
+
+    transformers: completions by the ground-truth ids (answer ids compared exactly) and chat
+    messages rendered server-side with the artifact's own template. llama.cpp: completions by text
+    (its server tokenizes itself), compared by text; chat prompts are not sent.
+    """
+    record = {"artifact": os.fspath(artifact_path), "engine": engine_name, "backend": "cpu", "skipped": None,
+              "answers": []}
+    available, reason = capability(engine_name, "cpu")
+    if not available:
+        record["skipped"] = reason
+        return record
+    tokenizer = ground_truth_tokenizer(source_dir)
+    stop_ids = stop_ids_of(tokenizer)
+    if engine_name == "transformers":
+        server = ServerProcess.transformers(artifact_path, source_dir, threads=threads, stop_ids=stop_ids,
+                                            log_path=log_path)
+    else:
+        server = ServerProcess.llama_cpp(artifact_path, threads=threads, log_path=log_path)
+    with server:
+        record["server_pid"] = server.pid
+        for prompt in prompts:
+            answer = {"prompt_id": prompt.id, "modality": prompt.modality, "error": None}
+            try:
+                answer.update(_ask(server, engine_name, tokenizer, prompt, max_new_tokens))
+            except ServerError as exc:
+                answer["error"] = str(exc)
+            record["answers"].append(answer)
+    return record
+
+
+def _ask(server: ServerProcess, engine_name: str, tokenizer, prompt: Prompt, max_new_tokens: int) -> dict:
+    if engine_name == "transformers":
+        if prompt.modality == RUN:
+            body = {"prompt": list(tokenizer.encode(prompt.text, add_special_tokens=True)),
+                    "max_tokens": max_new_tokens, "temperature": 0.0}
+            choice = server.post("/v1/completions", body)["choices"][0]
+            return {"token_ids": choice["token_ids"], "text": choice["text"]}
+        body = {"messages": prompt.messages, "max_tokens": max_new_tokens, "temperature": 0.0}
+        choice = server.post("/v1/chat/completions", body)["choices"][0]
+        return {"token_ids": choice["token_ids"], "text": choice["message"]["content"]}
+    if prompt.modality == CHAT:
+        return {"not_sent": "llama.cpp serve is compared on completions only"}
+    body = {"prompt": prompt.text, "max_tokens": max_new_tokens, **LLAMACPP_GREEDY}
+    choice = server.post("/v1/completions", body)["choices"][0]
+    return {"text": choice["text"]}
