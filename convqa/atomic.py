@@ -22,6 +22,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    _make_shareable(tmp_path, 0o666)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -38,6 +39,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}.", dir=path.parent))
+    _make_shareable(tmp_path, 0o777)
     try:
         yield tmp_path
         if path.exists():
@@ -46,3 +48,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+def _make_shareable(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create owner-only entries; give the artifact the umask's usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)

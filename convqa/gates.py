@@ -17,7 +17,8 @@ from pathlib import Path
 from convqa import arch
 from convqa.compare.tensors import ENCODING_TOLERANCE
 from convqa.model import ModelConfig
-from convqa.plan import Check, hops
+from convqa.convert import QUANT_TARGETS
+from convqa.plan import HOP_FORMAT, Check, hops
 
 PASS, FAIL, SKIPPED, NOT_EVALUATED = "pass", "fail", "skipped", "not_evaluated"
 
@@ -256,10 +257,27 @@ def check_rows(check: Check, inputs: dict, model: str, variant: str) -> list[Gat
         if a != b:
             row.reason = f"sha256 {b[:12]} != {a[:12]}"
         return [row]
-    return [comparison_row(row, inputs.get("comparison"), must_be_exact(check, variant))]
+    return [comparison_row(row, inputs.get("comparison"), check_tolerance(check, variant))]
 
 
-def comparison_row(row: GateRow, comparison: dict | None, exact: bool) -> GateRow:
+def check_tolerance(check: Check, variant: str) -> float:
+    """0 when the check must be exact; else the error the two sides' quantizers may add.
+
+    Each side carries the error of the quantizer on its first hop (GGUF Q8_0 and APR int8 are
+    different quantizers, so S->A versus S->G->A may differ by both errors at once).
+    """
+    if must_be_exact(check, variant):
+        return 0.0
+    total = 0.0
+    for chain in (check.subject, check.reference):
+        h = hops(chain)
+        if len(h) > 1:
+            encoding = QUANT_TARGETS.get(variant, {}).get(HOP_FORMAT[h[1]])
+            total += ENCODING_TOLERANCE.get(encoding, 0.0) if encoding else 0.0
+    return total
+
+
+def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> GateRow:
     row.metric = "max normalized |d|"
     if comparison is None:
         row.reason = "comparison missing (an artifact could not be read)"
@@ -269,14 +287,13 @@ def comparison_row(row: GateRow, comparison: dict | None, exact: bool) -> GateRo
         row.reason = "no tensors compared"
         return row
     worst = max((t.get("normalized_max_abs") or 0.0) for t in tensors)
-    tol = 0.0 if exact else max((t.get("tolerance") or 0.0) for t in tensors)
-    row.value, row.threshold = _fmt(worst), _fmt(tol)
+    row.value, row.threshold = _fmt(worst), _fmt(tolerance)
     problems = []
     for t in tensors:
+        err = t.get("normalized_max_abs")
         if t["status"] in ("missing_in_candidate", "extra_in_candidate", "shape_mismatch"):
             problems.append(f"{t['name']}: {t['status']} {t.get('diagnosis', '')}".strip())
-        elif t["status"] == "differ" or (exact and (t.get("max_abs") or 0.0) > 0):
-            err = t.get("normalized_max_abs")
+        elif err is None or not err <= tolerance:  # NaN and inf fail too
             problems.append(f"{t['name']}: {t.get('diagnosis') or 'values differ'} (normalized |d| {_fmt(err)})")
     for key, (a, b) in comparison.get("config_differences", {}).items():
         problems.append(f"config {key}: {a!r} -> {b!r}")

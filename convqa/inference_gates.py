@@ -220,6 +220,10 @@ def serve_rows(model: str, variant: str, runs: dict, serves: dict) -> list[GateR
             row.status, row.reason = SKIPPED, served["skipped"]
             rows.append(row)
             continue
+        if served.get("error"):
+            row.status, row.reason = FAIL, f"server failed: {served['error'][-400:]}"
+            rows.append(row)
+            continue
         if run is None or run.get("skipped") or run.get("error"):
             row.reason = "no cpu run of this engine to compare with"
             rows.append(row)

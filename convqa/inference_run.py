@@ -139,7 +139,7 @@ def serve_prompts(
     (its server tokenizes itself), compared by text; chat prompts are not sent.
     """
     record = {"artifact": os.fspath(artifact_path), "engine": engine_name, "backend": "cpu", "skipped": None,
-              "answers": []}
+              "error": None, "answers": []}
     available, reason = capability(engine_name, "cpu")
     if not available:
         record["skipped"] = reason
@@ -151,15 +151,18 @@ def serve_prompts(
                                             log_path=log_path)
     else:
         server = ServerProcess.llama_cpp(artifact_path, threads=threads, log_path=log_path)
-    with server:
-        record["server_pid"] = server.pid
-        for prompt in prompts:
-            answer = {"prompt_id": prompt.id, "modality": prompt.modality, "error": None}
-            try:
-                answer.update(_ask(server, engine_name, tokenizer, prompt, max_new_tokens))
-            except ServerError as exc:
-                answer["error"] = str(exc)
-            record["answers"].append(answer)
+    try:
+        with server:
+            record["server_pid"] = server.pid
+            for prompt in prompts:
+                answer = {"prompt_id": prompt.id, "modality": prompt.modality, "error": None}
+                try:
+                    answer.update(_ask(server, engine_name, tokenizer, prompt, max_new_tokens))
+                except ServerError as exc:
+                    answer["error"] = str(exc)
+                record["answers"].append(answer)
+    except ServerError as exc:  # did not start: a finding for F-SERVE-001
+        record["error"] = str(exc)[-2000:]
     return record
 
 

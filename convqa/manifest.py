@@ -17,11 +17,15 @@ from convqa.formats import open_model
 from convqa.model import LazyTensor, ModelArtifact, TokenizerSpec
 
 
+# Files a workflow engine adds inside directory outputs; not part of the artifact.
+WORKFLOW_MARKERS = {".snakemake_timestamp"}
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """sha256 of a file, or of a directory's regular files (sorted by relative path)."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name not in WORKFLOW_MARKERS) if path.is_dir() else [path]
     for f in files:
         if path.is_dir():
             h.update(f.relative_to(path).as_posix().encode() + b"\x00")

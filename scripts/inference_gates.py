@@ -1,0 +1,32 @@
+"""Rule inference_gates: F-INF, F-ENGINE-001 and F-SERVE-001 rows of one (model, variant, tier),
+plus the throughput table and per-prompt details the report shows."""
+
+import json
+import traceback
+
+from convqa import gates
+from convqa.inference_gates import evaluate
+from convqa.inference_run import load_run
+from convqa.sidecar import write_json
+
+model, variant = snakemake.wildcards.model, snakemake.wildcards.variant
+inputs = snakemake.params.inputs
+with open(snakemake.log[0], "w") as log:
+    try:
+        runs = {tuple(key.split("|")): load_run(paths["json"], paths["npz"]) for key, paths in inputs["runs"].items()}
+        serves = {}
+        for key, path in inputs["serves"].items():
+            with open(path) as fh:
+                serves[tuple(key.split("|"))] = json.load(fh)
+        rows, throughput, details = evaluate(
+            model, variant, runs, serves, dict(snakemake.params.tolerances), tuple(snakemake.params.modalities)
+        )
+        gates.write_rows_tsv(rows, snakemake.output.gates)
+        write_json(snakemake.output.extra, {"throughput": throughput, "inference_details": details})
+        statuses = {}
+        for row in rows:
+            statuses[row.status] = statuses.get(row.status, 0) + 1
+        print(f"{model} {variant}: {len(rows)} inference gate rows {statuses}", file=log)
+    except Exception:
+        traceback.print_exc(file=log)
+        raise

@@ -1,0 +1,29 @@
+"""Rule serve_check: serve one artifact over HTTP (cpu), send the prompt set, record the answers.
+
+ServerProcess runs the server in its own process group and kills the group when this script
+ends, fails or is terminated by Snakemake, so no server outlives the job.
+"""
+
+import traceback
+
+from convqa.inference_run import serve_prompts
+from convqa.prompts import DEFAULT_PROMPTS
+from convqa.sidecar import write_json
+
+with open(snakemake.log.serve, "w") as log:
+    try:
+        record = serve_prompts(
+            snakemake.input.artifact,
+            snakemake.input.source,
+            snakemake.params.engine,
+            list(DEFAULT_PROMPTS),
+            snakemake.params.max_new_tokens,
+            snakemake.threads,
+            log_path=snakemake.log.server,
+        )
+        write_json(snakemake.output.json, record)
+        print(f"{snakemake.params.engine} serve {snakemake.input.artifact}: "
+              f"{record['skipped'] or record['error'] or f'{len(record['answers'])} answers'}", file=log)
+    except Exception:
+        traceback.print_exc(file=log)
+        raise
