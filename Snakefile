@@ -5,7 +5,8 @@
 # results/{model}/{variant}/{chain}/sidecar.json   sha256, size, converter, fingerprint, argv, time, memory
 # results/{model}/{variant}/{chain}/manifest.json  tensors, config, tokenizer as read back
 # results/{model}/{variant}/compare/{subject}~{reference}.json
-# results/{model}/{variant}/gates/{tier}/tensor.tsv
+# results/{model}/{variant}/xconv/{converter}/{chain}/...  a second converter on an edge (rules/xconv.smk)
+# results/{model}/{variant}/gates/{tier}/tensor.tsv, inference.tsv (rules/infer.smk has the inference paths)
 # results/{model}/report/{tier}/qualification.json, report.md, report.html, junit.xml
 # results/summary/{tier}/summary.json, summary.md
 #
@@ -20,10 +21,13 @@ configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"
+include: "rules/infer_common.smk"
 include: "rules/sources.smk"
 include: "rules/convert.smk"
+include: "rules/xconv.smk"
 include: "rules/inspect.smk"
 include: "rules/compare.smk"
+include: "rules/infer.smk"
 include: "rules/report.smk"
 
 

@@ -38,10 +38,24 @@ from convqa.manifest import file_sha256
 SIDECAR_VERSION = 1
 TOOL_PACKAGES = ("numpy", "gguf", "safetensors", "torch", "transformers", "snakemake")
 STRAY_LIMIT = 20  # stray files named in an error message; more are counted
+STDERR_TAIL_CHARS = 2000  # of a failed converter's stderr, in its error message and fail row
 
 
 class OutputPathError(RuntimeError):
     """The converter exited without writing the path it was asked to write."""
+
+
+class ConverterExitError(subprocess.CalledProcessError):
+    """The converter exited non-zero; `stderr_tail` is the end of what it printed on stderr."""
+
+    def __init__(self, returncode: int, argv: list[str], stdout: str, stderr_tail: str, converter: str | None):
+        super().__init__(returncode, argv, output=stdout)
+        self.stderr_tail = stderr_tail
+        self.converter = converter
+
+    def __str__(self) -> str:
+        who = f"converter {self.converter!r}" if self.converter else "converter"
+        return f"{who} exited {self.returncode}: {shlex.join(self.cmd)}\n--- stderr (tail) ---\n{self.stderr_tail}"
 
 
 @dataclass
@@ -55,9 +69,11 @@ class CommandResult:
 
 def expand_command(template: str, *, input: str, output: str, format: str, quant: str | None) -> list[str]:
     """argv from a converter template. `{quant_arg}` as a whole token becomes `--quant Q` or
-    nothing; `{input}`, `{output}`, `{format}` and `{quant}` may appear inside any token."""
+    nothing; `{input}`, `{output}`, `{outdir}` (the output's directory), `{format}`, `{quant}` and
+    `{python}` (the interpreter running the job) may appear inside any token."""
     argv: list[str] = []
-    values = {"input": input, "output": output, "format": format, "quant": quant or ""}
+    values = {"input": input, "output": output, "outdir": os.path.dirname(output) or ".", "format": format,
+              "quant": quant or "", "python": sys.executable}
     for token in shlex.split(template):
         if token == "{quant_arg}":
             argv.extend(["--quant", quant] if quant else [])
@@ -66,7 +82,7 @@ def expand_command(template: str, *, input: str, output: str, format: str, quant
             argv.append(token.format(**values))
         except (KeyError, IndexError) as exc:
             raise ValueError(f"converter command {template!r}: unknown placeholder {exc}; "
-                             "known: {input} {output} {format} {quant} {quant_arg}") from None
+                             "known: {input} {output} {outdir} {format} {quant} {quant_arg} {python}") from None
     if not argv:
         raise ValueError("converter command is empty")
     return argv
@@ -107,31 +123,45 @@ def new_files(before: dict[Path, set[str]]) -> list[Path]:
     return sorted(d / name for d, names in after.items() for name in names - before[d])
 
 
-def run_converter(argv: list[str], input_path: str, output_path: str, log) -> CommandResult:
-    """Run argv, stream its stderr to `log`, and enforce the output-path contract."""
+def run_converter(argv: list[str], input_path: str, output_path: str, log, *,
+                  env: dict[str, str] | None = None, converter: str | None = None) -> CommandResult:
+    """Run argv with `env` added to the environment, stream its stderr to `log`, and enforce the
+    output-path contract. A non-zero exit raises ConverterExitError with the stderr tail; an exit
+    0 without the output raises OutputPathError naming the files written instead and `converter`."""
     input_p, output_p = Path(input_path), Path(output_path)
     watched = watched_directories(input_p, output_p)
     before = _listing(watched)
     argv = resolve_program(argv)
     print(f"$ {shlex.join(argv)}", file=log, flush=True)
     started = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    log_start = log.tell()
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, text=True,
+                          env={**os.environ, **env} if env else None)
     wall_s = time.perf_counter() - started
     # ru_maxrss of the largest waited-for child, in KiB on Linux.
     peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    failure_tail = stderr_tail(log, log_start) if proc.returncode != 0 else ""  # before stdout joins the log
     log.write(proc.stdout)
     log.flush()
     result = CommandResult(argv, proc.returncode, round(wall_s, 4), round(peak_rss_mb, 1), proc.stdout)
     if proc.returncode != 0:
-        raise subprocess.CalledProcessError(proc.returncode, argv, output=proc.stdout)
+        raise ConverterExitError(proc.returncode, argv, proc.stdout, failure_tail, converter)
     if not output_p.exists():
         strays = [p for p in new_files(before) if p != output_p.resolve()]
-        raise OutputPathError(output_path_message(output_p, strays))
+        raise OutputPathError(output_path_message(output_p, strays, converter))
     return result
 
 
-def output_path_message(expected: Path, strays: list[Path]) -> str:
-    message = f"converter exited 0 but did not write the expected output {expected}"
+def stderr_tail(log, start: int) -> str:
+    """The end of what the command wrote to `log` (its stderr) since offset `start`."""
+    with open(log.name, "rb") as fh:
+        fh.seek(max(start, fh.seek(0, os.SEEK_END) - STDERR_TAIL_CHARS))
+        return fh.read().decode(errors="replace").strip()
+
+
+def output_path_message(expected: Path, strays: list[Path], converter: str | None = None) -> str:
+    who = f"converter {converter!r}" if converter else "converter"
+    message = f"{who} exited 0 but did not write the expected output {expected}"
     if not strays:
         return message + "; no new files appeared beside the input, beside the output or in the working directory"
     listed = ", ".join(str(p) for p in strays[:STRAY_LIMIT])

@@ -10,11 +10,10 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from convqa import plan
+from convqa import converters, plan
 from convqa.convert import QUANT_TARGETS
 from convqa.fingerprint import (
     comparison_fingerprint,
-    conversion_fingerprint,
     fingerprint,
     inspection_fingerprint,
     source_fingerprint,
@@ -29,11 +28,17 @@ VARIANTS = list(config["variants"])
 TIER = config["tier"]
 TIERS = list(plan.TIER_CHECKS)
 CONVERTER = config["converter"]
-if CONVERTER not in config["converters"]:
-    raise WorkflowError(
-        f"config: converter {CONVERTER!r} is not defined under `converters:` "
-        f"(defined: {', '.join(config['converters']) or 'none'})"
+try:
+    converters.check_routing(
+        config,
+        {
+            converters.edge_name(chain)
+            for tier in TIERS
+            for chain in plan.artifact_chains(tier, "native")
+        },
     )
+except converters.ConverterConfigError as exc:
+    raise WorkflowError(str(exc))
 
 # The S artifact of a chain is a directory; GGUF and APR artifacts are single files.
 ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr"}
@@ -192,6 +197,7 @@ def report_input_map(model, tier):
         for kind in ("manifests", "sidecars", "comparisons"):
             for key, path in gates[kind].items():
                 maps[kind][label(variant, key)] = path
+    add_side_by_side_report_inputs(maps, model, tier)  # rules/xconv.smk
     return maps
 
 
@@ -270,30 +276,38 @@ def source_code_fingerprint(wildcards):
     return source_fingerprint(formats, exclude)
 
 
-def converter_entry():
-    return config["converters"][CONVERTER]
+def primary_converter(wildcards):
+    """The converter routed first to the chain's edge (convqa.converters)."""
+    return converters.primary_converter(config, wildcards.model, wildcards.chain)
+
+
+def converter_entry(wildcards):
+    return config["converters"][primary_converter(wildcards)]
 
 
 def converter_command(wildcards):
     # A function, so Snakemake does not format the template's {input}/{output} itself.
-    return converter_entry()["command"]
+    return converter_entry(wildcards)["command"]
 
 
 def converter_json_record(wildcards):
-    return converter_entry()["json_record"]
+    return converter_entry(wildcards).get("json_record", False)
+
+
+def converter_env(wildcards):
+    return dict(converter_entry(wildcards).get("env") or {})
 
 
 def converter_fingerprint(wildcards):
     """Content hash of the convqa code the edge runs, for the built-in converter; for an
-    external tool, the version string its config entry declares."""
-    entry = converter_entry()
-    if entry["command"].split()[0] == "convqa":
-        source_hop, target_hop = plan.edge(wildcards.chain)
-        code = conversion_fingerprint(
-            plan.HOP_FORMAT[source_hop], plan.HOP_FORMAT[target_hop]
-        )
-        return f"convqa:{code}" + (f"+{entry['version']}" if entry["version"] else "")
-    return f"{CONVERTER}:{entry['version']}"
+    external tool, its declared version and the hash of its version probe."""
+    source_hop, target_hop = plan.edge(wildcards.chain)
+    return converters.converter_fingerprint(
+        primary_converter(wildcards),
+        converter_entry(wildcards),
+        plan.HOP_FORMAT[source_hop],
+        plan.HOP_FORMAT[target_hop],
+    )
 
 
 def conversion_quant(wildcards):

@@ -24,7 +24,8 @@ rule convert_to_gguf:
     params:
         format="gguf",
         quant=conversion_quant,
-        converter=CONVERTER,
+        converter=primary_converter,
+        env=converter_env,
         command=converter_command,
         json_record=converter_json_record,
         fingerprint=converter_fingerprint,
@@ -52,7 +53,8 @@ rule convert_to_apr:
     params:
         format="apr",
         quant=conversion_quant,
-        converter=CONVERTER,
+        converter=primary_converter,
+        env=converter_env,
         command=converter_command,
         json_record=converter_json_record,
         fingerprint=converter_fingerprint,
@@ -82,7 +84,8 @@ rule convert_to_safetensors:
     params:
         format="safetensors",
         quant=conversion_quant,
-        converter=CONVERTER,
+        converter=primary_converter,
+        env=converter_env,
         command=converter_command,
         json_record=converter_json_record,
         fingerprint=converter_fingerprint,

@@ -8,165 +8,25 @@
 # results/{model}/{variant}/{chain}/infer/serve-{engine}.json
 # results/{model}/{variant}/gates/{tier}/inference.tsv, inference-extra.json
 
-INFERENCE = config["inference"]
-INFERENCE_ENGINE_FILE = {"transformers": "transformers", "llama.cpp": "llamacpp"}
-INFERENCE_ENGINE_NAME = {v: k for k, v in INFERENCE_ENGINE_FILE.items()}
-CONVERTED_CHAIN = "st(?:-(?:st|gguf|apr))+(?:\\.run[0-9]+)?"
-# Gate evaluation reads JSON and .npz only; runs and servers execute the engines.
-INFERENCE_GATES_FINGERPRINT = fingerprint(
-    ("convqa.inference_gates", "convqa.compare.inference", "convqa.gates"), ()
-)
-INFERENCE_RUN_FINGERPRINT = fingerprint(
-    (
-        "convqa.inference_run",
-        "convqa.prompts",
-        "convqa.engines.base",
-        "convqa.engines.transformers_engine",
-        "convqa.engines.llamacpp_engine",
-        "convqa.engines.server",
-    ),
-    (),
-)
-
-
-wildcard_constraints:
-    engine="|".join(INFERENCE_ENGINE_FILE.values()),
-    backend="cpu|gpu",
-
-
-# ---------------------------------------------------------------- paths
-
-
-def inference_dir(model, variant, chain):
-    if chain == SOURCE_CHAIN:
-        return f"results/{model}/source.infer"
-    return f"{chain_dir(model, variant, chain)}/infer"
-
-
-def inference_run_path(model, variant, chain, engine, backend, ext="json"):
-    """`engine` is the engine's file name (llamacpp), so no wildcard holds a dot."""
-    return f"{inference_dir(model, variant, chain)}/{engine}-{backend}.{ext}"
-
-
-def serve_path(model, variant, chain, engine):
-    return f"{inference_dir(model, variant, chain)}/serve-{engine}.json"
-
-
-def inference_gates_path(model, variant, tier):
-    return f"results/{model}/{variant}/gates/{tier}/inference.tsv"
-
-
-def inference_extra_path(model, variant, tier):
-    return f"results/{model}/{variant}/gates/{tier}/inference-extra.json"
-
-
-# ---------------------------------------------------------------- the matrix
-
-
-def inference_engines(chain):
-    """Engines that read the chain's artifact: llama.cpp only reads GGUF."""
-    fmt = artifact_format(chain)
-    return [e for e in INFERENCE["engines"] if e == "transformers" or fmt == "gguf"]
-
-
-def inference_cells(tier):
-    """(chain, engine, backend) of every run: the ground truth plus the tier's chains."""
-    cells = {(SOURCE_CHAIN, "transformers", "cpu")}
-    for chain in INFERENCE["chains"][tier]:
-        for engine in inference_engines(chain):
-            for backend in INFERENCE["backends"]:
-                cells.add((chain, engine, backend))
-    return sorted(cells)
-
-
-def served_cells(tier):
-    if "serve" not in INFERENCE["modalities"]:
-        return []
-    return sorted(
-        (chain, engine)
-        for chain in INFERENCE["chains"][tier]
-        for engine in inference_engines(chain)
-    )
-
-
-def inference_input_map(model, variant, tier):
-    """What the inference gates read, keyed `chain|engine|backend` and `chain|engine`."""
-    return {
-        "runs": {
-            f"{c}|{e}|{b}": {
-                "json": inference_run_path(model, variant, c, INFERENCE_ENGINE_FILE[e], b),
-                "npz": inference_run_path(model, variant, c, INFERENCE_ENGINE_FILE[e], b, "npz"),
-            }
-            for c, e, b in inference_cells(tier)
-        },
-        "serves": {
-            f"{c}|{e}": serve_path(model, variant, c, INFERENCE_ENGINE_FILE[e])
-            for c, e in served_cells(tier)
-        },
-    }
-
-
-def inference_gate_inputs(wildcards):
-    inputs = inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
-    paths = [p for run in inputs["runs"].values() for p in run.values()]
-    return sorted(paths + list(inputs["serves"].values()))
-
-
-def inference_gate_params(wildcards):
-    return inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
-
-
-def inference_tolerances(wildcards):
-    return INFERENCE["tolerances"].get(wildcards.variant, {})
-
-
-def inference_report_inputs(wildcards):
-    return [
-        path
-        for variant in VARIANTS
-        for path in (
-            inference_gates_path(wildcards.model, variant, wildcards.tier),
-            inference_extra_path(wildcards.model, variant, wildcards.tier),
-        )
-    ]
-
-
-def inference_report_params(wildcards):
-    return {
-        "gate_tsvs": [inference_gates_path(wildcards.model, v, wildcards.tier) for v in VARIANTS],
-        "extras": [inference_extra_path(wildcards.model, v, wildcards.tier) for v in VARIANTS],
-    }
-
-
-def inferred_artifact(wildcards):
-    chain = getattr(wildcards, "chain", SOURCE_CHAIN)
-    return {
-        "artifact": artifact_path(wildcards.model, getattr(wildcards, "variant", ""), chain),
-        "source": source_dir(wildcards.model),
-    }
-
-
-def gpu_count(wildcards):
-    return 1 if wildcards.backend == "gpu" else 0
-
-
-def engine_name(wildcards):
-    return INFERENCE_ENGINE_NAME[wildcards.engine]
-
-
-# ---------------------------------------------------------------- rules
-
 
 rule infer:
     input:
         unpack(inferred_artifact),
     output:
-        json=inference_run_path("{model}", "{variant}", "{chain}", "{engine}", "{backend}"),
-        npz=inference_run_path("{model}", "{variant}", "{chain}", "{engine}", "{backend}", "npz"),
+        json=inference_run_path(
+            "{model}", "{variant}", "{chain}", "{engine}", "{backend}"
+        ),
+        npz=inference_run_path(
+            "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "npz"
+        ),
     log:
-        inference_run_path("{model}", "{variant}", "{chain}", "{engine}", "{backend}", "log"),
+        inference_run_path(
+            "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "log"
+        ),
     benchmark:
-        inference_run_path("{model}", "{variant}", "{chain}", "{engine}", "{backend}", "benchmark.tsv")
+        inference_run_path(
+            "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "benchmark.tsv"
+        )
     wildcard_constraints:
         chain=CONVERTED_CHAIN,
     conda:
@@ -185,11 +45,15 @@ rule infer:
 use rule infer as infer_source with:
     output:
         json=inference_run_path("{model}", "", SOURCE_CHAIN, "{engine}", "{backend}"),
-        npz=inference_run_path("{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "npz"),
+        npz=inference_run_path(
+            "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "npz"
+        ),
     log:
         inference_run_path("{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "log"),
     benchmark:
-        inference_run_path("{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "benchmark.tsv")
+        inference_run_path(
+            "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "benchmark.tsv"
+        )
 
 
 rule serve_check:
@@ -198,10 +62,16 @@ rule serve_check:
     output:
         json=serve_path("{model}", "{variant}", "{chain}", "{engine}"),
     log:
-        serve=serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(".json", ".log"),
-        server=serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(".json", ".server.log"),
+        serve=serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(
+            ".json", ".log"
+        ),
+        server=serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(
+            ".json", ".server.log"
+        ),
     benchmark:
-        serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(".json", ".benchmark.tsv")
+        serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(
+            ".json", ".benchmark.tsv"
+        )
     wildcard_constraints:
         chain=CONVERTED_CHAIN,
     conda:
@@ -219,10 +89,16 @@ use rule serve_check as serve_check_source with:
     output:
         json=serve_path("{model}", "", SOURCE_CHAIN, "{engine}"),
     log:
-        serve=serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(".json", ".log"),
-        server=serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(".json", ".server.log"),
+        serve=serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(
+            ".json", ".log"
+        ),
+        server=serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(
+            ".json", ".server.log"
+        ),
     benchmark:
-        serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(".json", ".benchmark.tsv")
+        serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(
+            ".json", ".benchmark.tsv"
+        )
 
 
 rule inference_gates:

@@ -5,6 +5,7 @@
 rule report:
     input:
         report_inputs,
+        inference_report_inputs,
     output:
         evidence=report(
             report_path("{model}", "{tier}", "qualification.json"),
@@ -28,6 +29,7 @@ rule report:
     threads: 1
     params:
         inputs=report_params,
+        inference=inference_report_params,
         fingerprint=REPORT_FINGERPRINT,
     script:
         "../scripts/report.py"

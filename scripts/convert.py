@@ -16,7 +16,9 @@ with open(snakemake.log[0], "w") as log:
             format=params.format,
             quant=params.quant,
         )
-        result = run_converter(argv, snakemake.input.artifact, snakemake.output.artifact, log)
+        result = run_converter(
+            argv, snakemake.input.artifact, snakemake.output.artifact, log, env=params.env, converter=params.converter
+        )
         sidecar = artifact_sidecar(
             snakemake.output.artifact,
             converter=params.converter,

@@ -1,21 +1,36 @@
 """Rule report: a model's qualification.json, report.md, report.html and junit.xml."""
 
+import json
 import traceback
 from pathlib import Path
 
 from convqa.report.build import write_report
 
 inputs = snakemake.params.inputs
+inference = snakemake.params.inference
+
+
+def inference_extra(paths):
+    """The inference extras of every variant, merged (their labels name the variant)."""
+    merged = {"throughput": [], "inference_details": {}}
+    for path in paths:
+        with open(path) as fh:
+            extra = json.load(fh)
+        merged["throughput"] += extra["throughput"]
+        merged["inference_details"].update(extra["inference_details"])
+    return merged
+
+
 with open(snakemake.log[0], "w") as log:
     try:
         outputs = write_report(
             snakemake.wildcards.model,
-            inputs["gate_tsvs"],
+            inputs["gate_tsvs"] + inference["gate_tsvs"],
             inputs["manifests"],
             inputs["sidecars"],
             inputs["comparisons"],
             Path(snakemake.output.evidence).parent,
-            extra={"tier": snakemake.wildcards.tier},
+            extra={"tier": snakemake.wildcards.tier, **inference_extra(inference["extras"])},
         )
         for name, path in outputs.items():
             print(f"{name}: {path}", file=log)

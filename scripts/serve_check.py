@@ -22,8 +22,8 @@ with open(snakemake.log.serve, "w") as log:
             log_path=snakemake.log.server,
         )
         write_json(snakemake.output.json, record)
-        print(f"{snakemake.params.engine} serve {snakemake.input.artifact}: "
-              f"{record['skipped'] or record['error'] or f'{len(record['answers'])} answers'}", file=log)
+        state = record["skipped"] or record["error"] or f"{len(record['answers'])} answers"
+        print(f"{snakemake.params.engine} serve {snakemake.input.artifact}: {state}", file=log)
     except Exception:
         traceback.print_exc(file=log)
         raise

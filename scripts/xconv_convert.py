@@ -1,0 +1,81 @@
+"""Rule xconv_convert: run a side-by-side converter on one edge, into its own artifact directory.
+
+The output-path contract holds as on the primary path: exiting 0 without writing the declared
+path fails the job, naming the expected path, the files written instead and the converter. A
+non-zero exit does not fail the job: the sidecar records `status: failed` with the exit code
+and the stderr tail, the artifact directory is left empty, and the xconv gates turn that into
+`fail` rows, so the report shows the failure next to the other converters' results.
+"""
+
+import shutil
+import traceback
+from pathlib import Path
+
+from convqa import plan
+from convqa.converters import side_label
+from convqa.sidecar import (
+    ConverterExitError,
+    artifact_sidecar,
+    converter_record,
+    expand_command,
+    run_converter,
+    tool_versions,
+    write_json,
+)
+
+ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr"}
+
+params, wildcards = snakemake.params, snakemake.wildcards
+artifact_dir = Path(snakemake.output.artifact)
+artifact = artifact_dir / ARTIFACT_NAME[params.format]
+extra = {
+    "model": wildcards.model,
+    "variant": wildcards.variant,
+    "chain": wildcards.chain,
+    "label": side_label(wildcards.chain, wildcards.converter),
+    "parent": plan.parent(wildcards.chain),
+    "input": snakemake.input.artifact,
+    "quant": params.quant,
+    "env": params.env,
+}
+with open(snakemake.log[0], "w") as log:
+    try:
+        artifact_dir.mkdir(parents=True, exist_ok=True)
+        argv = expand_command(
+            params.command,
+            input=snakemake.input.artifact,
+            output=str(artifact),
+            format=params.format,
+            quant=params.quant,
+        )
+        try:
+            result = run_converter(argv, snakemake.input.artifact, str(artifact), log,
+                                   env=params.env, converter=wildcards.converter)
+        except ConverterExitError as failure:
+            print(failure, file=log)
+            # Nothing half-written may be mistaken for the converter's output.
+            shutil.rmtree(artifact_dir)
+            artifact_dir.mkdir()
+            sidecar = {
+                "status": "failed",
+                "converter": wildcards.converter,
+                "fingerprint": params.fingerprint,
+                "argv": failure.cmd,
+                "returncode": failure.returncode,
+                "stderr_tail": failure.stderr_tail,
+                "tool_versions": tool_versions(),
+                **extra,
+            }
+        else:
+            sidecar = artifact_sidecar(
+                artifact,
+                converter=wildcards.converter,
+                fingerprint=params.fingerprint,
+                command=result,
+                record=converter_record(result.stdout) if params.json_record else None,
+                extra={"status": "ok", **extra},
+            )
+        write_json(snakemake.output.sidecar, sidecar)
+    except Exception:
+        traceback.print_exc(file=log)
+        raise

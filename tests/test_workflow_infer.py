@@ -1,0 +1,96 @@
+"""The inference matrix in a real workflow run (smoke tier, one tiny synthetic model, both
+variants): runs, servers, the inference gate table and the report's inference section.
+
+The workflow is copied into a temporary directory and run with the installed convqa.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
+MODEL = "qwen2-tiny"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("infer-wf")
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / part)
+    config = yaml.safe_load((REPO / "config/examples/synthetic-only.yaml").read_text())
+    config["models"] = {MODEL: config["models"][MODEL]}
+    config["tier"] = "smoke"
+    (root / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    command = [str(SNAKEMAKE), "--directory", str(root), "--workflow-profile", "none", "--cores", "2",
+               "--configfile", "test-config.yaml", "--replace-workflow-config", "smoke"]
+    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return root
+
+
+def gate_table(workdir: Path, variant: str) -> dict[tuple[str, str], dict]:
+    path = workdir / f"results/{MODEL}/{variant}/gates/smoke/inference.tsv"
+    with open(path, newline="") as fh:
+        return {(r["gate"], r["subject"]): r for r in csv.DictReader(fh, delimiter="\t")}
+
+
+def test_inference_gates_pass_for_correct_conversions(workdir):
+    for variant in ("native", "q8_0"):
+        rows = gate_table(workdir, variant)
+        expected_cpu = {
+            ("F-INF-gguf-cpu-run", f"{variant}/st-gguf/transformers"),
+            ("F-INF-gguf-cpu-chat", f"{variant}/st-gguf/transformers"),
+            ("F-INF-gguf-cpu-run", f"{variant}/st-gguf/llama.cpp"),
+            ("F-INF-gguf-cpu-chat", f"{variant}/st-gguf/llama.cpp"),
+            ("F-INF-apr-cpu-run", f"{variant}/st-apr/transformers"),
+            ("F-INF-apr-cpu-chat", f"{variant}/st-apr/transformers"),
+            ("F-ENGINE-001", f"{variant}/st-gguf/llama.cpp"),
+            ("F-SERVE-001", f"{variant}/st-gguf/transformers"),
+            ("F-SERVE-001", f"{variant}/st-gguf/llama.cpp"),
+            ("F-SERVE-001", f"{variant}/st-apr/transformers"),
+            ("F-SERVE-001", f"{variant}/st/transformers"),
+        }
+        assert expected_cpu <= set(rows)
+        for key in expected_cpu:
+            assert rows[key]["status"] == "pass", rows[key]
+        if variant == "native":
+            assert rows[("F-INF-apr-cpu-run", "native/st-apr/transformers")]["value"] == "0"
+        gpu = [r for (gate, _), r in rows.items() if "-gpu-" in gate]
+        assert gpu and all(r["status"] == "skipped" and r["reason"] for r in gpu)
+
+
+def test_the_ground_truth_runs_once_per_model_and_no_server_outlives_its_job(workdir):
+    assert (workdir / f"results/{MODEL}/source.infer/transformers-cpu.npz").exists()
+    assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
+    served = list((workdir / f"results/{MODEL}").rglob("serve-*.json"))
+    assert len(served) == 7  # st, st-gguf (two engines) and st-apr per variant; st once
+    for path in served:
+        pid = json.loads(path.read_text())["server_pid"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_report_shows_inference_rows_throughput_and_details(workdir):
+    evidence = json.loads((workdir / f"results/{MODEL}/report/smoke/qualification.json").read_text())
+    families = {r["family"] for r in evidence["gates"]}
+    assert {"F-INF", "F-ENGINE", "F-SERVE"} <= families
+    throughput = evidence["inference"]["throughput"]
+    assert {(t["format"], t["engine"]) for t in throughput} >= {("gguf", "llama.cpp"), ("apr", "transformers")}
+    assert all(t["prefill_tps"] > 0 for t in throughput)
+    labels = {d["label"] for d in evidence["inference"]["details"]}
+    assert "q8_0/st-gguf/llama.cpp-cpu" in labels
+    assert "## Inference" in (workdir / f"results/{MODEL}/report/smoke/report.md").read_text()
