@@ -28,17 +28,19 @@ STORABLE = {
     "gguf": {e.name for e in encodings.ALL if e.ggml_type is not None},
     "apr": {e.name for e in encodings.ALL if e.apr_dtype is not None},
 }
-# A quantization variant names one encoding per target format (APR has no GGML Q8_0/Q4_0 blocks;
-# the APR toolchain's own int8/int4 quantizers are its equivalents).
+# A quantization names one encoding per target format that has it. APR holds no GGML blocks;
+# its own int8/int4 (one scale per tensor / per 32 values) are separate, explicit choices.
 QUANT_TARGETS = {
     "f32": {"gguf": "F32", "apr": "F32", "safetensors": "F32"},
     "f16": {"gguf": "F16", "apr": "F16", "safetensors": "F16"},
     "bf16": {"gguf": "BF16", "apr": "BF16", "safetensors": "BF16"},
-    "q8_0": {"gguf": "Q8_0", "apr": "APR_Q8"},
-    "q4_0": {"gguf": "Q4_0", "apr": "APR_Q4"},
+    "q8_0": {"gguf": "Q8_0"},
+    "q4_0": {"gguf": "Q4_0"},
     "q4_1": {"gguf": "Q4_1"},
     "q5_0": {"gguf": "Q5_0"},
     "q5_1": {"gguf": "Q5_1"},
+    "apr-int8": {"apr": "APR_Q8"},
+    "apr-int4": {"apr": "APR_Q4"},
 }
 
 

@@ -53,9 +53,15 @@ def chain_regex(last_hop=None):
     return f"st(?:-{hop})*-{last_hop}(?:\\.run[0-9]+)?"
 
 
-def variant_quant(variant):
-    """The quantization a variant applies on the first hop out of S (None keeps the dtypes)."""
-    return None if variant == "native" else variant
+def variant_quant(variant, fmt):
+    """The quantization a variant applies on the first hop from S to `fmt`.
+
+    None keeps the source dtypes: for `native`, and where the format has no encoding for the
+    variant (APR holds no GGML Q8_0 blocks; `apr import` without --quantize keeps F32 too).
+    """
+    if variant == "native" or fmt not in QUANT_TARGETS[variant]:
+        return None
+    return variant
 
 
 def _check_variants():
@@ -66,15 +72,16 @@ def _check_variants():
         if plan.is_first_hop(c)
     }
     for variant in VARIANTS:
-        quant = variant_quant(variant)
-        if quant is None:
+        if variant == "native":
             continue
-        missing = sorted(f for f in first_hop_formats if f not in QUANT_TARGETS[quant])
-        if missing:
+        if variant not in QUANT_TARGETS:
             raise WorkflowError(
-                f"config: variant {variant!r} cannot be applied when converting to "
-                f"{', '.join(missing)} (the qualification converts S to "
-                f"{', '.join(sorted(first_hop_formats))}); pick another variant"
+                f"config: unknown variant {variant!r}; known: native, {', '.join(QUANT_TARGETS)}"
+            )
+        if not any(f in QUANT_TARGETS[variant] for f in first_hop_formats):
+            raise WorkflowError(
+                f"config: variant {variant!r} applies to none of the formats the qualification "
+                f"converts S to ({', '.join(sorted(first_hop_formats))}); pick another variant"
             )
 
 
@@ -313,7 +320,7 @@ def converter_fingerprint(wildcards):
 def conversion_quant(wildcards):
     """Quantize on the first hop out of S only; later hops keep what they receive."""
     if plan.is_first_hop(wildcards.chain):
-        return variant_quant(wildcards.variant)
+        return variant_quant(wildcards.variant, plan.target_format(wildcards.chain))
     return None
 
 
