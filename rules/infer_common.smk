@@ -72,13 +72,25 @@ def inference_cells(tier):
 
 
 def served_cells(tier):
+    """(chain, engine) pairs served over HTTP in `tier` (config inference.serve)."""
     if "serve" not in INFERENCE["modalities"]:
         return []
-    return sorted(
+    every = {
         (chain, engine)
         for chain in INFERENCE["chains"][tier]
         for engine in inference_engines(chain)
-    )
+    }
+    wanted = INFERENCE["serve"][tier]
+    if "all" in wanted:
+        return sorted(every)
+    pairs = {tuple(item.split(":", 1)) for item in wanted}
+    unknown = sorted(f"{c}:{e}" for c, e in pairs - every)
+    if unknown:
+        raise WorkflowError(
+            f"config: inference.serve.{tier} names {', '.join(unknown)}, which the tier does not run "
+            f"(its inference chains are {', '.join(INFERENCE['chains'][tier])}; llama.cpp reads only GGUF)"
+        )
+    return sorted(pairs)
 
 
 def inference_input_map(model, variant, tier):
