@@ -50,11 +50,9 @@ def is_builtin(entry: dict) -> bool:
 
 
 def implemented_edges(entry: dict) -> list[str]:
-    """The edges a converter declares; the built-in one implements all of them by default."""
-    edges = entry.get("edges")
-    if edges:
-        return list(edges)
-    return list(EDGES) if is_builtin(entry) else []
+    """The edges a converter declares; all of them when it declares none (a command that takes
+    `{format}`, like convqa's)."""
+    return list(entry.get("edges") or EDGES)
 
 
 def routes(config: dict, model: str) -> dict[str, list[str]]:

@@ -25,6 +25,15 @@ validate(config, schema="../config/schema.yaml")
 
 MODELS = list(config["models"])
 VARIANTS = list(config["variants"])
+
+
+def model_variants(model):
+    """The model's own `variants:` when it names some, else the config's."""
+    return list(config["models"][model].get("variants") or VARIANTS)
+
+
+# Every variant some model runs: what the wildcards accept and the checks below cover.
+ALL_VARIANTS = sorted({v for m in MODELS for v in model_variants(m)})
 TIER = config["tier"]
 TIERS = list(plan.TIER_CHECKS)
 CONVERTER = config["converter"]
@@ -71,7 +80,7 @@ def _check_variants():
         for c in plan.artifact_chains(tier, "native")
         if plan.is_first_hop(c)
     }
-    for variant in VARIANTS:
+    for variant in ALL_VARIANTS:
         if variant == "native":
             continue
         if variant not in QUANT_TARGETS:
@@ -90,7 +99,7 @@ _check_variants()
 
 wildcard_constraints:
     model="|".join(re.escape(m) for m in MODELS),
-    variant="|".join(re.escape(v) for v in VARIANTS),
+    variant="|".join(re.escape(v) for v in ALL_VARIANTS),
     chain=chain_regex(),
     subject=chain_regex(),
     reference=chain_regex(),
@@ -198,7 +207,7 @@ def gate_input_map(model, variant, tier):
 def report_input_map(model, tier):
     """Report inputs keyed by the labels the gate rows use (`variant/chain`)."""
     maps = {"gate_tsvs": [], "manifests": {}, "sidecars": {}, "comparisons": {}}
-    for variant in VARIANTS:
+    for variant in model_variants(model):
         gates = gate_input_map(model, variant, tier)
         maps["gate_tsvs"].append(gates_path(model, variant, tier))
         for kind in ("manifests", "sidecars", "comparisons"):

@@ -131,7 +131,7 @@ def inference_tolerances(wildcards):
 def inference_report_inputs(wildcards):
     return [
         path
-        for variant in VARIANTS
+        for variant in model_variants(wildcards.model)
         for path in (
             inference_gates_path(wildcards.model, variant, wildcards.tier),
             inference_extra_path(wildcards.model, variant, wildcards.tier),
@@ -142,10 +142,12 @@ def inference_report_inputs(wildcards):
 def inference_report_params(wildcards):
     return {
         "gate_tsvs": [
-            inference_gates_path(wildcards.model, v, wildcards.tier) for v in VARIANTS
+            inference_gates_path(wildcards.model, v, wildcards.tier)
+            for v in model_variants(wildcards.model)
         ],
         "extras": [
-            inference_extra_path(wildcards.model, v, wildcards.tier) for v in VARIANTS
+            inference_extra_path(wildcards.model, v, wildcards.tier)
+            for v in model_variants(wildcards.model)
         ],
     }
 

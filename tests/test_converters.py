@@ -234,3 +234,10 @@ def test_fake_apr_rosetta_is_runnable():
 
     proc = subprocess.run([sys.executable, str(script), "rosetta", "frobnicate", "a", "b"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice: 'frobnicate'" in proc.stderr
+
+
+def test_a_converter_without_declared_edges_implements_all_of_them():
+    cfg = config(converter="any")
+    cfg["converters"]["any"] = {"command": "python my_convert.py {input} {output} {format}"}
+    converters.check_routing(cfg, ALL_EDGES)
+    assert converters.implemented_edges(cfg["converters"]["any"]) == list(converters.EDGES)
