@@ -59,10 +59,8 @@ def test_inference_gates_pass_for_correct_conversions(workdir):
             ("F-INF-apr-cpu-run", f"{variant}/st-apr/transformers"),
             ("F-INF-apr-cpu-chat", f"{variant}/st-apr/transformers"),
             ("F-ENGINE-001", f"{variant}/st-gguf/llama.cpp"),
-            ("F-SERVE-001", f"{variant}/st-gguf/transformers"),
             ("F-SERVE-001", f"{variant}/st-gguf/llama.cpp"),
             ("F-SERVE-001", f"{variant}/st-apr/transformers"),
-            ("F-SERVE-001", f"{variant}/st/transformers"),
         }
         assert expected_cpu <= set(rows)
         for key in expected_cpu:
@@ -77,7 +75,7 @@ def test_the_ground_truth_runs_once_per_model_and_no_server_outlives_its_job(wor
     assert (workdir / f"results/{MODEL}/source.infer/transformers-cpu.npz").exists()
     assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
     served = list((workdir / f"results/{MODEL}").rglob("serve-*.json"))
-    assert len(served) == 7  # st, st-gguf (two engines) and st-apr per variant; st once
+    assert len(served) == 4  # config inference.serve: st-apr (transformers), st-gguf (llama.cpp) per variant
     for path in served:
         pid = json.loads(path.read_text())["server_pid"]
         with pytest.raises(ProcessLookupError):

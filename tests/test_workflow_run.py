@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from convqa import plan
+from convqa.convert import QUANT_TARGETS
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -129,8 +130,10 @@ def test_run_writes_reports_and_sidecars(built):
         assert sidecar["fingerprint"].startswith("convqa:")
         assert sidecar["wall_s"] > 0 and sidecar["peak_rss_mb"] > 0
         assert sidecar["record"]["tensors_written"] > 0
-        # The quantization is applied when leaving S, never again.
-        expected_quant = VARIANT if plan.is_first_hop(chain) else None
+        # The quantization is applied when leaving S, never again, and only to a format that
+        # holds it (APR has no Q8_0 blocks: S->A keeps the source dtypes).
+        holds = plan.target_format(chain) in QUANT_TARGETS[VARIANT]
+        expected_quant = VARIANT if plan.is_first_hop(chain) and holds else None
         assert sidecar["quant"] == expected_quant, chain
         assert ("--quant" in sidecar["argv"]) == (expected_quant is not None), chain
         if plan.target_format(chain) != "safetensors":  # Snakemake adds a timestamp file to directories later
