@@ -25,6 +25,11 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The detection matrix: every converter mutant against every gate, plus the correct converter
+# (config/detection.yaml); writes results/detection/matrix.{json,md,html}.
+detection: setup
+	$(BIN)/snakemake --cores $(CORES) --configfile config/detection.yaml --replace-workflow-config detection
+
 lint: setup
 	$(BIN)/snakemake --lint --workflow-profile none
 	$(BIN)/snakefmt --check .

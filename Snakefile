@@ -12,6 +12,7 @@
 #
 # Every path is built by the helpers in rules/common.smk; see README for usage.
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 min_version("9.11")
@@ -20,8 +21,19 @@ min_version("9.11")
 configfile: "config/config.yaml"
 
 
+# A `detection:` section (config/detection.yaml) adds one model per converter mutant and the
+# mutant converters before anything reads the model list (rules/detection.smk).
+from convqa import detection as convqa_detection
+
+try:
+    convqa_detection.expand_config(config)
+except convqa_detection.DetectionConfigError as exc:
+    raise WorkflowError(str(exc))
+
+
 include: "rules/common.smk"
 include: "rules/infer_common.smk"
+include: "rules/detection_common.smk"
 include: "rules/sources.smk"
 include: "rules/convert.smk"
 include: "rules/xconv.smk"
@@ -29,6 +41,7 @@ include: "rules/inspect.smk"
 include: "rules/compare.smk"
 include: "rules/infer.smk"
 include: "rules/report.smk"
+include: "rules/detection.smk"
 
 
 rule all:

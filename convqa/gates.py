@@ -49,6 +49,7 @@ REGISTRY = {
         Gate("F-CONV-IDEM-001", "repeated conversion", "two independent runs of the same conversion give byte-identical files"),
         Gate("F-CONV-IDEM-002", "fixpoint", "converting a round-tripped artifact again gives the same bytes as the first conversion"),
         Gate("F-CONV-COM-001", "commutativity", "S->A equals S->G->A; G->A equals G->S->A"),
+        Gate("F-CONTRACT-OUTPUT", "each conversion", "the converter writes exactly the requested output path (in the workflow a violation fails the conversion job; the detection run records it as this gate)"),
         Gate("F-CONTRACT-I2", "each converted artifact", "tensor names are a bijection with the parent's"),
         Gate("F-CONTRACT-I3", "each converted artifact", "no silent dtype fallback: every encoding change is a recorded quantization or dequantization"),
         Gate("F-CONTRACT-I4", "each converted artifact", "mean/std/min/max of every tensor preserved within its encoding's tolerance"),
@@ -127,6 +128,8 @@ def artifact_rows(manifest: dict | None, chain: str, model: str, variant: str) -
 def _no_tensors(manifest: dict | None) -> str:
     if manifest is None:
         return "no manifest (artifact missing or unreadable)"
+    if manifest.get("read_error"):
+        return f"artifact unreadable: {manifest['read_error']}"
     if not manifest.get("tensors"):
         return "artifact has no tensors"
     return ""
@@ -138,6 +141,9 @@ def _config_of(manifest: dict) -> ModelConfig:
 
 def _integrity(manifest: dict | None, subject: str) -> GateRow:
     row = GateRow("G0-INTEGRITY", subject, metric="tensors disagreeing with config", threshold="0")
+    if manifest is not None and manifest.get("read_error"):
+        # The strict reader refused the file: every reader and engine downstream will too.
+        return _verdict(row, 1, [f"artifact unreadable: {manifest['read_error']}"])
     if reason := _no_tensors(manifest):
         row.reason = reason
         return row
@@ -282,6 +288,13 @@ def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> G
     if comparison is None:
         row.reason = "comparison missing (an artifact could not be read)"
         return row
+    if comparison.get("read_error"):
+        reason = f"{comparison.get('read_error_side', 'an artifact')} unreadable: {comparison['read_error']}"
+        if comparison.get("read_error_side") == "subject":  # the converter's own output: the edge fails
+            row.value, row.status, row.reason = "unreadable", FAIL, reason
+            return row
+        row.reason = reason  # the input was already bad: that edge's gates say so, not this one
+        return row
     tensors = comparison.get("tensors") or []
     if not tensors:
         row.reason = "no tensors compared"
@@ -293,6 +306,8 @@ def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> G
         err = t.get("normalized_max_abs")
         if t["status"] in ("missing_in_candidate", "extra_in_candidate", "shape_mismatch"):
             problems.append(f"{t['name']}: {t['status']} {t.get('diagnosis', '')}".strip())
+        elif t.get("rounding_mismatches"):
+            problems.append(f"{t['name']}: {t['diagnosis']}")
         elif err is None or not err <= tolerance:  # NaN and inf fail too
             problems.append(f"{t['name']}: {t.get('diagnosis') or 'values differ'} (normalized |d| {_fmt(err)})")
     for key, (a, b) in comparison.get("config_differences", {}).items():
@@ -392,6 +407,10 @@ def _i5(row, manifest, parent_manifest) -> GateRow:
     row.metric, row.threshold = "tokenizer fields changed", "0"
     if manifest is None or parent_manifest is None:
         row.reason = "manifest missing"
+        return row
+    if reason := next((f"artifact unreadable: {m['read_error']}" for m in (manifest, parent_manifest)
+                       if m.get("read_error")), ""):
+        row.reason = reason
         return row
     a, b = parent_manifest.get("tokenizer"), manifest.get("tokenizer")
     if a is None:

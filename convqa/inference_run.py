@@ -17,6 +17,7 @@ import numpy as np
 from convqa.atomic import atomic_file
 from convqa.engines import capability, engine_for
 from convqa.engines.server import ServerError, ServerProcess
+from convqa.errors import FormatError
 from convqa.formats import detect_format, open_model
 from convqa.prompts import CHAT, RUN, Prompt, prompt_ids
 from convqa.sidecar import write_json
@@ -73,7 +74,11 @@ def run_prompts(
         return record, {}
     record["format"] = detect_format(artifact_path)
     tokenizer = ground_truth_tokenizer(source_dir)
-    spec = artifact_tokenizer(artifact_path)
+    try:
+        spec = artifact_tokenizer(artifact_path)
+    except FormatError as exc:  # the strict reader refuses the file: no engine is asked to load it
+        record["error"] = f"artifact unreadable: {exc}"[:2000]
+        return record, {}
     stop_ids = stop_ids_of(tokenizer)
     logits: dict[str, np.ndarray] = {}
     with engine_for(engine_name, backend, threads=threads) as engine:

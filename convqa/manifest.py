@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convqa.formats import open_model
+from convqa.errors import FormatError
+from convqa.formats import detect_format, open_model
 from convqa.model import LazyTensor, ModelArtifact, TokenizerSpec
 
 
@@ -109,6 +110,27 @@ def build_manifest(path: str | os.PathLike, with_stats: bool = True) -> dict:
     manifest["file_sha256"] = file_sha256(path)
     manifest["file_size"] = _size(Path(path))
     return manifest
+
+
+def unreadable_manifest(path: str | os.PathLike, error: Exception) -> dict:
+    """The manifest of an artifact the strict reader refuses: no tensors, and `read_error`
+    saying why, so the gates fail it (G0-INTEGRITY) instead of the workflow stopping."""
+    try:
+        fmt = detect_format(path)
+    except FormatError:
+        fmt = None
+    return {
+        "path": os.fspath(path),
+        "format": fmt,
+        "read_error": str(error),
+        "config": None,
+        "tokenizer": None,
+        "tensor_count": 0,
+        "tensors": [],
+        "metadata": {},
+        "file_sha256": file_sha256(path),
+        "file_size": _size(Path(path)),
+    }
 
 
 def _size(path: Path) -> int:

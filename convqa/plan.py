@@ -93,16 +93,21 @@ _FULL_CHECKS = _MVP_CHECKS + [
     Check("F-CONV-IDEM-001", "st-gguf-st.run2", "st-gguf-st", "bytes"),
     Check("F-CONV-COM-001", "st-apr-st-gguf", "st-gguf"),
 ]
-# The detection tier (`snakemake detection`, rules/detection.smk) is not part of the
-# smoke < mvp < full ladder: the fewest chains on which every known converter mutant shows, so
-# the detection run qualifies one model per mutant in minutes. Both first hops, the GGUF -> APR
-# edge (GH-191 is a GGUF -> APR bug) and one re-run per first hop (idempotency).
+# The detection tiers (`snakemake detection`, rules/detection.smk) are not part of the
+# smoke < mvp < full ladder: the fewest chains on which the converter mutants show, so the
+# detection run qualifies one model per mutant in minutes. `detection`: both first hops and one
+# re-run of each (idempotency), for a mutant on a first hop, whose broken output the correct
+# converter would refuse to convert further. `detection-downstream` adds the GGUF -> APR edge
+# (GH-191 is a GGUF -> APR bug), for a mutant there and for the correct converter.
 _DETECTION_CHECKS = _SMOKE_CHECKS + [
-    Check("F-CONV-G-A", "st-gguf-apr", "st-gguf"),
     Check("F-CONV-IDEM-001", "st-gguf.run2", "st-gguf", "bytes"),
     Check("F-CONV-IDEM-001", "st-apr.run2", "st-apr", "bytes"),
 ]
-TIER_CHECKS = {"smoke": _SMOKE_CHECKS, "mvp": _MVP_CHECKS, "full": _FULL_CHECKS, "detection": _DETECTION_CHECKS}
+_DETECTION_DOWNSTREAM_CHECKS = _DETECTION_CHECKS + [
+    Check("F-CONV-G-A", "st-gguf-apr", "st-gguf"),
+]
+TIER_CHECKS = {"smoke": _SMOKE_CHECKS, "mvp": _MVP_CHECKS, "full": _FULL_CHECKS, "detection": _DETECTION_CHECKS,
+               "detection-downstream": _DETECTION_DOWNSTREAM_CHECKS}
 
 
 def checks_for(tier: str, variant: str) -> list[Check]:

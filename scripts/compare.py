@@ -3,20 +3,26 @@
 import traceback
 
 from convqa.compare.tensors import compare_models
+from convqa.errors import FormatError
 from convqa.formats import open_model
 from convqa.sidecar import write_json
 
+subject, reference = snakemake.wildcards.subject, snakemake.wildcards.reference
 with open(snakemake.log[0], "w") as log:
     try:
-        with open_model(snakemake.input.reference) as ref, open_model(snakemake.input.subject) as cand:
-            result = compare_models(ref, cand)
-        comparison = {
-            "subject": snakemake.wildcards.subject,
-            "reference": snakemake.wildcards.reference,
-            **result.as_dict(),
-        }
+        comparison = {"subject": subject, "reference": reference}
+        side = "reference"
+        try:
+            with open_model(snakemake.input.reference) as ref:
+                side = "subject"
+                with open_model(snakemake.input.subject) as cand:
+                    result = compare_models(ref, cand)
+            comparison.update(result.as_dict())
+            print(f"{subject} vs {reference}: {result.summary()}", file=log)
+        except FormatError as exc:  # an unreadable artifact is a gate finding (convqa.gates), not a crash
+            comparison.update(read_error=str(exc), read_error_side=side, tensors=[])
+            print(f"{subject} vs {reference}: {side} unreadable: {exc}", file=log)
         write_json(snakemake.output.comparison, comparison)
-        print(f"{snakemake.wildcards.subject} vs {snakemake.wildcards.reference}: {result.summary()}", file=log)
     except Exception:
         traceback.print_exc(file=log)
         raise

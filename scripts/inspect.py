@@ -2,12 +2,17 @@
 
 import traceback
 
-from convqa.manifest import build_manifest
+from convqa.errors import FormatError
+from convqa.manifest import build_manifest, unreadable_manifest
 from convqa.sidecar import write_json
 
 with open(snakemake.log[0], "w") as log:
     try:
-        manifest = build_manifest(snakemake.input.artifact)
+        try:
+            manifest = build_manifest(snakemake.input.artifact)
+        except FormatError as exc:  # a converter wrote a file the strict reader refuses: a gate failure
+            manifest = unreadable_manifest(snakemake.input.artifact, exc)
+            print(f"{snakemake.input.artifact}: unreadable: {exc}", file=log)
         write_json(snakemake.output.manifest, manifest)
         print(f"{snakemake.input.artifact}: {manifest['tensor_count']} tensors", file=log)
     except Exception:

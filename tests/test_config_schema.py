@@ -83,7 +83,7 @@ def test_duplicate_variant(config):
 
 def test_bad_tier(config):
     config["tier"] = "everything"
-    assert "'everything' is not one of ['smoke', 'mvp', 'full']" in rejected(config)
+    assert "'everything' is not one of ['smoke', 'mvp', 'full', 'detection', 'detection-downstream']" in rejected(config)
 
 
 def test_missing_kind_specific_key(config):

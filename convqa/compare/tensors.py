@@ -54,6 +54,10 @@ class TensorComparison:
     rel_l2: float | None = None
     tolerance: float | None = None
     diagnosis: str = ""
+    # F32 -> BF16 only: values that are not the F32 value rounded to nearest even. The only
+    # correct BF16 of an F32 is exact, so a truncating converter shows here even where its error
+    # stays inside the BF16 tolerance.
+    rounding_mismatches: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -127,6 +131,13 @@ def compare_tensor(a, b, config: ModelConfig | None = None, tolerance: float | N
     va = a.to_float32().astype(np.float32, copy=False)
     vb = b.to_float32().astype(np.float32, copy=False)
     _fill_errors(row, va, vb)
+    if a.encoding.name == "F32" and b.encoding.name == "BF16":
+        expected = np.frombuffer(b.encoding.encode(va).tobytes(), dtype="<u2")
+        row.rounding_mismatches = int(np.count_nonzero(expected != b.raw().view("<u2").reshape(-1)))
+        if row.rounding_mismatches:
+            row.diagnosis = (f"{row.rounding_mismatches} of {va.size} BF16 values are not the F32 value rounded to "
+                             "nearest even (mantissa truncated?)")
+            return row
     if row.normalized_max_abs is not None and row.normalized_max_abs <= row.tolerance and np.isfinite(vb).all():
         row.status = "within_tolerance" if row.max_abs > 0 else "identical"
         row.bit_exact = row.max_abs == 0 and a.encoding == b.encoding

@@ -1,0 +1,143 @@
+"""Detection power: the qualification catches each converter mutant and stays quiet on the
+correct converter (convqa.detection, rules/detection.smk, config/detection.yaml).
+
+The fast tests check the config expansion and the matrix logic on hand-made gate rows. The slow
+test runs `snakemake detection` on a copy of the workflow with a representative subset of the
+mutants (the special cases: a layout bug that also breaks inference, an unreadable artifact, a
+non-deterministic converter and a converter writing beside its input) and asserts the matrix's
+key cells; `make detection` runs the full set (its numbers are in the README).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from convqa import detection
+from convqa.mutants import MUTANTS
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
+
+
+def full_section() -> dict:
+    return yaml.safe_load((REPO / "config" / "detection.yaml").read_text())["detection"]
+
+
+def test_the_detection_config_covers_every_mutant_of_the_registry():
+    assert set(full_section()["mutants"]) == set(MUTANTS)
+
+
+def test_expansion_adds_one_model_per_mutant_and_a_correct_model_per_preset():
+    config = {"converter": "convqa", "converters": {}, "models": {}, "detection": full_section()}
+    detection.expand_config(config)
+    models = config["models"]
+    assert models["det-skip-qk-permute"]["route"] == {"st-gguf": "mutant-skip-qk-permute"}
+    assert models["det-q8_0-as-apr-dtype-8"]["variants"] == ["q8_0"]
+    assert models["det-correct-qwen2-tiny"]["variants"] == ["native", "q8_0", "bf16"]
+    assert models["det-correct-llama-tiny"]["variants"] == ["native"]
+    assert "det-write-beside-input" not in models, "an output-path mutant fails its job by design: its own rule"
+    entry = config["converters"]["mutant-bf16-truncate"]
+    assert "--mutant bf16-truncate" in entry["command"] and entry["edges"] == ["st-gguf"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"no-such-bug": {"edge": "st-gguf", "preset": "qwen2-tiny"}}, "unknown mutant"),
+    ({"q8_0-as-apr-dtype-8": {"edge": "st-gguf", "preset": "qwen2-tiny"}}, "not gguf"),
+    ({"drop-tokenizer": {"edge": "apr-gguf", "preset": "qwen2-tiny"}}, "not built by the detection tier"),
+])
+def test_a_mutant_that_cannot_run_where_it_is_plugged_is_a_config_error(spec, message):
+    with pytest.raises(detection.DetectionConfigError, match=message):
+        detection.entries({"mutants": spec})
+
+
+def row(gate, status, subject="native/st-gguf", value="0", threshold="0", reason=""):
+    return {"gate": gate, "subject": subject, "reference": "", "metric": "m", "value": value,
+            "threshold": threshold, "status": status, "reason": reason}
+
+
+def test_a_mutant_is_caught_only_by_a_failing_row_and_named_by_its_most_specific_gate():
+    entry = detection.Entry("dims-not-reversed", "st-gguf", "qwen2-tiny")
+    rows = [row("F-CONV-S-G", "fail", value="1.5", threshold="0"), row("F-LAYOUT-001", "fail", value="7"),
+            row("F-INF-gguf-cpu-run", "fail", value="inf"), row("G0-VALIDATE", "pass")]
+    record = detection.mutant_record(entry, rows)
+    assert record["verdict"] == detection.CAUGHT
+    assert record["caught_by"][:2] == ["F-LAYOUT-001", "F-CONV-S-G"]
+    assert record["first"]["gate"] == "F-LAYOUT-001" and record["first"]["value"] == "7"
+    # Not evaluated is not caught; a function-changing bug needs an inference failure too.
+    quiet = detection.mutant_record(entry, [row("G0-INTEGRITY", "not_evaluated"), row("F-CONV-S-G", "fail")])
+    assert quiet["verdict"] == detection.MISSED
+    assert quiet["missing"] == ["it changes the computed function but no inference gate failed"]
+    unchanged = detection.mutant_record(detection.Entry("nondeterministic", "st-gguf", "qwen2-tiny"),
+                                        [row("F-CONV-IDEM-001", "fail", value="differ", threshold="equal")])
+    assert unchanged["verdict"] == detection.CAUGHT and not unchanged["inference_failed"]
+
+
+def test_a_cell_shows_the_worst_row_and_how_loudly_it_failed():
+    cells = detection.gate_cells([row("F-CONV-S-G", "pass", subject="native/st-apr"),
+                                  row("F-CONV-S-G", "fail", value="0.0125", threshold="0.005")])
+    cell = cells["F-CONV-S-G"]
+    assert (cell["status"], cell["failed_rows"], cell["rows"]) == ("fail", 1, 2)
+    assert detection.loudness(cell) == "m 0.0125 vs 0.005 (2.5x)"
+
+
+# ---------------------------------------------------------------- a real detection run
+
+SUBSET = ("dims-not-reversed", "q8_0-as-apr-dtype-8", "nondeterministic", "write-beside-input")
+
+
+@pytest.fixture(scope="module")
+def subset_matrix(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("detection")
+    workdir, package = root / "wf", root / "pkg" / "convqa"
+    workdir.mkdir()
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, workdir / part)
+    shutil.copytree(REPO / "convqa", package, ignore=shutil.ignore_patterns("__pycache__"))
+    config = yaml.safe_load((REPO / "config" / "detection.yaml").read_text())
+    config["detection"]["mutants"] = {m: config["detection"]["mutants"][m] for m in SUBSET}
+    (workdir / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    argv = [str(SNAKEMAKE), "detection", "--directory", str(workdir), "--workflow-profile", "none", "--cores", "2",
+            "--configfile", "test-config.yaml", "--replace-workflow-config"]
+    proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(package.parent)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((workdir / "results" / "detection" / "matrix.json").read_text())
+
+
+@pytest.mark.slow
+def test_detection_run_catches_every_mutant_of_the_subset(subset_matrix):
+    by_name = {m["mutant"]: m for m in subset_matrix["mutants"]}
+    assert set(by_name) == set(SUBSET)
+    assert subset_matrix["summary"]["missed"] == []
+    dims = by_name["dims-not-reversed"]
+    assert dims["first"]["gate"] == "F-LAYOUT-001"
+    assert {"G0-INTEGRITY", "F-CONV-S-G"} <= set(dims["caught_by"])
+    assert any(g.startswith("F-INF-gguf") for g in dims["inference_failed"])
+    q8 = by_name["q8_0-as-apr-dtype-8"]
+    assert q8["first"]["gate"] == "G0-INTEGRITY" and "unreadable" in q8["first"]["reason"]
+    assert q8["cells"]["F-CONV-G-A"]["status"] == "fail"
+    assert any(g.startswith("F-INF-apr") for g in q8["inference_failed"])
+    nondet = by_name["nondeterministic"]
+    assert nondet["caught_by"] == ["F-CONV-IDEM-001"] and not nondet["inference_failed"]
+    beside = by_name["write-beside-input"]
+    assert beside["first"]["gate"] == detection.OUTPUT_PATH_GATE
+    assert "model.converted.gguf" in beside["first"]["reason"] and detection.SCRATCH in beside["first"]["reason"]
+
+
+@pytest.mark.slow
+def test_detection_run_has_no_false_alarm_on_the_correct_converter(subset_matrix):
+    (correct,) = subset_matrix["correct"]
+    assert correct["variants"] == ["native", "q8_0"]
+    assert correct["fail"] == 0 and correct["false_alarms"] == []
+    assert correct["not_evaluated"] == 0, "every gate of the correct conversion must be decided"
+    assert correct["cells"][detection.OUTPUT_PATH_GATE]["status"] == "pass"
+    assert correct["pass"] > 50
