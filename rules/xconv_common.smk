@@ -74,7 +74,7 @@ def xconv_gate_input_map(model, variant, tier):
 def add_side_by_side_report_inputs(maps, model, tier):
     """Add the side converters' gate tables, manifests and sidecars to a report's inputs,
     labelled `variant/chain@converter` next to the primary's `variant/chain`."""
-    for variant in VARIANTS:
+    for variant in model_variants(model):
         slots = xconv_gate_input_map(model, variant, tier)
         if not slots:
             continue
