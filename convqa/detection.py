@@ -263,24 +263,52 @@ def load_rows(qualification_json: str | os.PathLike) -> list[dict]:
     return [{k: row.get(k) for k in keys} for row in evidence["gates"]]
 
 
-def mutant_record(entry: Entry, rows: list[dict]) -> dict:
+def function_change(mutant_npz: str | os.PathLike | None, correct_npz: str | os.PathLike | None) -> dict:
+    """Does the mutant's artifact compute another function than the correct converter's?
+
+    Both artifacts come from byte-identical sources through deterministic converters and run under
+    the same engine (transformers, cpu), so a correct conversion gives bit-identical logits and any
+    difference is the mutant's doing. This measures the registry's `changes_function` claim
+    instead of trusting it.
+    """
+    if not mutant_npz or not correct_npz:
+        return {"measured": False, "reason": "the mutated artifact runs no inference at this tier"}
+    import numpy as np
+
+    with np.load(mutant_npz, allow_pickle=False) as m, np.load(correct_npz, allow_pickle=False) as c:
+        if not m.files or not c.files:
+            return {"measured": False, "reason": "no logits (an artifact could not be loaded)"}
+        worst = 0.0
+        for key in c.files:
+            if key not in m.files or m[key].shape != c[key].shape:
+                return {"measured": True, "max_abs_dlogit": None, "changed": True, "reason": f"prompt {key}: no comparable logits"}
+            worst = max(worst, float(np.max(np.abs(m[key].astype(np.float64) - c[key]))))
+    return {"measured": True, "max_abs_dlogit": worst, "changed": worst > 0, "reason": ""}
+
+
+def mutant_record(entry: Entry, rows: list[dict], change: dict | None = None) -> dict:
     mutant = MUTANTS[entry.mutant]
+    change = change or {"measured": False, "reason": "not measured"}
     cells = gate_cells(rows)
     failed = [g for g, c in cells.items() if c["status"] == "fail"]
     structural = [g for g in failed if not is_inference_gate(g)]
     inference = [g for g in failed if is_inference_gate(g)]
+    changes_function = mutant.changes_function or bool(change.get("changed"))
     missing = []
     if not structural:
         missing.append("no tensor-level or contract gate failed")
-    if mutant.changes_function and not inference:
+    if changes_function and not inference:
         missing.append("it changes the computed function but no inference gate failed")
+    if change.get("measured") and change.get("changed") is False and mutant.changes_function:
+        missing.append("the registry says it changes the computed function, but its logits equal the correct converter's")
     first = cells[failed[0]] if failed else None
     return {
         **asdict(entry),
         "model": entry.model if entry.check == WORKFLOW else None,
         "bug": mutant.bug,
         "origin": mutant.origin,
-        "changes_function": mutant.changes_function,
+        "changes_function": changes_function,
+        "function_change": change,
         "caught_by": failed,
         "first": {"gate": failed[0], **first, "loudness": loudness(first)} if first else None,
         "inference_failed": inference,
@@ -304,9 +332,13 @@ def correct_record(preset: str, variants: list[str], rows: list[dict]) -> dict:
     }
 
 
-def build_matrix(section: dict, reports: dict[str, str], output_path_rows: dict[str, str]) -> dict:
-    """The detection matrix from each detection model's qualification.json (`reports`, by model)
-    and each output-path mutant's rows (`output_path_rows`, by mutant: JSON path)."""
+def build_matrix(
+    section: dict, reports: dict[str, str], output_path_rows: dict[str, str], logits: dict[str, list] | None = None
+) -> dict:
+    """The detection matrix from each detection model's qualification.json (`reports`, by model),
+    each output-path mutant's rows (`output_path_rows`, by mutant: JSON path) and, by mutant,
+    [mutant logits .npz, correct converter's logits .npz] of the mutated chain (`logits`)."""
+    logits = logits or {}
     all_entries = entries(section)
     mutants, extra_correct = [], []
     for entry in all_entries:
@@ -317,7 +349,8 @@ def build_matrix(section: dict, reports: dict[str, str], output_path_rows: dict[
                 both = json.load(fh)["rows"]
             rows = [r for r in both if r["converter"] != CORRECT_CONVERTER]
             extra_correct += [(entry.preset, r) for r in both if r["converter"] == CORRECT_CONVERTER]
-        mutants.append(mutant_record(entry, rows))
+        pair = logits.get(entry.mutant) or [None, None]
+        mutants.append(mutant_record(entry, rows, function_change(*pair) if entry.check == WORKFLOW else None))
     correct = []
     for preset, variants in correct_variants(section).items():
         rows = load_rows(reports[correct_model(preset)]) + [r for p, r in extra_correct if p == preset]
@@ -342,20 +375,30 @@ def build_matrix(section: dict, reports: dict[str, str], output_path_rows: dict[
 CELL_MARK = {"pass": "pass", "fail": "FAIL", "not_evaluated": "n/e", "skipped": "skip"}
 
 
+def _change_text(change: dict) -> str:
+    if not change.get("measured"):
+        return "not measured"
+    value = change.get("max_abs_dlogit")
+    if value is None:
+        return "differ (" + change.get("reason", "") + ")"
+    return "identical" if value == 0 else f"max |dlogit| {value:.3g}"
+
+
 def summary_table(matrix: dict) -> str:
     """The Markdown summary: per mutant the first (most specific) catching gate and how loudly."""
-    lines = ["| mutant | edge (preset, variant) | caught first by | how loudly | also failed | inference gate failed | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| mutant | edge (preset, variant) | caught first by | how loudly | also failed | inference gate failed "
+             "| logits vs correct converter | verdict |",
+             "|---|---|---|---|---|---|---|---|"]
     for m in matrix["mutants"]:
         first = m["first"]
         also = ", ".join(g for g in m["caught_by"][1:] if not is_inference_gate(g)) or "-"
         inference = ", ".join(m["inference_failed"]) or ("-" if m["changes_function"] else "- (function unchanged)")
         lines.append(f"| {m['mutant']} | {m['edge']} ({m['preset']}, {m['variant']}) | "
                      f"{first['gate'] if first else '-'} | {_md(first['loudness']) if first else '-'} | {also} | "
-                     f"{inference} | **{m['verdict']}** |")
+                     f"{inference} | {_md(_change_text(m.get('function_change') or {}))} | **{m['verdict']}** |")
     for c in matrix["correct"]:
         lines.append(f"| correct converter | all ({c['preset']}, {', '.join(c['variants'])}) | - | "
-                     f"{c['pass']} pass, {c['fail']} fail, {c['not_evaluated']} not evaluated, {c['skipped']} skipped | - | - | "
+                     f"{c['pass']} pass, {c['fail']} fail, {c['not_evaluated']} not evaluated, {c['skipped']} skipped | - | - | - | "
                      f"**{'no false alarm' if not c['false_alarms'] else str(len(c['false_alarms'])) + ' FALSE ALARMS'}** |")
     return "\n".join(lines) + "\n"
 

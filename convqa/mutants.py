@@ -161,7 +161,8 @@ MUTANTS = {
         Mutant("drop-qkv-bias", "qwen2 q/k/v biases dropped; llama.cpp loads the file silently", "gguf-reference.md 2 (llama.cpp 0.3.36 treats them as optional)", ("gguf", "apr", "safetensors"), True, drop_qkv_bias),
         Mutant("drop-tokenizer", "tokenizer not carried into the converted file", "aprender PMAT-172 (apr run needs the embedded vocabulary)", ("gguf", "apr", "safetensors"), False, drop_tokenizer),
         Mutant("drop-chat-template", "chat template not carried, chat prompts render differently", "anchor playbook: chat modality", ("gguf", "apr", "safetensors"), True, drop_chat_template),
-        Mutant("shift-special-token", "eos token id off by one", "tokenizer metadata mapping bugs", ("gguf", "apr", "safetensors"), True, shift_special_token),
+        # The logits do not change; generation stops on another id (seen only when a run reaches EOS).
+        Mutant("shift-special-token", "eos token id off by one", "tokenizer metadata mapping bugs", ("gguf", "apr", "safetensors"), False, shift_special_token),
         Mutant("lose-rope-theta", "rope.freq_base not written; readers fall back to 10000", "gguf-reference.md 3 (Qwen 1e6, SmolLM2 1e5)", ("gguf", "apr", "safetensors"), True, lose_rope_theta),
         Mutant("change-rms-eps", "rms_norm_eps replaced by another default", "config mapping bugs", ("gguf", "apr", "safetensors"), True, change_rms_eps),
         Mutant("q8_0-as-apr-dtype-8", "GGML Q8_0 blocks stored under APR dtype byte 8 (legacy APR Q4)", "aprender GH-191", ("apr",), True, q8_0_as_apr_dtype_8),

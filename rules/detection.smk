@@ -54,6 +54,7 @@ rule detection_matrix:
         section=DETECTION,
         reports=lambda wildcards: detection_reports(),
         output_paths={m: detection_output_path_path(m) for m in OUTPUT_PATH_ENTRIES},
+        logits=lambda wildcards: detection_logits(),
         fingerprint=DETECTION_FINGERPRINT,
     script:
         "../scripts/detection_matrix.py"

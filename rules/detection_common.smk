@@ -29,10 +29,39 @@ def detection_reports():
     }
 
 
+def detection_logits():
+    """By mutant: [its artifact's logits, the correct converter's on the same chain and variant]
+    (transformers on cpu), for mutants whose chain runs inference at their tier."""
+    pairs = {}
+    for entry in DETECTION_ENTRIES:
+        if entry.check != convqa_detection.WORKFLOW:
+            continue
+        if entry.chain not in INFERENCE["chains"].get(entry.tier, []):
+            continue
+        engine = INFERENCE_ENGINE_FILE["transformers"]
+        pairs[entry.mutant] = [
+            inference_run_path(
+                entry.model, entry.variant, entry.chain, engine, "cpu", "npz"
+            ),
+            inference_run_path(
+                convqa_detection.correct_model(entry.preset),
+                entry.variant,
+                entry.chain,
+                engine,
+                "cpu",
+                "npz",
+            ),
+        ]
+    return pairs
+
+
 def detection_matrix_inputs(wildcards):
-    return sorted(detection_reports().values()) + [
-        detection_output_path_path(m) for m in OUTPUT_PATH_ENTRIES
-    ]
+    logits = [path for pair in detection_logits().values() for path in pair]
+    return (
+        sorted(detection_reports().values())
+        + [detection_output_path_path(m) for m in OUTPUT_PATH_ENTRIES]
+        + sorted(set(logits))
+    )
 
 
 def output_path_input(wildcards):

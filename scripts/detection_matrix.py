@@ -8,7 +8,9 @@ from convqa import detection
 with open(snakemake.log[0], "w") as log:
     try:
         params = snakemake.params
-        matrix = detection.build_matrix(dict(params.section), dict(params.reports), dict(params.output_paths))
+        matrix = detection.build_matrix(
+            dict(params.section), dict(params.reports), dict(params.output_paths), dict(params.logits)
+        )
         detection.write_matrix(matrix, snakemake.output.json, snakemake.output.markdown, snakemake.output.html)
         print(f"{matrix['summary']}", file=log)
     except Exception:
