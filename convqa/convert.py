@@ -19,7 +19,7 @@ import numpy as np
 from convqa import __version__, arch, encodings
 from convqa.encodings import Encoding
 from convqa.errors import ConversionError
-from convqa.formats import FORMATS, detect_format, open_model, write_model
+from convqa.formats import FORMATS, open_model, write_model
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 # Encodings each target format can store.
@@ -195,4 +195,4 @@ def _format_from_path(path: Path) -> str:
     raise ConversionError(f"cannot tell the target format from {path}; pass --to gguf|apr|safetensors")
 
 
-__all__ = ["convert", "ConversionRecord", "STORABLE", "QUANT_TARGETS", "detect_format"]
+__all__ = ["convert", "ConversionRecord", "STORABLE", "QUANT_TARGETS"]

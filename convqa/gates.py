@@ -35,7 +35,7 @@ REGISTRY = {
     for g in [
         Gate("G0-INTEGRITY", "each artifact", "config agrees with tensor shapes: layers, hidden, vocab, heads, kv heads, intermediate, head_dim"),
         Gate("G0-VALIDATE", "each artifact", "no NaN/Inf, no all-zero weight, embedding < 50% zeros, weights < 80% zeros, 2-D weights vary, norms non-degenerate"),
-        Gate("F-LAYOUT-001", "each GGUF", "every ne is the reversed canonical shape and no tensor's values are a transposed/reshaped layout of its parent's"),
+        Gate("F-LAYOUT-001", "each GGUF", "every ne is the reversed shape the config implies (transposed values are caught, with their diagnosis, by the F-CONV edge gates)"),
         Gate("F-LAYOUT-002", "each APR", "row-major flag set, column-major flag absent, embedding and lm_head are [vocab, hidden]"),
         Gate("F-CONV-S-G", "edge", "names one-to-one, shapes equal, values equal (bit-exact when lossless, within tolerance when quantized), config and tokenizer carried"),
         Gate("F-CONV-S-A", "edge", "as F-CONV-S-G, for SafeTensors -> APR"),
@@ -181,9 +181,6 @@ def _validate(manifest: dict | None, subject: str) -> GateRow:
         elif len(t["shape"]) == 2 and s["std"] == 0:
             problems.append(f"{name}: all values equal")
     return _verdict(row, len(problems), problems)
-
-
-LAYOUT_WORDS = ("transpose", "reversed", "permuted", "scrambled", "reshape")
 
 
 def _layout_gguf(manifest: dict | None, subject: str) -> GateRow:

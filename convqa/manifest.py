@@ -135,5 +135,5 @@ def unreadable_manifest(path: str | os.PathLike, error: Exception) -> dict:
 
 def _size(path: Path) -> int:
     if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name not in WORKFLOW_MARKERS)
     return path.stat().st_size

@@ -437,11 +437,11 @@ def hf_to_model_config(arch: str, hf) -> ModelConfig:
     )
 
 
-@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+def tiny_hf_model_as_gguf(path, arch: str, tie: bool, rope_theta: float):
+    """A seeded tiny transformers model and its GGUF written by write_gguf (F32, canonical names)."""
+    import torch
+    import transformers
+
     config_class = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
     hf_config = config_class(
         vocab_size=96,
@@ -451,7 +451,7 @@ def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        rope_theta=1000000.0 if arch == "qwen2" else 100000.0,
+        rope_theta=rope_theta,
         rms_norm_eps=1e-06,
         tie_word_embeddings=tie,
     )
@@ -462,7 +462,16 @@ def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
     names = expected_tensors(config)
     assert set(names) == set(state) - ({"lm_head.weight"} if tie else set())
     tensors = [const_tensor(name, state[name].numpy(), encodings.F32) for name in names]
-    write_gguf(tmp_path / "model.gguf", WritePlan(config, tiny_tokenizer(), tensors))
+    write_gguf(path, WritePlan(config, tiny_tokenizer(), tensors))
+    return original
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_transformers_loads_our_gguf_bit_identically(tmp_path, arch, tie):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    original = tiny_hf_model_as_gguf(tmp_path / "model.gguf", arch, tie, 1000000.0 if arch == "qwen2" else 100000.0)
 
     loaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
@@ -482,28 +491,10 @@ def test_llama_cpp_loads_our_gguf_and_agrees_with_transformers(tmp_path, arch):
     """llama.cpp checks KV types, tokenizer and tensor shapes strictly; its F32 forward (F32 KV cache)
     matches transformers to float rounding only if the Q/K rows are in the order it expects."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     llama_cpp = pytest.importorskip("llama_cpp")
-    config_class = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[arch]
-    hf_config = config_class(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-06,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    original = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    state = original.state_dict()
-    config = hf_to_model_config(arch, hf_config)
-    tensors = [const_tensor(name, state[name].numpy(), encodings.F32) for name in expected_tensors(config)]
     path = tmp_path / "model.gguf"
-    write_gguf(path, WritePlan(config, tiny_tokenizer(), tensors))
+    original = tiny_hf_model_as_gguf(path, arch, True, 1000000.0)
 
     llm = llama_cpp.Llama(
         str(path),
