@@ -55,6 +55,7 @@ REGISTRY = {
         Gate("F-CONTRACT-I4", "each converted artifact", "mean/std/min/max of every tensor preserved within its encoding's tolerance"),
         Gate("F-CONTRACT-I5", "each converted artifact", "tokenizer carried: same tokens, merges, special ids and chat template as the parent"),
         Gate("F-INF", "artifact x engine x backend x modality", "inference runs, output non-empty and not garbage, logits match the ground truth within tolerance"),
+        Gate("F-INF-REF", "artifact x engine x modality, lossy variants, cpu", "logits equal the reference-quantized model's (the source through the reference quantizer of each tensor's stored encoding) within tolerance: bit for bit under transformers"),
         Gate("F-ENGINE-001", "each GGUF", "llama.cpp and transformers agree on the same file within tolerance"),
         Gate("F-SERVE-001", "each served artifact", "the HTTP answer equals the run answer token for token"),
         Gate("F-XCONV-001", "edge with two converters", "two converters' outputs for the same edge agree tensor by tensor"),

@@ -4,6 +4,10 @@
   truth (transformers on cpu over the SafeTensors source): teacher-forced logits (max |dlogit|,
   relative |dlogit|, KL, top-1) within the tolerance configured for (variant, engine), greedy
   continuation compared token by token, output non-empty and not garbage.
+- F-INF-REF-{fmt}-cpu-{modality}: one artifact of a lossy variant under one engine on cpu, against
+  the reference-quantized model of its chain's first hop (convqa.reference_model): where F-INF
+  can only bound the loss, this one holds the encoding itself to the reference quantizer's values
+  (a correct artifact is bit-identical under transformers).
 - F-ENGINE-001: llama.cpp and transformers on the same GGUF file.
 - F-SERVE-001: the HTTP answers equal the `run` answers (ids for transformers, text for llama.cpp,
   whose server tokenizes the prompt text itself).
@@ -22,7 +26,7 @@ import numpy as np
 
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
 from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
-from convqa.plan import hops
+from convqa.plan import first_hop, hops
 from convqa.prompts import CHAT, RUN
 
 GROUND_TRUTH = ("st", "transformers", "cpu")  # chain, engine, backend
@@ -184,6 +188,35 @@ def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolera
     return rows
 
 
+def reference_rows(model: str, variant: str, references: dict, runs: dict, tolerances: dict,
+                   modalities=(RUN, CHAT)) -> list[GateRow]:
+    """F-INF-REF rows: every cpu run of an engine with a reference tolerance against the reference
+    model of its chain's first hop. references: first-hop chain -> loaded reference record;
+    tolerances: engine -> tolerance. The reference runs on cpu only: a gpu run against it would
+    measure kernels, not the converter (its F-INF row covers the gpu)."""
+    rows = []
+    for (chain, engine, backend), record in sorted(runs.items()):
+        if chain == GROUND_TRUTH[0] or backend != "cpu" or engine not in tolerances:
+            continue
+        hop = first_hop(chain)
+        reference = references.get(hop)
+        for modality in (m for m in (RUN, CHAT) if m in modalities):
+            row = GateRow(f"F-INF-REF-{fmt_of(chain)}-{backend}-{modality}", subject_of(variant, chain, engine),
+                          reference=f"{label(variant, hop)}/reference", model=model, variant=variant)
+            if record.get("skipped"):
+                row.status, row.reason = SKIPPED, record["skipped"]
+            elif record.get("error"):
+                row.status, row.reason = FAIL, record["error"][:500]
+            elif reference is None:
+                row.reason = f"no reference run for the first hop {hop}"
+            elif reference.get("error"):  # a correct first hop always has one: its absence is a finding
+                row.status, row.reason = FAIL, reference["error"][:500]
+            else:
+                judge(row, compare_runs(reference, record, modality), tolerances[engine])
+            rows.append(row)
+    return rows
+
+
 def engine_rows(model: str, variant: str, runs: dict, tolerances: dict) -> list[GateRow]:
     """F-ENGINE-001 per GGUF chain: llama.cpp against transformers on the same file (cpu, run prompts)."""
     rows = []
@@ -285,12 +318,19 @@ def prompt_details(variant: str, reference: dict, runs: dict) -> dict[str, list[
 
 
 def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dict,
-             modalities=(RUN, CHAT, "serve")) -> tuple[list[GateRow], list[dict], dict]:
-    """(gate rows, throughput, per-prompt details) of one (model, variant)."""
+             modalities=(RUN, CHAT, "serve"), references: dict | None = None,
+             reference_tolerances: dict | None = None) -> tuple[list[GateRow], list[dict], dict]:
+    """(gate rows, throughput, per-prompt details) of one (model, variant).
+
+    references (first hop -> reference run) and reference_tolerances (engine -> tolerance) add the
+    F-INF-REF rows; without them there are none.
+    """
     reference = runs.get(GROUND_TRUTH)
     if reference is None or reference.get("skipped") or reference.get("error"):
         raise ValueError("the ground truth run (transformers, cpu, on the SafeTensors source) is missing")
     rows = inference_rows(model, variant, reference, runs, tolerances, modalities)
+    if reference_tolerances:
+        rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities)
     rows += engine_rows(model, variant, runs, tolerances)
     if "serve" in modalities:
         rows += serve_rows(model, variant, runs, serves)

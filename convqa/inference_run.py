@@ -17,9 +17,10 @@ import numpy as np
 from convqa.atomic import atomic_file
 from convqa.engines import capability, engine_for
 from convqa.engines.server import ServerError, ServerProcess
-from convqa.errors import FormatError
+from convqa.errors import ConversionError, FormatError
 from convqa.formats import detect_format, open_model
 from convqa.prompts import CHAT, RUN, Prompt, prompt_ids
+from convqa.reference_model import reference_quantized
 from convqa.sidecar import write_json
 
 # Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
@@ -79,29 +80,70 @@ def run_prompts(
     except FormatError as exc:  # the strict reader refuses the file: no engine is asked to load it
         record["error"] = f"artifact unreadable: {exc}"[:2000]
         return record, {}
-    stop_ids = stop_ids_of(tokenizer)
-    logits: dict[str, np.ndarray] = {}
     with engine_for(engine_name, backend, threads=threads) as engine:
         try:
             engine.load(artifact_path)
         except Exception as exc:  # a broken artifact is a finding for the gates, not a crash
             record["error"] = f"{engine_name} could not load the artifact: {type(exc).__name__}: {exc}"[:2000]
             return record, {}
-        record["load_s"] = engine.timings.load_s
-        for prompt in prompts:
-            ids, error = prompt_ids(tokenizer, spec, prompt)
-            entry = {"prompt_id": prompt.id, "modality": prompt.modality, "ids": ids, "error": error or None}
-            if ids is not None:
-                result = engine.run(prompt.id, ids, max_new_tokens, stop_ids)
-                content = _content(result.generated_ids, stop_ids)
-                text = engine.detokenize(content) if engine_name == "llama.cpp" else tokenizer.decode(
-                    content, skip_special_tokens=True
-                )
-                entry.update(result.as_row(), text=text)
-                entry.pop("engine"), entry.pop("backend")
-                logits[prompt.id] = result.logits
-            record["prompts"].append(entry)
-    return record, logits
+        return record, _run_loaded(engine, tokenizer, spec, prompts, max_new_tokens, record)
+
+
+def _run_loaded(engine, tokenizer, spec, prompts: list[Prompt], max_new_tokens: int, record: dict) -> dict[str, np.ndarray]:
+    """Every prompt through a loaded engine; appends the entries to `record`, returns the logits."""
+    stop_ids = stop_ids_of(tokenizer)
+    logits: dict[str, np.ndarray] = {}
+    record["load_s"] = engine.timings.load_s
+    for prompt in prompts:
+        ids, error = prompt_ids(tokenizer, spec, prompt)
+        entry = {"prompt_id": prompt.id, "modality": prompt.modality, "ids": ids, "error": error or None}
+        if ids is not None:
+            result = engine.run(prompt.id, ids, max_new_tokens, stop_ids)
+            content = _content(result.generated_ids, stop_ids)
+            text = engine.detokenize(content) if engine.name == "llama.cpp" else tokenizer.decode(
+                content, skip_special_tokens=True
+            )
+            entry.update(result.as_row(), text=text)
+            entry.pop("engine"), entry.pop("backend")
+            logits[prompt.id] = result.logits
+        record["prompts"].append(entry)
+    return logits
+
+
+def run_reference(
+    source_dir: str | os.PathLike,
+    encoded_path: str | os.PathLike,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    threads: int,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """(record, logits) of the reference-quantized model (convqa.reference_model) under
+    transformers on cpu: the source's tensors in the encodings `encoded_path` stores them in.
+
+    When the reference cannot be built (the artifact is unreadable, or holds an encoding with no
+    reference encoder), the record carries `error` and no logits: the gates fail on it.
+    """
+    record = {
+        "artifact": f"reference: {os.fspath(source_dir)} in the encodings of {os.fspath(encoded_path)}",
+        "engine": "transformers",
+        "backend": "cpu",
+        "max_new_tokens": max_new_tokens,
+        "skipped": None,
+        "error": None,
+        "prompts": [],
+        "reference": {"source": os.fspath(source_dir), "encodings_from": os.fspath(encoded_path)},
+    }
+    tokenizer = ground_truth_tokenizer(source_dir)
+    with engine_for("transformers", "cpu", threads=threads) as engine:
+        try:
+            with open_model(source_dir) as source, open_model(encoded_path) as encoded:
+                reference = reference_quantized(source, encoded)
+                engine.load_artifact(reference)  # copies every tensor: the files can close
+        except (FormatError, ConversionError) as exc:
+            record["error"] = f"no reference model: {exc}"[:2000]
+            return record, {}
+        record["reference"]["encodings"] = reference.metadata["reference_encodings"]
+        return record, _run_loaded(engine, tokenizer, reference.tokenizer, prompts, max_new_tokens, record)
 
 
 def write_run(record: dict, logits: dict[str, np.ndarray], json_path, npz_path) -> None:

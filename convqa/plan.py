@@ -64,6 +64,14 @@ def is_first_hop(chain: str) -> bool:
     return len(hops(chain)) == 2
 
 
+def first_hop(chain: str) -> str:
+    """The conversion that left SafeTensors: `st-gguf-apr` -> `st-gguf`; `st-apr.run2` -> `st-apr`."""
+    h = hops(chain)
+    if len(h) == 1:
+        raise ValueError("the source chain 'st' has no first hop")
+    return "-".join(h[:2])
+
+
 # Tiers: what each target builds and checks. Each later tier contains the earlier one.
 _SMOKE_CHECKS = [
     Check("F-CONV-S-G", "st-gguf", "st"),

@@ -6,6 +6,7 @@
 # results/{model}/source.infer/{engine}-{backend}.json|.npz      the ground truth's runs
 # results/{model}/{variant}/{chain}/infer/{engine}-{backend}.json|.npz
 # results/{model}/{variant}/{chain}/infer/serve-{engine}.json
+# results/{model}/{variant}/reference/{hop}/transformers-cpu.json|.npz   reference-quantized model
 # results/{model}/{variant}/gates/{tier}/inference.tsv, inference-extra.json
 
 
@@ -54,6 +55,28 @@ use rule infer as infer_source with:
         inference_run_path(
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "benchmark.tsv"
         )
+
+
+rule infer_reference:
+    input:
+        unpack(encoded_artifact),
+    output:
+        json=reference_run_path("{model}", "{variant}", "{hop}"),
+        npz=reference_run_path("{model}", "{variant}", "{hop}", "npz"),
+    log:
+        reference_run_path("{model}", "{variant}", "{hop}", "log"),
+    benchmark:
+        reference_run_path("{model}", "{variant}", "{hop}", "benchmark.tsv")
+    wildcard_constraints:
+        hop="st-(?:st|gguf|apr)",
+    conda:
+        "../envs/convert.yaml"
+    threads: INFERENCE["threads"]
+    params:
+        max_new_tokens=INFERENCE["max_new_tokens"],
+        fingerprint=INFERENCE_RUN_FINGERPRINT,
+    script:
+        "../scripts/infer_reference.py"
 
 
 rule serve_check:
@@ -115,6 +138,7 @@ rule inference_gates:
     params:
         inputs=inference_gate_params,
         tolerances=inference_tolerances,
+        reference_tolerances=reference_tolerances,
         modalities=INFERENCE["modalities"],
         fingerprint=INFERENCE_GATES_FINGERPRINT,
     script:

@@ -40,6 +40,11 @@ def inference_run_path(model, variant, chain, engine, backend, ext="json"):
     return f"{inference_dir(model, variant, chain)}/{engine}-{backend}.{ext}"
 
 
+def reference_run_path(model, variant, hop, ext="json"):
+    """The reference-quantized model's run (convqa.reference_model) for one first hop."""
+    return f"results/{model}/{variant}/reference/{hop}/transformers-cpu.{ext}"
+
+
 def serve_path(model, variant, chain, engine):
     return f"{inference_dir(model, variant, chain)}/serve-{engine}.json"
 
@@ -69,6 +74,15 @@ def inference_cells(tier):
             for backend in INFERENCE["backends"]:
                 cells.add((chain, engine, backend))
     return sorted(cells)
+
+
+def reference_hops(variant, tier):
+    """First hops whose reference-quantized model runs: those of the tier's inference chains, for
+    a variant with reference tolerances (config inference.reference_tolerances)."""
+    if variant not in INFERENCE["reference_tolerances"]:
+        return []
+    chains = [c for c in INFERENCE["chains"][tier] if c != SOURCE_CHAIN]
+    return sorted({plan.first_hop(c) for c in chains})
 
 
 def served_cells(tier):
@@ -111,12 +125,20 @@ def inference_input_map(model, variant, tier):
             f"{c}|{e}": serve_path(model, variant, c, INFERENCE_ENGINE_FILE[e])
             for c, e in served_cells(tier)
         },
+        "references": {
+            hop: {
+                "json": reference_run_path(model, variant, hop),
+                "npz": reference_run_path(model, variant, hop, "npz"),
+            }
+            for hop in reference_hops(variant, tier)
+        },
     }
 
 
 def inference_gate_inputs(wildcards):
     inputs = inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
-    paths = [p for run in inputs["runs"].values() for p in run.values()]
+    runs = list(inputs["runs"].values()) + list(inputs["references"].values())
+    paths = [p for run in runs for p in run.values()]
     return sorted(paths + list(inputs["serves"].values()))
 
 
@@ -126,6 +148,18 @@ def inference_gate_params(wildcards):
 
 def inference_tolerances(wildcards):
     return INFERENCE["tolerances"].get(wildcards.variant, {})
+
+
+def reference_tolerances(wildcards):
+    return INFERENCE["reference_tolerances"].get(wildcards.variant, {})
+
+
+def encoded_artifact(wildcards):
+    """The source, and the first-hop artifact whose encodings the reference reproduces."""
+    return {
+        "source": source_dir(wildcards.model),
+        "encoded": artifact_path(wildcards.model, wildcards.variant, wildcards.hop),
+    }
 
 
 def inference_report_inputs(wildcards):

@@ -1,4 +1,4 @@
-"""Rule inference_gates: F-INF, F-ENGINE-001 and F-SERVE-001 rows of one (model, variant, tier),
+"""Rule inference_gates: F-INF, F-INF-REF, F-ENGINE-001 and F-SERVE-001 rows of one (model, variant, tier),
 plus the throughput table and per-prompt details the report shows."""
 
 import json
@@ -18,8 +18,10 @@ with open(snakemake.log[0], "w") as log:
         for key, path in inputs["serves"].items():
             with open(path) as fh:
                 serves[tuple(key.split("|"))] = json.load(fh)
+        references = {hop: load_run(paths["json"], paths["npz"]) for hop, paths in inputs["references"].items()}
         rows, throughput, details = evaluate(
-            model, variant, runs, serves, dict(snakemake.params.tolerances), tuple(snakemake.params.modalities)
+            model, variant, runs, serves, dict(snakemake.params.tolerances), tuple(snakemake.params.modalities),
+            references=references, reference_tolerances=dict(snakemake.params.reference_tolerances),
         )
         gates.write_rows_tsv(rows, snakemake.output.gates)
         write_json(snakemake.output.extra, {"throughput": throughput, "inference_details": details})

@@ -4,7 +4,8 @@ correct converter (convqa.detection, rules/detection.smk, config/detection.yaml)
 The fast tests check the config expansion and the matrix logic on hand-made gate rows. The slow
 test runs `snakemake detection` on a copy of the workflow with a representative subset of the
 mutants (the special cases: a layout bug that also breaks inference, an unreadable artifact, a
-non-deterministic converter and a converter writing beside its input) and asserts the matrix's
+non-deterministic converter, a converter writing beside its input and a quantizer that only the
+reference-quantized model can tell from a correct one) and asserts the matrix's
 key cells; `make detection` runs the full set (its numbers are in the README).
 """
 
@@ -90,7 +91,7 @@ def test_a_cell_shows_the_worst_row_and_how_loudly_it_failed():
 
 # ---------------------------------------------------------------- a real detection run
 
-SUBSET = ("dims-not-reversed", "q8_0-as-apr-dtype-8", "nondeterministic", "write-beside-input")
+SUBSET = ("dims-not-reversed", "q8_0-as-apr-dtype-8", "nondeterministic", "write-beside-input", "bf16-truncate")
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,12 @@ def test_detection_run_catches_every_mutant_of_the_subset(subset_matrix):
     assert any(g.startswith("F-INF-apr") for g in q8["inference_failed"])
     nondet = by_name["nondeterministic"]
     assert nondet["caught_by"] == ["F-CONV-IDEM-001"] and not nondet["inference_failed"]
+    assert nondet["first"]["reason"].count(detection.DIGEST_PLACEHOLDER) == 2, "digests vary run to run"
+    truncate = by_name["bf16-truncate"]  # inside every ground-truth tolerance: only the reference sees it
+    assert truncate["function_change"]["changed"] is True
+    assert sorted(truncate["inference_failed"]) == ["F-INF-REF-gguf-cpu-chat", "F-INF-REF-gguf-cpu-run"]
+    assert truncate["cells"]["F-INF-gguf-cpu-run"]["status"] == "pass"
+    assert float(truncate["cells"]["F-INF-REF-gguf-cpu-run"]["value"]) > 0
     beside = by_name["write-beside-input"]
     assert beside["first"]["gate"] == detection.OUTPUT_PATH_GATE
     assert "model.converted.gguf" in beside["first"]["reason"] and detection.SCRATCH in beside["first"]["reason"]
@@ -136,8 +143,9 @@ def test_detection_run_catches_every_mutant_of_the_subset(subset_matrix):
 @pytest.mark.slow
 def test_detection_run_has_no_false_alarm_on_the_correct_converter(subset_matrix):
     (correct,) = subset_matrix["correct"]
-    assert correct["variants"] == ["native", "q8_0"]
+    assert correct["variants"] == ["native", "q8_0", "bf16"]
     assert correct["fail"] == 0 and correct["false_alarms"] == []
+    assert correct["not_evaluated"] == 0
     assert correct["not_evaluated"] == 0, "every gate of the correct conversion must be decided"
     assert correct["cells"][detection.OUTPUT_PATH_GATE]["status"] == "pass"
     assert correct["pass"] > 50

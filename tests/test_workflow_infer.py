@@ -67,12 +67,22 @@ def test_inference_gates_pass_for_correct_conversions(workdir):
             assert rows[key]["status"] == "pass", rows[key]
         if variant == "native":
             assert rows[("F-INF-apr-cpu-run", "native/st-apr/transformers")]["value"] == "0"
+            assert not [gate for gate, _ in rows if gate.startswith("F-INF-REF")], "lossless: no reference"
+        else:  # the reference-quantized model (schema default reference_tolerances): bit for bit
+            for fmt in ("gguf", "apr"):
+                for modality in ("run", "chat"):
+                    row = rows[(f"F-INF-REF-{fmt}-cpu-{modality}", f"q8_0/st-{fmt}/transformers")]
+                    assert (row["status"], row["value"], row["reference"]) == ("pass", "0", f"q8_0/st-{fmt}/reference")
+            assert not [gate for gate, subject in rows if gate.startswith("F-INF-REF") and "llama.cpp" in subject]
         gpu = [r for (gate, _), r in rows.items() if "-gpu-" in gate]
         assert gpu and all(r["status"] == "skipped" and r["reason"] for r in gpu)
 
 
-def test_the_ground_truth_runs_once_per_model_and_no_server_outlives_its_job(workdir):
+def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_hop_and_no_server_outlives_its_job(workdir):
     assert (workdir / f"results/{MODEL}/source.infer/transformers-cpu.npz").exists()
+    references = sorted(p.relative_to(workdir / f"results/{MODEL}").as_posix()
+                        for p in (workdir / f"results/{MODEL}").glob("*/reference/*/transformers-cpu.npz"))
+    assert references == ["q8_0/reference/st-apr/transformers-cpu.npz", "q8_0/reference/st-gguf/transformers-cpu.npz"]
     assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
     served = list((workdir / f"results/{MODEL}").rglob("serve-*.json"))
     assert len(served) == 4  # config inference.serve: st-apr (transformers), st-gguf (llama.cpp) per variant

@@ -144,6 +144,15 @@ class TransformersEngine(Engine):
                 model = model_from_artifact(artifact)
         self.model = model.to(self.device).eval()
 
+    def load_artifact(self, artifact: ModelArtifact) -> "TransformersEngine":
+        """Load an open artifact, which may live only in memory (convqa.reference_model)."""
+        start = time.perf_counter()
+        configure_determinism(self.threads)
+        self.model = model_from_artifact(artifact).to(self.device).eval()
+        self.timings.load_s = time.perf_counter() - start
+        self.artifact_path = artifact.path
+        return self
+
     def _input(self, ids: list[int]):
         torch = _torch()
         return torch.tensor([list(ids)], dtype=torch.long, device=self.device)
