@@ -2,8 +2,10 @@
 
 `run_prompts` writes, per (artifact, engine, backend), a JSON record (per prompt: modality, ids,
 generated ids, decoded text, timings) and an .npz of teacher-forced logits keyed by prompt id.
-`serve_prompts` starts the engine's OpenAI-compatible server under `ServerProcess` (which kills
-it with the job), sends the same prompts and records the answers. The gates compare these files
+`run_reference` does the same for the reference-quantized model of a lossy first hop
+(convqa.reference_model), which exists only in memory. `serve_prompts` starts the engine's
+OpenAI-compatible server under `ServerProcess` (which kills it with the job), sends the same
+prompts and records the answers. The gates compare these files
 (convqa.inference_gates); nothing here decides pass or fail.
 """
 
