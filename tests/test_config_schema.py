@@ -106,6 +106,17 @@ def test_model_name_with_a_slash(config):
     assert "does not match" in rejected(config)
 
 
+def test_reference_tolerances_default_to_bit_exact_for_every_lossy_variant_and_refuse_a_typo(config):
+    defaults = {"models": {"m": {"source": {"kind": "synthetic", "preset": "llama-tiny"}}}}
+    validate(defaults, SCHEMA)
+    reference = defaults["inference"]["reference_tolerances"]
+    assert set(reference) == {"f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "apr-int8", "apr-int4"}
+    assert all(v["transformers"]["max_abs_dlogit"] == 0 and v["transformers"]["reason"] for v in reference.values())
+    assert set(config["inference"]["reference_tolerances"]) == set(reference), "config.yaml lists every lossy variant"
+    config["inference"]["reference_tolerances"]["q8_0"]["transformers"] = {"max_abs_dlogt": 0, "reason": "typo"}
+    assert "'max_abs_dlogt' was unexpected" in rejected(config)
+
+
 def test_unknown_top_level_key(config):
     config["varaints"] = ["native"]
     assert "'varaints' was unexpected" in rejected(config)
