@@ -48,6 +48,12 @@ def _content(generated: list[int], stop_ids: set[int]) -> list[int]:
     return generated[:-1] if generated and generated[-1] in stop_ids else generated
 
 
+def _new_record(artifact: str, engine_name: str, backend: str, max_new_tokens: int) -> dict:
+    """A run record before anything ran: what was asked of which engine."""
+    return {"artifact": artifact, "engine": engine_name, "backend": backend, "max_new_tokens": max_new_tokens,
+            "skipped": None, "error": None, "prompts": []}
+
+
 def run_prompts(
     artifact_path: str | os.PathLike,
     source_dir: str | os.PathLike,
@@ -62,15 +68,7 @@ def run_prompts(
     An absent capability (no CUDA device) gives `skipped` with the reason and loads nothing.
     A prompt that cannot be rendered for this artifact (chat without a template) carries `error`.
     """
-    record = {
-        "artifact": os.fspath(artifact_path),
-        "engine": engine_name,
-        "backend": backend,
-        "max_new_tokens": max_new_tokens,
-        "skipped": None,
-        "error": None,
-        "prompts": [],
-    }
+    record = _new_record(os.fspath(artifact_path), engine_name, backend, max_new_tokens)
     available, reason = capability(engine_name, backend)
     if not available:
         record["skipped"] = reason
@@ -125,16 +123,9 @@ def run_reference(
     When the reference cannot be built (the artifact is unreadable, or holds an encoding with no
     reference encoder), the record carries `error` and no logits: the gates fail on it.
     """
-    record = {
-        "artifact": f"reference: {os.fspath(source_dir)} in the encodings of {os.fspath(encoded_path)}",
-        "engine": "transformers",
-        "backend": "cpu",
-        "max_new_tokens": max_new_tokens,
-        "skipped": None,
-        "error": None,
-        "prompts": [],
-        "reference": {"source": os.fspath(source_dir), "encodings_from": os.fspath(encoded_path)},
-    }
+    record = _new_record(f"reference: {os.fspath(source_dir)} in the encodings of {os.fspath(encoded_path)}",
+                         "transformers", "cpu", max_new_tokens)
+    record["reference"] = {"source": os.fspath(source_dir), "encodings_from": os.fspath(encoded_path)}
     tokenizer = ground_truth_tokenizer(source_dir)
     with engine_for("transformers", "cpu", threads=threads) as engine:
         try:
