@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from convqa import arch
@@ -324,9 +324,10 @@ def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> G
 
 
 def contract_rows(chain: str, inputs: dict, model: str, variant: str) -> list[GateRow]:
-    """inputs: `comparison` (artifact vs parent), `manifest`, `parent_manifest`, `sidecar`."""
+    """inputs: `manifest`, `parent_manifest`, `sidecar`, `parent_chain` (the statistics the
+    contracts compare are in the manifests: no tensor is read again)."""
     subject, ref = label(variant, chain), label(variant, inputs.get("parent_chain", ""))
-    comparison, manifest, parent_manifest = inputs.get("comparison"), inputs.get("manifest"), inputs.get("parent_manifest")
+    manifest, parent_manifest = inputs.get("manifest"), inputs.get("parent_manifest")
     sidecar = inputs.get("sidecar") or {}
     rows = [
         _i2(GateRow("F-CONTRACT-I2", subject, ref), manifest, parent_manifest),

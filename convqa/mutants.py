@@ -19,7 +19,7 @@ import numpy as np
 
 from convqa import encodings
 from convqa.errors import ConversionError
-from convqa.model import LazyTensor, ModelArtifact, WritePlan, WriterQuirks
+from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 
 @dataclass(frozen=True)

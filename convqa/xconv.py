@@ -67,9 +67,8 @@ def side_rows(slot: dict, loaded: dict, model: str, variant: str) -> list[GateRo
     for row in edge_rows:
         row.subject = label(variant, subject)
     rows += edge_rows
-    rows += contract_rows(subject, {"comparison": loaded["vs_parent"], "manifest": manifest,
-                                    "parent_manifest": loaded["parent_manifest"], "sidecar": sidecar,
-                                    "parent_chain": parent}, model, variant)
+    rows += contract_rows(subject, {"manifest": manifest, "parent_manifest": loaded["parent_manifest"],
+                                    "sidecar": sidecar, "parent_chain": parent}, model, variant)
     rows.append(xconv_row(chain, converter, slot["primary_converter"], loaded, model, variant))
     return rows
 

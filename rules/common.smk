@@ -180,7 +180,8 @@ def log_path(model, variant, chain, step):
 
 def comparison_pairs(tier, variant):
     """(subject, reference) of every tensor comparison: one per tensors-mode check, plus each
-    converted artifact against its parent (for the contract gates). Sorted, no duplicates.
+    converted artifact against its parent (the report's per-edge tensor errors; the contract
+    gates compare manifest statistics). Sorted, no duplicates.
     """
     pairs = {
         (c.subject, c.reference)

@@ -2,6 +2,7 @@
 
 import json
 import traceback
+from collections import Counter
 
 from convqa import gates, plan
 
@@ -33,7 +34,6 @@ with open(snakemake.log[0], "w") as log:
         for chain in plan.artifact_chains(tier, variant):
             parent = plan.parent(chain)
             contract_inputs = {
-                "comparison": comparisons[f"{chain}~{parent}"],
                 "manifest": manifests[chain],
                 "parent_manifest": manifests[parent],
                 "sidecar": sidecars[chain],
@@ -41,9 +41,7 @@ with open(snakemake.log[0], "w") as log:
             }
             rows += gates.contract_rows(chain, contract_inputs, model, variant)
         gates.write_rows_tsv(rows, snakemake.output.gates)
-        statuses = {}
-        for row in rows:
-            statuses[row.status] = statuses.get(row.status, 0) + 1
+        statuses = dict(Counter(row.status for row in rows))
         print(f"{model} {variant} {tier}: {len(rows)} gate rows {statuses}", file=log)
     except Exception:
         traceback.print_exc(file=log)

@@ -3,6 +3,7 @@ plus the throughput table and per-prompt details the report shows."""
 
 import json
 import traceback
+from collections import Counter
 
 from convqa import gates
 from convqa.inference_gates import evaluate
@@ -25,9 +26,7 @@ with open(snakemake.log[0], "w") as log:
         )
         gates.write_rows_tsv(rows, snakemake.output.gates)
         write_json(snakemake.output.extra, {"throughput": throughput, "inference_details": details})
-        statuses = {}
-        for row in rows:
-            statuses[row.status] = statuses.get(row.status, 0) + 1
+        statuses = dict(Counter(row.status for row in rows))
         print(f"{model} {variant}: {len(rows)} inference gate rows {statuses}", file=log)
     except Exception:
         traceback.print_exc(file=log)

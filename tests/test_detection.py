@@ -12,20 +12,14 @@ key cells; `make detection` runs the full set (its numbers are in the README).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from workflow_copy import REPO, Workflow
 
 from convqa import detection
 from convqa.mutants import MUTANTS
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
 
 
 def full_section() -> dict:
@@ -96,22 +90,11 @@ SUBSET = ("dims-not-reversed", "q8_0-as-apr-dtype-8", "nondeterministic", "write
 
 @pytest.fixture(scope="module")
 def subset_matrix(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("detection")
-    workdir, package = root / "wf", root / "pkg" / "convqa"
-    workdir.mkdir()
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, workdir / part)
-    shutil.copytree(REPO / "convqa", package, ignore=shutil.ignore_patterns("__pycache__"))
     config = yaml.safe_load((REPO / "config" / "detection.yaml").read_text())
     config["detection"]["mutants"] = {m: config["detection"]["mutants"][m] for m in SUBSET}
-    (workdir / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [str(SNAKEMAKE), "detection", "--directory", str(workdir), "--workflow-profile", "none", "--cores", "2",
-            "--configfile", "test-config.yaml", "--replace-workflow-config"]
-    proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(package.parent)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads((workdir / "results" / "detection" / "matrix.json").read_text())
+    wf = Workflow.create(tmp_path_factory.mktemp("detection"), config)
+    wf.run("detection")
+    return json.loads(wf.path("results/detection/matrix.json").read_text())
 
 
 @pytest.mark.slow

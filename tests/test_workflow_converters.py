@@ -10,21 +10,15 @@ test_workflow_run.py; the stand-in `apr` is installed on PATH from tests/data/fa
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from workflow_copy import REPO, Workflow
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
 MODEL, VARIANT = "qwen2-tiny", "native"
 CONVQA = {"command": "convqa convert {input} {output} --to {format} {quant_arg} --json", "json_record": True}
 FAILING = "{python} -c 'import sys; print(\"unsupported tensor type BF17\", file=sys.stderr); sys.exit(3)' {input} {output}"
@@ -53,64 +47,19 @@ def side_by_side_config() -> dict:
     }
 
 
-class Workflow:
-    def __init__(self, root: Path):
-        self.root, self.workdir, self.package = root, root / "wf", root / "pkg" / "convqa"
+def with_apr_standin(wf: Workflow) -> Workflow:
+    """The stand-in for the APR toolchain, as an executable `apr` in the copy's bin/ (on PATH)."""
+    apr = wf.path("bin/apr")
+    apr.parent.mkdir()
+    body = (REPO / "tests" / "data" / "fake_apr_rosetta.py").read_text().split("\n", 1)[1]
+    apr.write_text(f"#!{sys.executable}\n{body}")
+    apr.chmod(0o755)
+    return wf
 
-    @classmethod
-    def create(cls, root: Path, config: dict) -> "Workflow":
-        wf = cls(root)
-        wf.workdir.mkdir(parents=True)
-        for part in WORKFLOW_PARTS:
-            src = REPO / part
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, wf.workdir / part)
-        shutil.copytree(REPO / "convqa", wf.package, ignore=shutil.ignore_patterns("__pycache__"))
-        # The stand-in for the APR toolchain, as an executable `apr` run by this interpreter.
-        apr = wf.workdir / "bin" / "apr"
-        apr.parent.mkdir()
-        body = (REPO / "tests" / "data" / "fake_apr_rosetta.py").read_text().split("\n", 1)[1]
-        apr.write_text(f"#!{sys.executable}\n{body}")
-        apr.chmod(0o755)
-        wf.write_config(config)
-        return wf
 
-    def clone(self, root: Path) -> "Workflow":
-        shutil.copytree(self.root, root, symlinks=True, dirs_exist_ok=True)
-        return Workflow(root)
-
-    def write_config(self, config: dict) -> None:
-        (self.workdir / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-    def config(self) -> dict:
-        return yaml.safe_load((self.workdir / "test-config.yaml").read_text())
-
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(self.package.parent),
-               "PATH": f"{self.workdir / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-        cmd = [str(SNAKEMAKE), "--directory", str(self.workdir), "--workflow-profile", "none", "--cores", "2",
-               "--configfile", "test-config.yaml", "--replace-workflow-config", *args]
-        proc = subprocess.run(cmd, cwd=self.workdir, env=env, capture_output=True, text=True)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"snakemake {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        return proc
-
-    def planned_jobs(self, *args: str) -> set[tuple]:
-        """(rule, sorted wildcards) of every job a dry run would execute."""
-        jobs, current = [], None
-        for line in self.run("--dry-run", *args).stdout.splitlines():
-            if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
-                current = [line.split()[1].rstrip(":"), {}]
-                jobs.append(current)
-            elif line.startswith("    wildcards: ") and current:
-                current[1].update(kv.split("=", 1) for kv in line.split(": ", 1)[1].split(", "))
-        return {(rule, tuple(sorted(w.items()))) for rule, w in jobs}
-
-    def path(self, relative: str) -> Path:
-        return self.workdir / relative
-
-    def rows(self, relative: str) -> list[dict]:
-        with open(self.path(relative), newline="") as fh:
-            return list(csv.DictReader(fh, delimiter="\t"))
+def planned(wf: Workflow, *args: str) -> set[tuple]:
+    """(rule, sorted wildcards) of every job a dry run would execute."""
+    return {job(rule, **wildcards) for rule, wildcards in wf.planned_jobs(*args)}
 
 
 def job(rule: str, **wildcards: str) -> tuple:
@@ -119,7 +68,7 @@ def job(rule: str, **wildcards: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Workflow:
-    wf = Workflow.create(tmp_path_factory.mktemp("xconv"), side_by_side_config())
+    wf = with_apr_standin(Workflow.create(tmp_path_factory.mktemp("xconv"), side_by_side_config()))
     wf.run("smoke")
     return wf
 
@@ -206,7 +155,7 @@ def test_changing_a_probed_file_reruns_exactly_that_converters_jobs(built, tmp_p
         job("xconv_compare", model=MODEL, variant=VARIANT, converter="convqa", chain="st-apr", against="primary"),
         job("xconv_compare", model=MODEL, variant=VARIANT, converter="broken", chain="st-apr", against="primary"),
     }
-    assert wf.planned_jobs("smoke") == expected
+    assert planned(wf, "smoke") == expected
 
 
 def test_changing_a_version_reruns_only_that_converter(built, tmp_path):
@@ -215,14 +164,14 @@ def test_changing_a_version_reruns_only_that_converter(built, tmp_path):
     config["converters"]["broken"]["version"] = "2"
     wf.write_config(config)
     side = dict(model=MODEL, variant=VARIANT, converter="broken", chain="st-apr")
-    assert wf.planned_jobs("smoke") == (DOWNSTREAM - {job("tensor_gates", model=MODEL, variant=VARIANT, tier="smoke")}) | {
+    assert planned(wf, "smoke") == (DOWNSTREAM - {job("tensor_gates", model=MODEL, variant=VARIANT, tier="smoke")}) | {
         job("xconv_convert", **side), job("xconv_inspect", **side),
         job("xconv_compare", **side, against="primary"), job("xconv_compare", **side, against="parent"),
     }
 
 
 def test_nothing_to_do_after_a_run(built):
-    assert built.planned_jobs("smoke") == set()
+    assert planned(built, "smoke") == set()
 
 
 # ---------------------------------------------------------------- llama.cpp's converter on SmolLM2
@@ -243,7 +192,7 @@ def test_llama_cpp_converter_qualifies_smollm2_end_to_end(tmp_path):
     config = yaml.safe_load((REPO / "config/examples/llama-cpp-converter.yaml").read_text())
     config["inference"] = NO_INFERENCE
     config["temp_intermediates"] = True  # 17 copies of a 538 MB model otherwise
-    wf = Workflow.create(tmp_path, config)
+    wf = with_apr_standin(Workflow.create(tmp_path, config))
     (wf.path("build")).mkdir()
     (wf.path("build") / "llama-cpp-converter").symlink_to(converter_dir.parent)
     wf.run("mvp")

@@ -9,7 +9,6 @@ none`), so nothing here touches the repository's results/ or .snakemake/.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -19,19 +18,10 @@ import pytest
 import yaml
 
 from convqa import plan
+from workflow_copy import REPO, SNAKEMAKE, copy_workflow
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
 SYNTHETIC = "config/examples/synthetic-only.yaml"
 CONVERT_RULES = {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors"}
-
-
-def copy_workflow(dest: Path) -> Path:
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest / part)
-    return dest
 
 
 def snakemake(workdir: Path, *args: str, profile: str = "none", check: bool = True) -> subprocess.CompletedProcess:

@@ -1,7 +1,7 @@
 """The inference matrix in a real workflow run (smoke tier, one tiny synthetic model, both
 variants): runs, servers, the inference gate table and the report's inference section.
 
-The workflow is copied into a temporary directory and run with the installed convqa.
+The workflow and the package are copied into a temporary directory (tests/workflow_copy.py).
 """
 
 from __future__ import annotations
@@ -9,17 +9,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from workflow_copy import REPO, Workflow
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
 MODEL = "qwen2-tiny"
 
 pytestmark = pytest.mark.slow
@@ -27,19 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("infer-wf")
-    for part in WORKFLOW_PARTS:
-        src = REPO / part
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / part)
     config = yaml.safe_load((REPO / "config/examples/synthetic-only.yaml").read_text())
     config["models"] = {MODEL: config["models"][MODEL]}
     config["tier"] = "smoke"
-    (root / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [str(SNAKEMAKE), "--directory", str(root), "--workflow-profile", "none", "--cores", "2",
-               "--configfile", "test-config.yaml", "--replace-workflow-config", "smoke"]
-    proc = subprocess.run(command, cwd=root, capture_output=True, text=True, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return root
+    wf = Workflow.create(tmp_path_factory.mktemp("infer-wf"), config)
+    wf.run("smoke")
+    return wf.workdir
 
 
 def gate_table(workdir: Path, variant: str) -> dict[tuple[str, str], dict]:

@@ -10,23 +10,19 @@ that copy (PYTHONPATH), so the tests can edit converter code without touching th
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
 from convqa import plan
 from convqa.convert import QUANT_TARGETS
+from workflow_copy import Workflow
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).parent / "snakemake"
-WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
 CONVERT_RULES = {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors"}
 MODEL, VARIANT = "qwen2-tiny", "q8_0"
 CONVQA_COMMAND = "convqa convert {input} {output} --to {format} {quant_arg} --json"
@@ -52,64 +48,9 @@ def artifact_path(chain: str) -> str:
     return f"results/{MODEL}/{VARIANT}/{chain}/{name}"
 
 
-class Workflow:
-    """A temporary copy of the workflow and of the convqa package, run with that copy."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.workdir = root / "wf"
-        self.package = root / "pkg" / "convqa"
-
-    @classmethod
-    def create(cls, root: Path) -> "Workflow":
-        wf = cls(root)
-        wf.workdir.mkdir(parents=True)
-        for part in WORKFLOW_PARTS:
-            src = REPO / part
-            (shutil.copytree if src.is_dir() else shutil.copy2)(src, wf.workdir / part)
-        shutil.copytree(REPO / "convqa", wf.package, ignore=shutil.ignore_patterns("__pycache__"))
-        wf.write_config(run_config())
-        return wf
-
-    def clone(self, root: Path) -> "Workflow":
-        """A copy of this workflow with its results and Snakemake metadata."""
-        shutil.copytree(self.root, root, symlinks=True, dirs_exist_ok=True)
-        return Workflow(root)
-
-    def write_config(self, config: dict) -> None:
-        (self.workdir / "test-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-    def env(self, **extra: str) -> dict:
-        return {**os.environ, "PYTHONPATH": str(self.package.parent), **extra}
-
-    def command(self, *args: str) -> list[str]:
-        return [str(SNAKEMAKE), "--directory", str(self.workdir), "--workflow-profile", "none", "--cores", "2",
-                "--configfile", "test-config.yaml", "--replace-workflow-config", *args]
-
-    def run(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run(self.command(*args), cwd=self.workdir, env=self.env(**env), capture_output=True, text=True)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"snakemake {' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-        return proc
-
-    def planned_jobs(self, *args: str) -> list[tuple[str, dict]]:
-        """(rule, wildcards) of every job a dry run would execute."""
-        proc = self.run("--dry-run", *args)
-        jobs = []
-        for line in proc.stdout.splitlines():
-            if line.startswith(("rule ", "localrule ")) and line.endswith(":"):
-                jobs.append((line.split()[1].rstrip(":"), {}))
-            elif line.startswith("    wildcards: ") and jobs:
-                jobs[-1][1].update(kv.split("=", 1) for kv in line.split(": ", 1)[1].split(", "))
-        return jobs
-
-    def path(self, relative: str) -> Path:
-        return self.workdir / relative
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Workflow:
-    wf = Workflow.create(tmp_path_factory.mktemp("run"))
+    wf = Workflow.create(tmp_path_factory.mktemp("run"), run_config())
     wf.run("mvp")
     return wf
 

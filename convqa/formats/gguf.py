@@ -424,10 +424,12 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
         n_head = config.num_heads if is_q else config.num_kv_heads
         _check_permutable(path, info, shape, n_head)
 
-        def load_raw() -> np.ndarray:
+        def load_unpermuted() -> np.ndarray:
             # Whole rows move, so the uint8 row view is exact for quantized blocks too.
             rows = load_stored().reshape(shape[0], -1)
             return unpermute_rows_from_gguf(rows, n_head)
+
+        load_raw = load_unpermuted
 
     return LazyTensor(
         name=canonical,
