@@ -2,6 +2,7 @@
 
 Exit status: 0 on success (and, for `diff`, when the models agree), 1 when `diff` finds a
 difference, 2 on bad input (a malformed file, an impossible conversion, a bad argument).
+`verdict` exits 0 QUALIFIED, 1 NOT QUALIFIED, 3 INCOMPLETE (2: the file is missing or malformed).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def _cmd_convert(args) -> int:
     else:
         deq = f", {len(record.dequantized)} dequantized to F32 (target cannot hold them)" if record.dequantized else ""
         quant = f", {len(record.quantized)} quantized" if record.quantized else ""
+        up = f", {len(record.upcast)} upcast to F32 (lossless; the target's runtime needs it)" if record.upcast else ""
         print(f"{record.source} -> {record.output} [{record.target_format}]: {record.tensors_written} tensors"
-              f" {record.encodings_written}{quant}{deq} in {record.wall_s:.2f} s")
+              f" {record.encodings_written}{quant}{deq}{up} in {record.wall_s:.2f} s")
     return 0
 
 
@@ -141,7 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mutants", help="list the known-bad converters")
     p.set_defaults(func=_cmd_mutants)
+
+    p = sub.add_parser("verdict", help="print the verdict of a qualification; exit 0 QUALIFIED, 1 NOT QUALIFIED, 3 INCOMPLETE",
+                       description="Read results/summary/<tier>/summary.json (every model) or one model's qualification.json "
+                       "and exit with the verdict: 0 QUALIFIED, 1 NOT QUALIFIED, 3 INCOMPLETE, 2 when the file is missing or "
+                       "malformed. snakemake itself exits 0 whenever the qualification ran, whatever the verdict.")
+    p.add_argument("file", help="summary.json or qualification.json")
+    p.set_defaults(func=_cmd_verdict)
     return parser
+
+
+def _cmd_verdict(args) -> int:
+    from convqa.report.summary import VERDICT_EXIT, read_verdicts
+
+    overall, models = read_verdicts(args.file)
+    for model, verdict in models:
+        print(f"{model}: {verdict}")
+    print(f"verdict: {overall}")
+    return VERDICT_EXIT[overall]
 
 
 def main(argv: list[str] | None = None) -> int:

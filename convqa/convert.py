@@ -60,6 +60,7 @@ class ConversionRecord:
     encodings_written: dict = field(default_factory=dict)
     quantized: list = field(default_factory=list)  # [name, from, to]
     dequantized: list = field(default_factory=list)  # [name, from, to]: target could not hold it
+    upcast: list = field(default_factory=list)  # [name, from, "F32"]: lossless, the target's runtime needs F32
     passthrough: int = 0
     wall_s: float = 0.0
 
@@ -78,6 +79,21 @@ def should_quantize(tensor: LazyTensor, target: Encoding) -> bool:
     if target.name in ("APR_Q8", "APR_Q4"):
         return True
     return tensor.shape[-1] % target.block_elems == 0
+
+
+def needs_f32(tensor: LazyTensor, target_format: str) -> bool:
+    """Whether the target format's reference runtime only takes this tensor in F32.
+
+    llama.cpp: most ggml kernels that take 1-D tensors or norms (binary ops, rms_norm) have no
+    F16/BF16 path for them, and a BF16 norm aborts the process on the first forward pass
+    (`binary_op: unsupported types: dst: f32, src0: f32, src1: bf16`). Its converter therefore
+    stores every 1-D tensor and every `*_norm.weight` in F32 whatever the output type
+    (convert_hf_to_gguf.py `prepare_tensors`). Widening F16/BF16 to F32 is exact, so this is a
+    recorded upcast, not a loss; the tensor gates compare values and see no change.
+    """
+    if target_format != "gguf" or tensor.encoding.name not in ("F16", "BF16"):
+        return False
+    return len(tensor.shape) <= 1 or tensor.name.endswith("norm.weight")
 
 
 def _reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:
@@ -107,6 +123,9 @@ def plan_tensors(source: ModelArtifact, target_format: str, quant: str | None, r
                 raise ConversionError(f"{tensor.name} is already {enc.name}; re-quantizing to {quant_target.name} would stack errors")
             planned.append(_reencoded(tensor, quant_target))
             record.quantized.append([tensor.name, enc.name, quant_target.name])
+        elif needs_f32(tensor, target_format):
+            planned.append(_reencoded(tensor, encodings.F32))
+            record.upcast.append([tensor.name, enc.name, "F32"])
         elif enc.name in storable:
             planned.append(tensor)
             record.passthrough += 1
@@ -140,6 +159,8 @@ def build_plan(source: ModelArtifact, target_format: str, quant: str | None, rec
         provenance["dequantized"] = _count_by_source(record.dequantized)
     if record.quantized:
         provenance["quantized"] = _count_by_source(record.quantized)
+    if record.upcast:
+        provenance["upcast"] = _count_by_source(record.upcast)
     return WritePlan(config=source.config, tokenizer=source.tokenizer, tensors=tensors, metadata=provenance)
 
 

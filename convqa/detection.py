@@ -49,7 +49,7 @@ DIGEST_PLACEHOLDER = "<digest>"
 # The order in which failing gates are named: the most specific diagnosis first (a layout gate
 # names the bug class, an edge gate only says that the values differ), inference last.
 SPECIFICITY = (
-    "F-LAYOUT-001", "F-LAYOUT-002", OUTPUT_PATH_GATE, "F-CONTRACT-I2", "F-CONTRACT-I5", "F-CONTRACT-I3",
+    "F-LAYOUT-001", "F-LAYOUT-002", "F-LAYOUT-003", OUTPUT_PATH_GATE, "F-CONTRACT-I2", "F-CONTRACT-I5", "F-CONTRACT-I3",
     "F-CONV-IDEM-001", "F-CONV-IDEM-002", "G0-INTEGRITY", "G0-VALIDATE", "F-CONTRACT-I4",
     *plan.EDGE_GATE.values(), "F-CONV-RT-001", "F-CONV-RT-002", "F-CONV-RT-003", "F-CONV-COM-001", "F-XCONV-001",
 )

@@ -14,11 +14,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from convqa import arch
+from convqa import arch, no_artifact
 from convqa.compare.tensors import ENCODING_TOLERANCE
 from convqa.model import ModelConfig
 from convqa.convert import QUANT_TARGETS
 from convqa.plan import HOP_FORMAT, Check, hops
+from convqa.plan import parent as plan_parent
 
 PASS, FAIL, SKIPPED, NOT_EVALUATED = "pass", "fail", "skipped", "not_evaluated"
 
@@ -37,6 +38,7 @@ REGISTRY = {
         Gate("G0-VALIDATE", "each artifact", "no NaN/Inf, no all-zero weight, embedding < 50% zeros, weights < 80% zeros, 2-D weights vary, norms non-degenerate"),
         Gate("F-LAYOUT-001", "each GGUF", "every ne is the reversed shape the config implies (transposed values are caught, with their diagnosis, by the F-CONV edge gates)"),
         Gate("F-LAYOUT-002", "each APR", "row-major flag set, column-major flag absent, embedding and lm_head are [vocab, hidden]"),
+        Gate("F-LAYOUT-003", "each GGUF", "every 1-D tensor and norm is F32, as llama.cpp's converter writes them and its kernels need (a BF16/F16 norm aborts llama.cpp on the first forward pass)"),
         Gate("F-CONV-S-G", "edge", "names one-to-one, shapes equal, values equal (bit-exact when lossless, within tolerance when quantized), config and tokenizer carried"),
         Gate("F-CONV-S-A", "edge", "as F-CONV-S-G, for SafeTensors -> APR"),
         Gate("F-CONV-G-A", "edge", "as F-CONV-S-G, for GGUF -> APR"),
@@ -51,7 +53,7 @@ REGISTRY = {
         Gate("F-CONV-COM-001", "commutativity", "S->A equals S->G->A; G->A equals G->S->A"),
         Gate("F-CONTRACT-OUTPUT", "each conversion", "the converter writes exactly the requested output path (in the workflow a violation fails the conversion job; the detection run records it as this gate)"),
         Gate("F-CONTRACT-I2", "each converted artifact", "tensor names are a bijection with the parent's"),
-        Gate("F-CONTRACT-I3", "each converted artifact", "no silent dtype fallback: every encoding change is a recorded quantization or dequantization"),
+        Gate("F-CONTRACT-I3", "each converted artifact", "no silent dtype fallback: every encoding change is a recorded quantization, dequantization or lossless upcast"),
         Gate("F-CONTRACT-I4", "each converted artifact", "mean/std/min/max of every tensor preserved within its encoding's tolerance"),
         Gate("F-CONTRACT-I5", "each converted artifact", "tokenizer carried: same tokens, merges, special ids and chat template as the parent"),
         Gate("F-INF", "artifact x engine x backend x modality", "inference runs, output non-empty and not garbage, logits match the ground truth within tolerance"),
@@ -119,6 +121,7 @@ def artifact_rows(manifest: dict | None, chain: str, model: str, variant: str) -
     rows = [_integrity(manifest, subject), _validate(manifest, subject)]
     if fmt == "gguf" or (manifest is None and hops(chain)[-1] == "gguf"):
         rows.append(_layout_gguf(manifest, subject))
+        rows.append(_gguf_f32_tensors(manifest, subject))
     if fmt == "apr" or (manifest is None and hops(chain)[-1] == "apr"):
         rows.append(_layout_apr(manifest, subject))
     for r in rows:
@@ -129,6 +132,8 @@ def artifact_rows(manifest: dict | None, chain: str, model: str, variant: str) -
 def _no_tensors(manifest: dict | None) -> str:
     if manifest is None:
         return "no manifest (artifact missing or unreadable)"
+    if manifest.get("no_artifact"):  # a failed conversion: its edge's row fails, this one waits on it
+        return no_artifact.describe(manifest["no_artifact"])
     if manifest.get("read_error"):
         return f"artifact unreadable: {manifest['read_error']}"
     if not manifest.get("tensors"):
@@ -142,7 +147,7 @@ def _config_of(manifest: dict) -> ModelConfig:
 
 def _integrity(manifest: dict | None, subject: str) -> GateRow:
     row = GateRow("G0-INTEGRITY", subject, metric="tensors disagreeing with config", threshold="0")
-    if manifest is not None and manifest.get("read_error"):
+    if manifest is not None and manifest.get("read_error") and not manifest.get("no_artifact"):
         # The strict reader refused the file: every reader and engine downstream will too.
         return _verdict(row, 1, [f"artifact unreadable: {manifest['read_error']}"])
     if reason := _no_tensors(manifest):
@@ -195,6 +200,16 @@ def _layout_gguf(manifest: dict | None, subject: str) -> GateRow:
         want = expected.get(t["name"])
         if want is not None and list(t["stored_shape"]) != list(reversed(want)):
             problems.append(f"{t['name']}: ne {t['stored_shape']}, expected {list(reversed(want))}")
+    return _verdict(row, len(problems), problems)
+
+
+def _gguf_f32_tensors(manifest: dict | None, subject: str) -> GateRow:
+    row = GateRow("F-LAYOUT-003", subject, metric="1-D tensors or norms not in F32", threshold="0")
+    if reason := _no_tensors(manifest):
+        row.reason = reason
+        return row
+    problems = [f"{t['name']} is {t['encoding']}" for t in manifest["tensors"]
+                if (len(t["shape"]) <= 1 or t["name"].endswith("norm.weight")) and t["encoding"] != "F32"]
     return _verdict(row, len(problems), problems)
 
 
@@ -251,6 +266,14 @@ def check_rows(check: Check, inputs: dict, model: str, variant: str) -> list[Gat
     """Rows for one planned check. inputs: `comparison` (tensors mode) or `subject_sha256`/`reference_sha256`."""
     row = GateRow(check.gate, label(variant, check.subject), reference=label(variant, check.reference), model=model, variant=variant)
     if check.mode == "bytes":
+        subject_failure, reference_failure = inputs.get("subject_failure"), inputs.get("reference_failure")
+        row.metric, row.threshold = "sha256 equal", "equal"
+        if subject_failure and not no_artifact.is_upstream(subject_failure):
+            row.value, row.status, row.reason = "no artifact", FAIL, no_artifact.describe(subject_failure)
+            return [row]
+        if subject_failure or reference_failure:
+            row.reason = no_artifact.describe(subject_failure or reference_failure)
+            return [row]
         a, b = inputs.get("reference_sha256"), inputs.get("subject_sha256")
         row.metric, row.threshold = "sha256 equal", "equal"
         if not a or not b:
@@ -285,6 +308,14 @@ def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> G
     row.metric = "max normalized |d|"
     if comparison is None:
         row.reason = "comparison missing (an artifact could not be read)"
+        return row
+    if failure := comparison.get("no_artifact"):
+        # The subject's own converter failed: this check is where the edge fails. Anything else
+        # (its input failed upstream, or the reference did) waits on the failed edge's row.
+        if comparison.get("read_error_side") == "subject" and not no_artifact.is_upstream(failure):
+            row.value, row.status, row.reason = "no artifact", FAIL, no_artifact.describe(failure)
+        else:
+            row.reason = no_artifact.describe(failure)
         return row
     if comparison.get("read_error"):
         reason = f"{comparison.get('read_error_side', 'an artifact')} unreadable: {comparison['read_error']}"
@@ -340,6 +371,22 @@ def contract_rows(chain: str, inputs: dict, model: str, variant: str) -> list[Ga
     return rows
 
 
+def conversion_failure_rows(chain: str, sidecar: dict | None, model: str, variant: str) -> list[GateRow]:
+    """F-CONTRACT-OUTPUT for a conversion whose converter exited 0 without writing the requested
+    path (the sidecar of its placeholder says so; convqa.no_artifact). Other failures fail the
+    edge's own check; a conversion that wrote its output has no row here."""
+    failure = (sidecar or {}).get("conversion_failed")
+    if not failure or failure.get("kind") != no_artifact.OUTPUT_PATH:
+        return []
+    row = GateRow("F-CONTRACT-OUTPUT", label(variant, chain), reference=label(variant, plan_parent(chain)),
+                  metric="conversions not written to the requested path", threshold="0", model=model, variant=variant)
+    stray = failure.get("stray") or []
+    details = {"expected": failure.get("expected"), "stray": stray, "converter": failure.get("converter")}
+    row.value, row.status, row.reason = "1", FAIL, failure.get("reason", "")
+    row.details = json.dumps(details)
+    return [row]
+
+
 def _both(row: GateRow, manifest, parent_manifest) -> bool:
     reason = _no_tensors(manifest) or _no_tensors(parent_manifest)
     if reason:
@@ -363,7 +410,8 @@ def _i3(row, manifest, parent_manifest, sidecar) -> GateRow:
     if not _both(row, manifest, parent_manifest):
         return row
     record = sidecar.get("record") or {}
-    recorded = {r[0]: (r[1], r[2]) for r in record.get("quantized", []) + record.get("dequantized", [])}
+    changes = record.get("quantized", []) + record.get("dequantized", []) + record.get("upcast", [])
+    recorded = {r[0]: (r[1], r[2]) for r in changes}
     before = {t["name"]: t["encoding"] for t in parent_manifest["tensors"]}
     problems = []
     for t in manifest["tensors"]:
@@ -389,6 +437,8 @@ def _i4(row, manifest, parent_manifest) -> GateRow:
         for key in ("mean", "std", "min", "max"):
             dev = abs(p["stats"][key] - t["stats"][key]) / scale
             ratio = dev / tol if tol > 0 else (0.0 if dev <= 1e-6 else math.inf)
+            if not math.isfinite(dev):  # a NaN statistic compares false with everything: never a pass
+                ratio = math.inf
             # F32 statistics are computed in float64 from identical values: exact; allow print noise only.
             worst = max(worst, ratio)
             if ratio > 1:
@@ -407,8 +457,8 @@ def _i5(row, manifest, parent_manifest) -> GateRow:
     if manifest is None or parent_manifest is None:
         row.reason = "manifest missing"
         return row
-    if reason := next((f"artifact unreadable: {m['read_error']}" for m in (manifest, parent_manifest)
-                       if m.get("read_error")), ""):
+    if reason := next((no_artifact.describe(m["no_artifact"]) if m.get("no_artifact") else f"artifact unreadable: {m['read_error']}"
+                       for m in (manifest, parent_manifest) if m.get("read_error")), ""):
         row.reason = reason
         return row
     a, b = parent_manifest.get("tokenizer"), manifest.get("tokenizer")

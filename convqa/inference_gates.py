@@ -21,9 +21,11 @@ conversion's fault.
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 
+from convqa import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
 from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
 from convqa.plan import first_hop, hops
@@ -61,17 +63,47 @@ def _by_prompt(record: dict, modality: str | None = None) -> dict[str, dict]:
     return {p["prompt_id"]: p for p in record.get("prompts", []) if modality is None or p["modality"] == modality}
 
 
+# ---------------------------------------------------------------- which tolerances apply
+
+
+def weight_encoding(manifest: dict | None) -> str | None:
+    """The encoding most of a model's 2-D weights are stored in (BF16 for a typical Hub checkpoint)."""
+    counts = Counter(t["encoding"] for t in (manifest or {}).get("tensors", []) if len(t.get("shape", ())) == 2)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def select_tolerances(variant: str, configured: dict, source_manifest: dict | None) -> tuple[str, dict]:
+    """(config key, engine -> tolerance) for a variant of a model whose source is `source_manifest`.
+
+    `native` keeps the source's dtypes, and an engine's own error depends on them: llama.cpp
+    multiplies BF16 (F16) weights with activations rounded to BF16 (F16), so on a BF16 source it
+    cannot reproduce the F32-computed ground truth to F32 precision while transformers (which
+    computes in F32 from the same values) still must, bit for bit. `native@bf16` / `native@f16`,
+    when configured, hold the engines for such a source; any engine they leave out falls back
+    to `native`'s.
+    """
+    base = dict(configured.get(variant) or {})
+    encoding = weight_encoding(source_manifest)
+    key = f"{variant}@{encoding.lower()}" if encoding else None
+    if variant == "native" and key in configured:
+        return key, {**base, **configured[key]}
+    return variant, base
+
+
 # ---------------------------------------------------------------- comparing one run against another
 
 
 def compare_runs(reference: dict, candidate: dict, modality: str | None = None) -> dict:
     """Per-prompt and aggregate parity of `candidate` against `reference` (loaded run records).
 
-    Returns {"prompts": [...], "aggregate": {...} or None, "problems": [...]}. A prompt the
-    candidate could not render (or that renders to other ids) is a problem, not a comparison.
+    Returns {"prompts": [...], "aggregate": {...} or None, "problems": [...], "reference_problems":
+    [...]}. A prompt the candidate could not render (or that renders to other ids), or whose
+    logits are missing, misshapen or non-finite, is a problem (the candidate fails). A prompt
+    whose reference logits are missing or non-finite is a reference problem: nothing can be
+    judged against a broken reference, so it is left out, never counted as a pass or a fail.
     """
     refs, cands = _by_prompt(reference, modality), _by_prompt(candidate, modality)
-    prompts, problems = [], []
+    prompts, problems, reference_problems = [], [], []
     abs_d, rel_d, kls, agree, positions = [], [], [], 0, 0
     for prompt_id, ref in refs.items():
         cand = cands.get(prompt_id)
@@ -88,7 +120,21 @@ def compare_runs(reference: dict, candidate: dict, modality: str | None = None) 
             problems.append(f"{prompt_id}: {why}")
             prompts.append({"prompt_id": prompt_id, "modality": ref["modality"], "error": why})
             continue
-        logits = compare_logits(reference["logits"][prompt_id], candidate["logits"][prompt_id])
+        ref_logits = reference.get("logits", {}).get(prompt_id)
+        cand_logits = candidate.get("logits", {}).get(prompt_id)
+        why_reference = _unusable_logits(ref_logits)
+        if why_reference:
+            reference_problems.append(f"{prompt_id}: reference {why_reference}")
+            continue
+        why = _unusable_logits(cand_logits, ref_logits.shape)
+        if why:
+            problems.append(f"{prompt_id}: {why}")
+            prompts.append({"prompt_id": prompt_id, "modality": ref["modality"], "error": why})
+            continue
+        logits = compare_logits(ref_logits, cand_logits)
+        if not logits.all_finite:
+            bad = int((~np.isfinite(np.asarray(cand_logits))).any(axis=-1).sum())
+            problems.append(f"{prompt_id}: candidate logits hold NaN or Inf ({bad} of {logits.n_positions} positions)")
         greedy = compare_greedy(ref["generated_ids"], cand["generated_ids"])
         garbage = detect_garbage(cand["generated_ids"], cand.get("text"))
         ref_garbage = detect_garbage(ref["generated_ids"], ref.get("text"))
@@ -127,7 +173,23 @@ def compare_runs(reference: dict, candidate: dict, modality: str | None = None) 
             "top1_agreement": agree / positions,
             "greedy_equal": all(p.get("greedy_equal") for p in prompts if "greedy_equal" in p),
         }
-    return {"prompts": prompts, "aggregate": aggregate, "problems": problems}
+    return {"prompts": prompts, "aggregate": aggregate, "problems": problems, "reference_problems": reference_problems}
+
+
+def _unusable_logits(logits, reference_shape=None) -> str:
+    """Why a prompt's logits cannot be compared ('' when they can; non-finite candidate logits
+    can: they compare as infinitely far). Without `reference_shape` this judges a reference,
+    which must be finite."""
+    if logits is None:
+        return "logits missing from the run"
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.size == 0:
+        return f"logits of shape {list(logits.shape)}, expected (positions, vocab)"
+    if reference_shape is None:
+        return "" if np.isfinite(logits).all() else "logits hold NaN or Inf"
+    if tuple(logits.shape) != tuple(reference_shape):
+        return f"logits of shape {list(logits.shape)}, the reference's are {list(reference_shape)}"
+    return ""
 
 
 def judge(row: GateRow, comparison: dict, tolerance: dict | None) -> GateRow:
@@ -139,12 +201,16 @@ def judge(row: GateRow, comparison: dict, tolerance: dict | None) -> GateRow:
     limits = [key for key in LIMITS if key in tolerance]
     row.metric = "; ".join(LIMITS[key][0] for key in limits)
     row.threshold = "; ".join(("<= " if LIMITS[key][2] else ">= ") + _g(float(tolerance[key])) for key in limits)
+    reference_problems = comparison.get("reference_problems") or []
     if aggregate is None:
         if problems:  # the artifact could not even be asked: that is a failure, with the reason
             row.status, row.reason = FAIL, "; ".join(problems[:3])
+        elif reference_problems:
+            row.status = NOT_EVALUATED
+            row.reason = "the reference run is itself broken: " + "; ".join(reference_problems[:3])
         else:
             row.status, row.reason = NOT_EVALUATED, "no prompt of this modality could be compared"
-        row.details = json.dumps({"problems": problems})
+        row.details = json.dumps({"problems": problems, "reference_problems": reference_problems})
         return row
     row.value = "; ".join(_g(aggregate[LIMITS[key][1]]) for key in limits)
     for key in limits:
@@ -161,7 +227,11 @@ def judge(row: GateRow, comparison: dict, tolerance: dict | None) -> GateRow:
     row.reason = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
     if not problems:
         row.reason = tolerance.get("reason", "")
-    row.details = json.dumps({"aggregate": aggregate, "problems": problems, "tolerance": tolerance})
+    if not problems and reference_problems:  # a pass on the prompts a broken reference left is no pass
+        row.status = NOT_EVALUATED
+        row.reason = f"the reference run is broken for {len(reference_problems)} prompt(s): " + "; ".join(reference_problems[:2])
+    row.details = json.dumps({"aggregate": aggregate, "problems": problems, "reference_problems": reference_problems,
+                              "tolerance": tolerance})
     return row
 
 
@@ -172,6 +242,7 @@ def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolera
                    modalities=(RUN, CHAT)) -> list[GateRow]:
     """F-INF rows. runs: (chain, engine, backend) -> loaded run record; tolerances: engine -> tolerance."""
     rows = []
+    broken_reference = _ground_truth_problem(reference)
     for (chain, engine, backend), record in sorted(runs.items()):
         if (chain, engine, backend) == GROUND_TRUTH:
             continue  # the reference itself
@@ -180,12 +251,34 @@ def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolera
                           reference=subject_of(variant, GROUND_TRUTH[0], GROUND_TRUTH[1]), model=model, variant=variant)
             if record.get("skipped"):
                 row.status, row.reason = SKIPPED, record["skipped"]
+            elif upstream := _upstream_failure(record):
+                row.reason = upstream
             elif record.get("error"):
                 row.status, row.reason = FAIL, record["error"][:500]
+            elif broken_reference:
+                row.reason = broken_reference
             else:
                 judge(row, compare_runs(reference, record, modality), tolerances.get(engine))
             rows.append(row)
     return rows
+
+
+def _ground_truth_problem(reference: dict | None) -> str:
+    """Why the ground truth cannot judge anything ('' when it can)."""
+    if reference is None:
+        return "the ground truth run (transformers, cpu, on the SafeTensors source) is missing"
+    if reference.get("skipped") or reference.get("error"):
+        return f"the ground truth run failed: {(reference.get('error') or reference.get('skipped'))[:400]}"
+    return ""
+
+
+def _upstream_failure(record: dict) -> str:
+    """The reason to wait, when the run's artifact is a placeholder of a conversion that failed
+    before it (its own edge's row fails; this one is not evaluated)."""
+    failure = record.get("no_artifact")
+    if not failure:
+        return ""
+    return no_artifact.describe(failure)
 
 
 def reference_rows(model: str, variant: str, references: dict, runs: dict, tolerances: dict,
@@ -205,6 +298,8 @@ def reference_rows(model: str, variant: str, references: dict, runs: dict, toler
                           reference=f"{label(variant, hop)}/reference", model=model, variant=variant)
             if record.get("skipped"):
                 row.status, row.reason = SKIPPED, record["skipped"]
+            elif upstream := _upstream_failure(record):
+                row.reason = upstream
             elif record.get("error"):
                 row.status, row.reason = FAIL, record["error"][:500]
             elif reference is None:
@@ -228,8 +323,12 @@ def engine_rows(model: str, variant: str, runs: dict, tolerances: dict) -> list[
             row.reason = "both engines must have run on cpu"
         elif llama.get("skipped") or torch_run.get("skipped"):
             row.status, row.reason = SKIPPED, llama.get("skipped") or torch_run.get("skipped")
-        elif llama.get("error") or torch_run.get("error"):
-            row.status, row.reason = FAIL, (llama.get("error") or torch_run.get("error"))[:500]
+        elif upstream := _upstream_failure(llama) or _upstream_failure(torch_run):
+            row.reason = upstream
+        elif llama.get("error"):
+            row.status, row.reason = FAIL, llama["error"][:500]
+        elif torch_run.get("error"):  # the reference side failed: its own F-INF row says so
+            row.reason = f"the transformers run it is compared with failed: {torch_run['error'][:400]}"
         else:
             judge(row, compare_runs(torch_run, llama, RUN), tolerances.get("llama.cpp"))
         rows.append(row)
@@ -253,8 +352,19 @@ def serve_rows(model: str, variant: str, runs: dict, serves: dict) -> list[GateR
             row.status, row.reason = SKIPPED, served["skipped"]
             rows.append(row)
             continue
+        if upstream := _upstream_failure(served):
+            row.reason = upstream
+            rows.append(row)
+            continue
         if served.get("error"):
             row.status, row.reason = FAIL, f"server failed: {served['error'][-400:]}"
+            rows.append(row)
+            continue
+        unanswered = [a for a in served.get("answers", []) if a.get("error") and a.get("server_died")]
+        if unanswered:  # the server died on a request (llama.cpp aborts): a finding whatever the run did
+            row.value, row.status = str(len(unanswered)), FAIL
+            row.reason = f"server could not answer {len(unanswered)} prompt(s): {unanswered[0]['error'][:400]}"
+            row.details = json.dumps({"problems": [f"{a['prompt_id']}: {a['error'][:400]}" for a in unanswered]})
             rows.append(row)
             continue
         if run is None or run.get("skipped") or run.get("error"):
@@ -298,11 +408,11 @@ def throughput(variant: str, runs: dict) -> list[dict]:
         prompts = [p for p in record.get("prompts", []) if p.get("ids") is not None]
         if record.get("skipped") or record.get("error") or not prompts:
             continue
-        prefill_s, decode_s = sum(p["prefill_s"] for p in prompts), sum(p["decode_s"] for p in prompts)
+        prefill_s, decode_s = sum(p.get("prefill_s", 0.0) for p in prompts), sum(p.get("decode_s", 0.0) for p in prompts)
         table.append({
             "format": fmt_of(chain), "engine": engine, "backend": backend, "variant": variant, "chain": chain,
-            "prefill_tps": sum(p["prefill_tokens"] for p in prompts) / prefill_s if prefill_s > 0 else None,
-            "decode_tps": sum(p["decode_tokens"] for p in prompts) / decode_s if decode_s > 0 else None,
+            "prefill_tps": sum(p.get("prefill_tokens", 0) for p in prompts) / prefill_s if prefill_s > 0 else None,
+            "decode_tps": sum(p.get("decode_tokens", 0) for p in prompts) / decode_s if decode_s > 0 else None,
         })
     return table
 
@@ -310,6 +420,8 @@ def throughput(variant: str, runs: dict) -> list[dict]:
 def prompt_details(variant: str, reference: dict, runs: dict) -> dict[str, list[dict]]:
     """Per-prompt parity against the ground truth, by `variant/chain/engine-backend` (for the report)."""
     details = {}
+    if _ground_truth_problem(reference):
+        return details
     for (chain, engine, backend), record in sorted(runs.items()):
         if (chain, engine, backend) == GROUND_TRUTH or record.get("skipped") or record.get("error"):
             continue
@@ -325,9 +437,7 @@ def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dic
     references (first hop -> reference run) and reference_tolerances (engine -> tolerance) add the
     F-INF-REF rows; without them there are none.
     """
-    reference = runs.get(GROUND_TRUTH)
-    if reference is None or reference.get("skipped") or reference.get("error"):
-        raise ValueError("the ground truth run (transformers, cpu, on the SafeTensors source) is missing")
+    reference = runs.get(GROUND_TRUTH)  # when it is missing or broken, every F-INF row says so
     rows = inference_rows(model, variant, reference, runs, tolerances, modalities)
     if reference_tolerances:
         rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities)

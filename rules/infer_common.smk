@@ -11,6 +11,7 @@ INFERENCE_GATES_FINGERPRINT = fingerprint(
 INFERENCE_RUN_FINGERPRINT = fingerprint(
     (
         "convqa.inference_run",
+        "convqa.isolated",
         "convqa.prompts",
         "convqa.engines.base",
         "convqa.engines.transformers_engine",
@@ -139,15 +140,27 @@ def inference_gate_inputs(wildcards):
     inputs = inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
     runs = list(inputs["runs"].values()) + list(inputs["references"].values())
     paths = [p for run in runs for p in run.values()]
-    return sorted(paths + list(inputs["serves"].values()))
+    # The source's manifest says its dtypes, which pick the tolerances (select_tolerances).
+    return sorted(paths + list(inputs["serves"].values())) + [
+        source_manifest_path(wildcards.model)
+    ]
 
 
 def inference_gate_params(wildcards):
-    return inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
+    return {
+        **inference_input_map(wildcards.model, wildcards.variant, wildcards.tier),
+        "source_manifest": source_manifest_path(wildcards.model),
+    }
 
 
 def inference_tolerances(wildcards):
-    return INFERENCE["tolerances"].get(wildcards.variant, {})
+    """The variant's tolerances and its per-source-dtype refinements (`native@bf16`, ...);
+    convqa.inference_gates.select_tolerances picks with the source manifest."""
+    return {
+        key: value
+        for key, value in INFERENCE["tolerances"].items()
+        if key == wildcards.variant or key.startswith(wildcards.variant + "@")
+    }
 
 
 def reference_tolerances(wildcards):

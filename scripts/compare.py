@@ -20,7 +20,8 @@ with open(snakemake.log[0], "w") as log:
             comparison.update(result.as_dict())
             print(f"{subject} vs {reference}: {result.summary()}", file=log)
         except FormatError as exc:  # an unreadable artifact is a gate finding (convqa.gates), not a crash
-            comparison.update(read_error=str(exc), read_error_side=side, tensors=[])
+            comparison.update(read_error=str(exc), read_error_side=side, tensors=[],
+                              no_artifact=getattr(exc, "failure", None))
             print(f"{subject} vs {reference}: {side} unreadable: {exc}", file=log)
         write_json(snakemake.output.comparison, comparison)
     except Exception:

@@ -1,10 +1,11 @@
 """Rule convert_to_{gguf,apr,safetensors}: run the configured converter on one edge, enforce
-the output path, and write the artifact's sidecar."""
+the output path, and write the artifact's sidecar. A converter that fails leaves a placeholder
+(convqa.no_artifact) that the gates judge, so the job succeeds and the report is written."""
 
 import traceback
 
 from convqa import plan
-from convqa.sidecar import artifact_sidecar, converter_record, expand_command, run_converter, write_json
+from convqa.sidecar import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command, write_json
 
 params, wildcards = snakemake.params, snakemake.wildcards
 with open(snakemake.log[0], "w") as log:
@@ -16,15 +17,16 @@ with open(snakemake.log[0], "w") as log:
             format=params.format,
             quant=params.quant,
         )
-        result = run_converter(
-            argv, snakemake.input.artifact, snakemake.output.artifact, log, env=params.env, converter=params.converter
+        result, failure = convert_or_leave_placeholder(
+            argv, snakemake.input.artifact, snakemake.output.artifact, log, chain=wildcards.chain,
+            directory=params.format == "safetensors", env=params.env, converter=params.converter,
         )
         sidecar = artifact_sidecar(
             snakemake.output.artifact,
             converter=params.converter,
             fingerprint=params.fingerprint,
             command=result,
-            record=converter_record(result.stdout) if params.json_record else None,
+            record=converter_record(result.stdout) if result and params.json_record else None,
             extra={
                 "model": wildcards.model,
                 "variant": wildcards.variant,
@@ -32,6 +34,7 @@ with open(snakemake.log[0], "w") as log:
                 "parent": plan.parent(wildcards.chain),
                 "input": snakemake.input.artifact,
                 "quant": params.quant,
+                "conversion_failed": failure,
             },
         )
         write_json(snakemake.output.sidecar, sidecar)

@@ -27,6 +27,8 @@ with open(snakemake.log[0], "w") as log:
                 check_inputs = {
                     "subject_sha256": sidecars[check.subject]["sha256"],
                     "reference_sha256": sidecars[check.reference]["sha256"],
+                    "subject_failure": sidecars[check.subject].get("conversion_failed"),
+                    "reference_failure": sidecars[check.reference].get("conversion_failed"),
                 }
             else:
                 check_inputs = {"comparison": comparisons[f"{check.subject}~{check.reference}"]}
@@ -40,6 +42,7 @@ with open(snakemake.log[0], "w") as log:
                 "parent_chain": parent,
             }
             rows += gates.contract_rows(chain, contract_inputs, model, variant)
+            rows += gates.conversion_failure_rows(chain, sidecars[chain], model, variant)
         gates.write_rows_tsv(rows, snakemake.output.gates)
         statuses = dict(Counter(row.status for row in rows))
         print(f"{model} {variant} {tier}: {len(rows)} gate rows {statuses}", file=log)

@@ -1,22 +1,24 @@
-"""Rule infer: the prompt set through one engine on one backend; JSON record + .npz of logits."""
+"""Rule infer: the prompt set through one engine on one backend, in a child process (an engine
+that aborts or is killed becomes a failed record, not a failed job); JSON record + .npz of logits."""
 
 import traceback
 
-from convqa.inference_run import run_prompts, write_run
-from convqa.prompts import DEFAULT_PROMPTS
+from convqa.inference_run import run_prompts_isolated
 
-with open(snakemake.log[0], "w") as log:
+with open(snakemake.log.run, "w") as log:
     try:
-        record, logits = run_prompts(
+        record = run_prompts_isolated(
             snakemake.input.artifact,
             snakemake.input.source,
             snakemake.params.engine,
             snakemake.wildcards.backend,
-            list(DEFAULT_PROMPTS),
             snakemake.params.max_new_tokens,
             snakemake.threads,
+            snakemake.output.json,
+            snakemake.output.npz,
+            timeout_s=snakemake.params.timeout_s,
+            engine_log=snakemake.log.engine,
         )
-        write_run(record, logits, snakemake.output.json, snakemake.output.npz)
         state = record["skipped"] and f"skipped: {record['skipped']}" or record["error"] or "ran"
         print(f"{snakemake.params.engine} {snakemake.wildcards.backend} {snakemake.input.artifact}: {state}", file=log)
         for prompt in record["prompts"]:

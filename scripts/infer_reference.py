@@ -1,22 +1,24 @@
 """Rule infer_reference: the prompt set through the reference-quantized model (the source in the
-encodings of the first-hop artifact) under transformers on cpu; JSON record + .npz of logits."""
+encodings of the first-hop artifact) under transformers on cpu, in a child process; JSON record
++ .npz of logits."""
 
 import traceback
 
-from convqa.inference_run import run_reference, write_run
-from convqa.prompts import DEFAULT_PROMPTS
+from convqa.inference_run import run_reference_isolated
 
-with open(snakemake.log[0], "w") as log:
+with open(snakemake.log.run, "w") as log:
     try:
-        record, logits = run_reference(
+        record = run_reference_isolated(
             snakemake.input.source,
             snakemake.input.encoded,
-            list(DEFAULT_PROMPTS),
             snakemake.params.max_new_tokens,
             snakemake.threads,
+            snakemake.output.json,
+            snakemake.output.npz,
+            timeout_s=snakemake.params.timeout_s,
+            engine_log=snakemake.log.engine,
         )
-        write_run(record, logits, snakemake.output.json, snakemake.output.npz)
-        print(f"{record['artifact']}: {record['error'] or record['reference'].get('encodings')}", file=log)
+        print(f"{record['artifact']}: {record['error'] or record.get('reference', {}).get('encodings')}", file=log)
     except Exception:
         traceback.print_exc(file=log)
         raise

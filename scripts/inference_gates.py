@@ -6,7 +6,7 @@ import traceback
 from collections import Counter
 
 from convqa import gates
-from convqa.inference_gates import evaluate
+from convqa.inference_gates import evaluate, select_tolerances
 from convqa.inference_run import load_run
 from convqa.sidecar import write_json
 
@@ -20,8 +20,11 @@ with open(snakemake.log[0], "w") as log:
             with open(path) as fh:
                 serves[tuple(key.split("|"))] = json.load(fh)
         references = {hop: load_run(paths["json"], paths["npz"]) for hop, paths in inputs["references"].items()}
+        with open(inputs["source_manifest"]) as fh:
+            key, tolerances = select_tolerances(variant, dict(snakemake.params.tolerances), json.load(fh))
+        print(f"tolerances: inference.tolerances.{key}", file=log)
         rows, throughput, details = evaluate(
-            model, variant, runs, serves, dict(snakemake.params.tolerances), tuple(snakemake.params.modalities),
+            model, variant, runs, serves, tolerances, tuple(snakemake.params.modalities),
             references=references, reference_tolerances=dict(snakemake.params.reference_tolerances),
         )
         gates.write_rows_tsv(rows, snakemake.output.gates)

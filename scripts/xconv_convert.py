@@ -1,10 +1,10 @@
 """Rule xconv_convert: run a side-by-side converter on one edge, into its own artifact directory.
 
-The output-path contract holds as on the primary path: exiting 0 without writing the declared
-path fails the job, naming the expected path, the files written instead and the converter. A
-non-zero exit does not fail the job: the sidecar records `status: failed` with the exit code
-and the stderr tail, the artifact directory is left empty, and the xconv gates turn that into
-`fail` rows, so the report shows the failure next to the other converters' results.
+The output-path contract holds as on the primary path. Neither a non-zero exit nor an exit 0
+without the declared path fails the job: the sidecar records `status: failed` with the exit code
+and the stderr tail (or the output-path message naming the expected path, the files written
+instead and the converter), the artifact directory is left empty, and the xconv gates turn that
+into `fail` rows, so the report shows the failure next to the other converters' results.
 """
 
 import shutil
@@ -15,6 +15,7 @@ from convqa import plan
 from convqa.converters import side_label
 from convqa.sidecar import (
     ConverterExitError,
+    OutputPathError,
     artifact_sidecar,
     converter_record,
     expand_command,
@@ -51,18 +52,21 @@ with open(snakemake.log[0], "w") as log:
         try:
             result = run_converter(argv, snakemake.input.artifact, str(artifact), log,
                                    env=params.env, converter=wildcards.converter)
-        except ConverterExitError as failure:
-            print(failure, file=log)
+        except (ConverterExitError, OutputPathError) as failure:
+            print(f"{type(failure).__name__}: {failure}", file=log)
             # Nothing half-written may be mistaken for the converter's output.
             shutil.rmtree(artifact_dir)
             artifact_dir.mkdir()
+            exited = isinstance(failure, ConverterExitError)
             sidecar = {
                 "status": "failed",
                 "converter": wildcards.converter,
                 "fingerprint": params.fingerprint,
-                "argv": failure.cmd,
-                "returncode": failure.returncode,
-                "stderr_tail": failure.stderr_tail,
+                "argv": failure.cmd if exited else argv,
+                "returncode": failure.returncode if exited else 0,
+                "stderr_tail": failure.stderr_tail if exited else "",
+                "output_path_error": None if exited else str(failure),
+                "stray": [] if exited else [str(p) for p in failure.strays],
                 "tool_versions": tool_versions(),
                 **extra,
             }

@@ -117,6 +117,23 @@ def test_reference_tolerances_default_to_bit_exact_for_every_lossy_variant_and_r
     assert "'max_abs_dlogt' was unexpected" in rejected(config)
 
 
+def test_ground_truth_tolerances_cover_every_variant_and_config_yaml_repeats_them(config):
+    from convqa.convert import QUANT_TARGETS
+
+    defaults = {"models": {"m": {"source": {"kind": "synthetic", "preset": "llama-tiny"}}}}
+    validate(defaults, SCHEMA)
+    tolerances = defaults["inference"]["tolerances"]
+    lossy = set(QUANT_TARGETS) - {"f32"}
+    assert lossy | {"native", "native@bf16", "native@f16"} == set(tolerances)
+    for variant, engines in tolerances.items():
+        assert engines and all(t["reason"] for t in engines.values()), variant
+    # A GGUF-only quantization is held under both engines; APR's own only under transformers.
+    for variant in lossy:
+        want = {"transformers"} | ({"llama.cpp"} if "gguf" in QUANT_TARGETS[variant] else set())
+        assert set(tolerances[variant]) == want, variant
+    assert config["inference"]["tolerances"] == tolerances, "config.yaml repeats the schema's defaults"
+
+
 def test_unknown_top_level_key(config):
     config["varaints"] = ["native"]
     assert "'varaints' was unexpected" in rejected(config)

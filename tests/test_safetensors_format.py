@@ -260,6 +260,11 @@ def test_legacy_rope_theta_and_transformers_defaults():
         ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "rope_theta"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"sliding_window": 4096}, "sliding_window"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+        ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config"),
+        ({"torch_dtype": "float8_e4m3fn"}, "torch_dtype"),
+        ({"torch_dtype": "bfloat16", "dtype": "float16"}, "dtype"),
     ],
 )
 def test_config_errors(change, field):
@@ -277,6 +282,23 @@ def test_config_errors(change, field):
         config_from_hf(hf, "dir/config.json")
     assert err.value.field == field
     assert "dir/config.json" in str(err.value)
+
+
+def test_transformers_4_and_5_dialects_of_one_model_read_the_same(tmp_path):
+    """The hub-4.x preset rewrites transformers 5's config.json the way 4.44 wrote Qwen2.5's."""
+    import json
+
+    hub = build_preset(tmp_path / "hub", "qwen2.5-tiny-bf16")
+    new = build_preset(tmp_path / "new", "qwen2.5-tiny-bf16", checkpoint="transformers-5")
+    old_hf, new_hf = (json.loads((d / "config.json").read_text()) for d in (hub, new))
+    assert "rope_theta" in old_hf and "torch_dtype" in old_hf and "rope_parameters" not in old_hf and "dtype" not in old_hf
+    assert old_hf["sliding_window"] is not None and old_hf["use_sliding_window"] is False
+    assert "rope_parameters" in new_hf and "dtype" in new_hf and "torch_dtype" not in new_hf
+    assert config_from_hf(old_hf, hub / "config.json") == config_from_hf(new_hf, new / "config.json")
+    assert config_from_hf(old_hf, hub / "config.json").rope_theta == 1e6
+    with pytest.raises(FormatError, match="use_sliding_window is true") as err:
+        config_from_hf({**old_hf, "use_sliding_window": True}, hub / "config.json")
+    assert err.value.field == "use_sliding_window"
 
 
 # ---- against transformers ----

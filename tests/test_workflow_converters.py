@@ -112,7 +112,7 @@ def test_non_zero_exit_is_a_fail_row_with_the_stderr_tail(built):
     assert "st-apr@broken" in junit and "unsupported tensor type BF17" in junit
 
 
-def test_converter_writing_elsewhere_fails_its_job_naming_the_stray_file(built, tmp_path):
+def test_side_converter_writing_elsewhere_is_a_fail_row_naming_the_stray_file(built, tmp_path):
     wf = built.clone(tmp_path / "stray")
     config = wf.config()
     config["converters"]["stray"] = {
@@ -120,15 +120,17 @@ def test_converter_writing_elsewhere_fails_its_job_naming_the_stray_file(built, 
     config["route"]["st-gguf"] = ["convqa", "stray"]
     wf.write_config(config)
     expected = f"results/{MODEL}/{VARIANT}/xconv/stray/st-gguf/artifact/model.gguf"
-    proc = wf.run(f"results/{MODEL}/{VARIANT}/gates/smoke/xconv.tsv", check=False)
-    assert proc.returncode != 0
+    wf.run(f"results/{MODEL}/{VARIANT}/gates/smoke/xconv.tsv")
     log = wf.path(f"results/{MODEL}/{VARIANT}/xconv/stray/st-gguf/convert.log").read_text()
-    for text in (log, proc.stdout + proc.stderr):
-        assert "OutputPathError" in text
-        assert "converter 'stray' exited 0 but did not write the expected output" in text
-        assert expected in text
-        assert str(wf.path("model-f32.gguf").resolve()) in text
-    assert not wf.path(f"results/{MODEL}/{VARIANT}/xconv/stray/st-gguf/sidecar.json").exists()
+    assert "OutputPathError" in log and expected in log
+    rows = [r for r in wf.rows(f"results/{MODEL}/{VARIANT}/gates/smoke/xconv.tsv") if r["subject"].endswith("@stray")]
+    assert {r["gate"] for r in rows} == {"F-CONV-S-G", "F-XCONV-001"}
+    for row in rows:
+        assert row["status"] == "fail"
+        assert "converter 'stray' exited 0 but did not write the expected output" in row["reason"]
+        assert expected in row["reason"] and str(wf.path("model-f32.gguf").resolve()) in row["reason"]
+    artifact_dir = wf.path(f"results/{MODEL}/{VARIANT}/xconv/stray/st-gguf/artifact")
+    assert [p.name for p in artifact_dir.iterdir() if p.name != ".snakemake_timestamp"] == []
 
 
 DOWNSTREAM = {job("tensor_gates", model=MODEL, variant=VARIANT, tier="smoke"),

@@ -106,7 +106,7 @@ def test_default_target_is_the_configured_tier(workflow, tmp_path):
 def test_default_config_plans_the_bundled_and_synthetic_models(workflow):
     jobs = dry_run_jobs(workflow, "smoke")
     models = {j["wildcards"]["model"] for j in jobs if j["rule"] == "prepare_source"}
-    assert models == {"smollm2", "qwen2-tiny"}
+    assert models == {"smollm2", "qwen2-tiny", "qwen2.5-tiny-bf16"}
     variants = {j["wildcards"]["variant"] for j in jobs if j["rule"] in CONVERT_RULES}
     assert variants == {"native", "q8_0"}
 

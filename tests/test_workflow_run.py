@@ -1,7 +1,7 @@
 """Real workflow runs on a tiny synthetic model: reports and sidecars are produced; a touch of
 converter code reruns nothing while a real change reruns exactly the affected edges; a converter
-that writes beside its input fails naming the stray file; a conversion killed half way is not
-trusted by the next run.
+that writes beside its input or exits non-zero still ends in a NOT QUALIFIED report naming the
+failure; a conversion killed half way is not trusted by the next run.
 
 The workflow and the convqa package are copied into a temporary directory and the runs import
 that copy (PYTHONPATH), so the tests can edit converter code without touching the repository.
@@ -122,22 +122,52 @@ def test_changing_the_gguf_module_reruns_exactly_the_gguf_edges(built, tmp_path)
     assert {rule for rule, _ in jobs} >= {"tensor_gates", "report", "summary"}
 
 
-def test_converter_writing_beside_its_input_fails_naming_the_stray_file(built, tmp_path):
-    wf = built.clone(tmp_path / "beside")
-    beside = {"beside": {"command": CONVQA_COMMAND.replace(" --json", " --mutant write-beside-input")}}
-    wf.write_config(run_config("beside", beside))
-    expected = f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf"
-    proc = wf.run(expected, "--latency-wait", "0", check=False)
-    assert proc.returncode != 0
-    # The input is the source directory: the mutant writes <input>/model.converted.gguf.
+def test_primary_converters_that_fail_still_end_in_a_not_qualified_report(built, tmp_path):
+    """CONV-001's `model.converted.gguf` case on S->G, a converter exiting 3 on S->A: the workflow
+    finishes (no --keep-going), each failed edge fails naming what went wrong (the expected and the
+    stray path; the exit status and stderr), and everything downstream waits on it."""
+    wf = built.clone(tmp_path / "failing")
+    failing = {"command": "{python} -c 'import sys; sys.stderr.write(\"no BF17 support\\n\"); sys.exit(3)' {input} {output}"}
+    config = run_config(extra_converters={"beside": {"command": CONVQA_COMMAND.replace(" --json", " --mutant write-beside-input")},
+                                          "failing": failing})
+    config["route"] = {"st-gguf": ["beside"], "st-apr": ["failing"]}
+    wf.write_config(config)
+    proc = wf.run("mvp", "--latency-wait", "0")
+    assert proc.returncode == 0
+    # The input is the source directory: the mutant writes <input>/model.converted.gguf, left in place.
     stray = wf.path(f"results/{MODEL}/source/model.converted.gguf")
     assert stray.is_file(), "the mutant did not write beside its input"
+    expected = f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf"
     log = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/convert.log").read_text()
-    for text in (log, proc.stdout + proc.stderr):
-        assert "OutputPathError" in text
-        assert expected in text
-        assert str(stray.resolve()) in text
-    assert not wf.path(expected).exists()
+    assert expected in log and str(stray.resolve()) in log
+
+    evidence = yaml.safe_load(wf.path(f"results/{MODEL}/report/mvp/qualification.json").read_text())
+    assert evidence["summary"]["verdict"] == "NOT QUALIFIED"
+    rows = wf.rows(f"results/{MODEL}/{VARIANT}/gates/mvp/tensor.tsv")
+    by = {(r["gate"], r["subject"]): r for r in rows}
+    edge = by[("F-CONV-S-G", f"{VARIANT}/st-gguf")]
+    assert edge["status"] == "fail" and expected in edge["reason"] and str(stray.resolve()) in edge["reason"]
+    contract = by[("F-CONTRACT-OUTPUT", f"{VARIANT}/st-gguf")]
+    assert contract["status"] == "fail" and str(stray.resolve()) in contract["reason"]
+    exited = by[("F-CONV-S-A", f"{VARIANT}/st-apr")]
+    assert exited["status"] == "fail" and "exited 3" in exited["reason"] and "no BF17 support" in exited["reason"]
+    # Downstream of the failed edges: not evaluated, naming the edge that failed.
+    for gate, chain, failed in (("F-CONV-G-A", "st-gguf-apr", "st-gguf"), ("F-CONV-RT-002", "st-gguf-apr-gguf", "st-gguf"),
+                                ("G0-INTEGRITY", "st-gguf", "st-gguf"), ("G0-INTEGRITY", "st-gguf-apr", "st-gguf"),
+                                ("F-CONTRACT-I2", "st-gguf-apr", "st-gguf"), ("F-CONV-A-G", "st-apr-gguf", "st-apr")):
+        row = by[(gate, f"{VARIANT}/{chain}")]
+        assert row["status"] == "not_evaluated" and f"{failed} failed" in row["reason"], (gate, chain, row)
+    assert {r["status"] for r in rows if r["subject"] != f"{VARIANT}/st"} == {"fail", "not_evaluated"}, \
+        "nothing passes on a placeholder"
+    inference = wf.rows(f"results/{MODEL}/{VARIANT}/gates/mvp/inference.tsv")
+    gguf_rows = [r for r in inference if r["subject"].startswith(f"{VARIANT}/st-gguf/") and r["status"] != "skipped"]
+    assert gguf_rows and all(r["status"] == "not_evaluated" and "st-gguf failed" in r["reason"] for r in gguf_rows)
+    # A placeholder, never a model: the strict reader refuses it, naming the failed edge.
+    from convqa.formats import open_model
+    from convqa.no_artifact import NoArtifactError
+
+    with pytest.raises(NoArtifactError, match="the conversion st-gguf failed"):
+        open_model(wf.path(expected))
 
 
 FAKE_CONVERTER = textwrap.dedent("""\

@@ -2,8 +2,10 @@
 
 Reading applies the defaults transformers applies when a key is absent (so the ModelConfig
 describes the computation `from_pretrained` would run), refuses what convqa cannot carry
-faithfully into GGUF/APR (RoPE scaling, biases on llama, sliding windows, other activations),
-and requires the geometry keys outright. Writing produces the dict transformers 5.23 itself
+faithfully into GGUF/APR (RoPE scaling, biases on llama, sliding windows in use, other
+activations, pre-quantized checkpoints), and requires the geometry keys outright. Both dialects
+are read: transformers 4.x (`rope_theta` at the top level, `rope_scaling`, `torch_dtype`) and
+5.x (`rope_parameters`, `dtype`, `layer_types`). Writing produces the dict transformers 5.23 itself
 saves for the same model: `rope_parameters` instead of the legacy top-level `rope_theta`.
 """
 
@@ -191,6 +193,39 @@ def _refuse_unsupported(hf: dict, arch: str, path) -> None:
                 raise FormatError(path, f"unsupported: {key} is true; the llama tensor set has no biases", field=key)
     if arch == "qwen2" and hf.get("use_sliding_window", False):
         raise FormatError(path, "unsupported: use_sliding_window is true; GGUF's qwen2 has no sliding window", field="use_sliding_window")
+    if arch == "llama" and hf.get("sliding_window") is not None:
+        raise FormatError(path, f"unsupported: sliding_window {hf['sliding_window']!r} on llama; GGUF's llama attends to the whole context",
+                          field="sliding_window")
+    # transformers 5 spells the attention pattern per layer; anything but full attention is a window.
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+            raise FormatError(path, f"unsupported layer_types {layer_types!r}: only full attention converts faithfully", field="layer_types")
+    if hf.get("quantization_config") is not None:
+        method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) else None
+        raise FormatError(path, f"unsupported: a pre-quantized checkpoint (quantization_config, quant_method {method!r}); "
+                                "its tensors are packed weights and scales, not the model's weights", field="quantization_config")
+    _check_dtype(hf, path)
+
+
+# What transformers 4 (`torch_dtype`) and 5 (`dtype`) write: the dtype the checkpoint is meant to
+# load in. The tensors' own dtypes are what convqa reads; this is checked so that a config
+# claiming what no reader can honour is refused rather than ignored.
+_CONFIG_DTYPES = ("float32", "float16", "bfloat16", "auto")
+
+
+def _check_dtype(hf: dict, path) -> None:
+    named = {key: hf[key] for key in ("torch_dtype", "dtype") if hf.get(key) is not None}
+    for key, value in named.items():
+        if value not in _CONFIG_DTYPES:
+            raise FormatError(path, f"unsupported {key} {value!r}; expected one of {_CONFIG_DTYPES}", field=key)
+    if len(set(named.values())) > 1:
+        raise FormatError(path, f"torch_dtype {named['torch_dtype']!r} contradicts dtype {named['dtype']!r}", field="dtype")
+
+
+def config_dtype(hf: dict) -> str | None:
+    """The dtype a config.json of either transformers dialect declares (`dtype` or `torch_dtype`)."""
+    return hf.get("dtype") or hf.get("torch_dtype")
 
 
 def _positive_int(hf: dict, key: str, path) -> int:

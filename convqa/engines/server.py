@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import http.client
 import itertools
 import json
 import os
@@ -414,8 +415,10 @@ class ServerProcess:
         atexit.register(self.stop)
         # A new session makes the server the leader of its own process group, so stop() can kill
         # it together with anything it forks (uvicorn workers, compiler helpers, ...).
+        # No gdb backtrace on a ggml abort: the attach hangs where ptrace is not allowed (convqa.isolated).
         self.process = subprocess.Popen(
-            self.argv, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={"GGML_NO_BACKTRACE": "1", **os.environ},
         )
         return self
 
@@ -423,9 +426,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(
-                    f"server exited with status {self.process.returncode} before answering:\n{self.log_tail()}"
-                )
+                raise ServerError(f"{self.exit_state()} before answering:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + self.health_path, timeout=HEALTH_POLL_S * 5) as response:
                     if response.status == 200:
@@ -484,6 +485,20 @@ class ServerProcess:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise ServerError(f"{request.full_url} answered {exc.code}: {exc.read().decode(errors='replace')}") from exc
+        except (urllib.error.URLError, OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
+            # The server died while answering (llama.cpp aborts on some files at the first
+            # forward pass), hung past the timeout, or answered something that is not JSON.
+            raise ServerError(f"{request.full_url}: no answer ({type(exc).__name__}: {exc}); {self.exit_state()}\n"
+                              f"{self.log_tail(1500)}") from exc
+
+    def exit_state(self) -> str:
+        """'server still running' or how it ended (the signal by name)."""
+        if self.process is None or self.process.poll() is None:
+            return "server still running"
+        code = self.process.returncode
+        if code < 0:
+            return f"server killed by {signal.Signals(-code).name} (signal {-code})"
+        return f"server exited with status {code}"
 
     def _install_sigterm_cleanup(self) -> None:
         """On SIGTERM, stop the server first, then let the previous disposition act."""

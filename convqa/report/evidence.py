@@ -239,6 +239,7 @@ def artifact_evidence(label: str, manifest: dict | None, sidecar: dict | None) -
             "mutant": record.get("mutant"),
             "quantized_tensors": len(record.get("quantized") or []),
             "dequantized": record.get("dequantized") or [],
+            "upcast": record.get("upcast") or [],
         },
     }
 

@@ -48,3 +48,26 @@ def write_summary(qualification_jsons: list, out_json: str | os.PathLike, out_md
     with atomic_file(out_md) as tmp:
         Path(tmp).write_text("\n".join(lines), encoding="utf-8")
     return summary
+
+
+# `convqa verdict`: the verdict as an exit status, so CI can tell "the qualification ran and the
+# conversion is NOT QUALIFIED" (1, 3) from "the tool itself failed" (snakemake non-zero, or 2 here).
+VERDICT_EXIT = {QUALIFIED: 0, NOT_QUALIFIED: 1, INCOMPLETE: 3}
+
+
+def read_verdicts(path: str | os.PathLike) -> tuple[str, list[tuple[str, str]]]:
+    """(overall verdict, [(model, verdict)]) of a summary.json or one model's qualification.json."""
+    from convqa.errors import FormatError
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FormatError(path, f"cannot read: {exc.strerror}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(path, f"not a JSON summary or qualification: {exc}") from exc
+    if isinstance(data, dict) and data.get("schema_version") == SUMMARY_SCHEMA_VERSION:
+        models = [(row["model"], row["verdict"]) for row in data.get("models", [])]
+        return overall_verdict([{"verdict": v} for _, v in models]), models
+    evidence = load_evidence(path)  # validates a qualification.json against its own rows
+    return evidence["summary"]["verdict"], [(evidence["model"], evidence["summary"]["verdict"])]
+
