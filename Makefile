@@ -36,3 +36,15 @@ lint: setup
 
 clean-results:
 	rm -rf results .snakemake
+
+# A throwaway one-node SLURM cluster on this machine (root; installs slurm-wlm and munge if
+# missing), and the workflow run through profiles/slurm against it (tests/test_slurm.py).
+.PHONY: slurm-up slurm-down test-slurm
+slurm-up:
+	scripts/slurm_local.sh up
+
+slurm-down:
+	scripts/slurm_local.sh down
+
+test-slurm: setup
+	$(BIN)/python -m pytest -q tests/test_slurm.py

@@ -167,7 +167,13 @@ def test_slurm_profile_resolves_offline(workflow):
     for j in convert:
         assert "mem_mb" in j["resources"] and "runtime" in j["resources"], j
     source = next(j for j in jobs if j["rule"] == "prepare_source")
-    assert source["resources"]["mem_mb"] == "16000" and source["resources"]["runtime"] == "240"
+    # A synthetic source has no input files: the profile's floor (tests/test_slurm.py checks the
+    # expressions' scaling and units, and runs the profile on a real cluster).
+    assert source["resources"]["mem_mb"] == "8000" and source["resources"]["runtime"] == "120"
+    infer = [j for j in jobs if j["rule"] in ("infer", "infer_source", "serve_check")]
+    assert infer and all({"mem_mb", "runtime"} <= set(j["resources"]) for j in infer), infer
+    # No GPU partition configured (CONVQA_SLURM_GPU_PARTITION): gpu-backend runs ask for no GPU.
+    assert all(j["resources"].get("gpu", "0") == "0" for j in infer)
     profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())
     assert profile["executor"] == "slurm"
     assert "nvidia_gpu" not in (REPO / "profiles/slurm/config.yaml").read_text()
