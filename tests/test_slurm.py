@@ -249,16 +249,33 @@ def snakemake_slurm(wf: Workflow, *args: str, log: Path, **env: str) -> subproce
     return subprocess.Popen(cmd, cwd=wf.workdir, env=wf.env(**env), stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
-def wait(proc: subprocess.Popen, timeout: float) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(2)  # Ctrl-C: the plugin cancels its SLURM jobs
-        try:
-            proc.wait(timeout=60)
-        finally:
-            proc.kill()
-        raise
+STALL_S = 90
+
+
+def wait(proc: subprocess.Popen, timeout: float, log: Path, run_id: str | None = None) -> int:
+    """The exit status of a SLURM run; it fails if the run hangs: nothing of it queued or
+    running in SLURM and nothing logged for STALL_S seconds (the plugin lost track of its jobs,
+    as it does when its status queries fail), or no end within `timeout`."""
+    deadline, last_size, last_change = time.monotonic() + timeout, -1, time.monotonic()
+    problem = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        size = log.stat().st_size
+        if size != last_size:
+            last_size, last_change = size, now
+        elif run_id and now - last_change > STALL_S and not [j for j in squeue(run_id) if j["state"] in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING")]:
+            problem = f"hung: nothing queued or running in SLURM and nothing logged for {STALL_S} s"
+        if now > deadline:
+            problem = f"not finished after {timeout} s"
+        if problem:
+            proc.send_signal(2)  # Ctrl-C: the plugin cancels its SLURM jobs
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise AssertionError(f"SLURM run {problem}:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    return proc.returncode
 
 
 def run_id_of(log: Path, proc: subprocess.Popen, timeout: float = 120) -> str:
@@ -352,7 +369,7 @@ def slurm_run(tmp_path_factory) -> SlurmRun:
         run_id = run_id_of(log, proc)
         killer = threading.Thread(target=cancel_while_running, args=(run_id, proc, wf, hold, cancelled), daemon=True)
         killer.start()
-        returncode = wait(proc, RUN_TIMEOUT_S)
+        returncode = wait(proc, RUN_TIMEOUT_S, log, run_id)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -477,12 +494,12 @@ def test_partition_comes_from_the_environment(tmp_path):
     wf = Workflow.create(tmp_path / "p", CONFIG)
     target = f"results/{MODEL}/source.sidecar.json"
     log = tmp_path / "alt.log"
-    assert wait(snakemake_slurm(wf, target, log=log, CONVQA_SLURM_PARTITION=others[0]), 300) == 0, log.read_text()[-3000:]
+    assert wait(snakemake_slurm(wf, target, log=log, CONVQA_SLURM_PARTITION=others[0]), 300, log) == 0, log.read_text()[-3000:]
     run_id = re.search(r"SLURM run ID: (\S+)", log.read_text()).group(1)
     assert {j["partition"] for j in squeue(run_id)} == {others[0]}
     shutil.rmtree(wf.path("results"))
     log = tmp_path / "bad.log"
-    assert wait(snakemake_slurm(wf, target, log=log, CONVQA_SLURM_PARTITION="no-such-partition"), 300) != 0
+    assert wait(snakemake_slurm(wf, target, log=log, CONVQA_SLURM_PARTITION="no-such-partition"), 300, log) != 0
     text = log.read_text()
     assert "SLURM sbatch failed" in text and "invalid partition" in text.lower() and "-p no-such-partition" in text, text[-3000:]
 
