@@ -167,8 +167,8 @@ def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, 
     """run_prompts_job in a child process (convqa.isolated): an engine that aborts, segfaults, is
     killed for memory or hangs gives a record with `error` (how it ended and its stderr tail) and
     no logits, never a failed job. Returns the record that was written."""
-    # The capability check (no CUDA device: skipped) happens in the child too: asking torch here
-    # would import it twice per job.
+    # The capability check (no CUDA device: skipped) happens in the child: asking torch here would
+    # import it twice per job.
     record = _new_record(os.fspath(artifact), engine, backend, max_new_tokens)
     kwargs = dict(artifact=os.fspath(artifact), source=os.fspath(source), engine=engine, backend=backend,
                   max_new_tokens=max_new_tokens, threads=threads, json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
@@ -214,8 +214,14 @@ def load_run(json_path, npz_path=None) -> dict:
     """A run record with `logits` (prompt id -> array) attached when the .npz is given."""
     import json
 
-    with open(json_path) as fh:
-        record = json.load(fh)
+    try:
+        with open(json_path) as fh:
+            record = json.load(fh)
+        if not isinstance(record, dict):
+            raise ValueError(f"a run record is a JSON object, not {type(record).__name__}")
+    except (OSError, ValueError) as exc:  # a damaged record is the run's failure, not the gate job's
+        return {"skipped": None, "prompts": [], "logits": {},
+                "error": f"run record {json_path} unreadable: {type(exc).__name__}: {exc}"}
     record["logits"] = {}
     if npz_path is not None and Path(npz_path).exists():
         try:

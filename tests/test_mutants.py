@@ -128,10 +128,39 @@ def test_bf16_truncate_differs_from_rounding(synthetic_dir, tmp_path):
     assert all(r.normalized_max_abs < 0.01 for r in differ)  # off by one ulp, not a layout bug
 
 
+def test_bf16_norms_in_gguf_keeps_the_values_and_breaks_the_storage_convention(synthetic_dir, tmp_path):
+    good, bad, _ = mutant_vs_good(synthetic_dir("qwen2-tiny", "bfloat16"), tmp_path, "bf16-norms-in-gguf", "gguf", ".gguf")
+    result = diff(good, bad)
+    assert all(r.max_abs == 0 for r in result.tensors), "same values: only the encoding of the 1-D tensors changes"
+    with open_model(good) as a, open_model(bad) as b:
+        one_d = [n for n, t in a.tensors.items() if len(t.shape) == 1]
+        assert one_d and all(a.tensors[n].encoding.name == "F32" and b.tensors[n].encoding.name == "BF16" for n in one_d)
+    with pytest.raises(Exception, match="needs a source with BF16/F16 1-D tensors"):
+        convert(synthetic_dir("qwen2-tiny"), tmp_path / "f32.gguf", mutant="bf16-norms-in-gguf")
+
+
+@pytest.mark.parametrize("fmt,ext", [("gguf", ".gguf"), ("apr", ".apr"), ("safetensors", "")])
+def test_nan_weight_poisons_one_value(synthetic_dir, tmp_path, fmt, ext):
+    import numpy as np
+
+    from convqa.mutants import NAN_WEIGHT
+
+    good, bad, _ = mutant_vs_good(synthetic_dir("qwen2-tiny"), tmp_path, "nan-weight", fmt, ext)
+    with open_model(good) as a, open_model(bad) as b:
+        for name, tensor in a.tensors.items():
+            values = b.tensors[name].to_float32()
+            if name == NAN_WEIGHT:
+                original = tensor.to_float32()
+                assert int(np.isnan(values).sum()) == 1 and np.array_equal(values[~np.isnan(values)], original[~np.isnan(values)])
+            else:
+                assert np.array_equal(values, tensor.to_float32()), name
+    assert [r.name for r in diff(good, bad).tensors if r.status != "identical"] == [NAN_WEIGHT]
+
+
 def test_every_mutant_is_documented_and_tested():
     tested = {"dims-not-reversed", "transpose-2d", "skip-qk-permute", "drop-qkv-bias", "drop-tokenizer", "drop-chat-template",
               "shift-special-token", "lose-rope-theta", "change-rms-eps", "q8_0-as-apr-dtype-8", "drop-lm-head",
-              "write-beside-input", "nondeterministic", "bf16-truncate"}
+              "write-beside-input", "nondeterministic", "bf16-truncate", "bf16-norms-in-gguf", "nan-weight"}
     assert set(MUTANTS) == tested
     for m in MUTANTS.values():
         assert m.bug and m.origin and m.targets

@@ -91,6 +91,36 @@ def test_gguf_upcasts_1d_tensors_to_f32_and_records_it(hub_checkpoint, converted
     assert converted["records"]["apr"].upcast == []
 
 
+@pytest.mark.parametrize("quant", ["bf16", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "apr-int8", "apr-int4"])
+def test_every_lossy_variant_converts_a_bf16_checkpoint(hub_checkpoint, tmp_path, quant):
+    from convqa.convert import QUANT_TARGETS
+
+    for fmt, encoding in QUANT_TARGETS[quant].items():
+        if fmt == "safetensors":
+            continue
+        out = tmp_path / f"model.{fmt}"
+        record = convert(hub_checkpoint, out, quant=quant)
+        with open_model(out) as model:
+            for name, tensor in model.tensors.items():
+                if len(tensor.shape) == 1:
+                    assert tensor.encoding.name == ("F32" if fmt == "gguf" else "BF16"), (quant, name)
+                else:
+                    assert tensor.encoding.name == encoding, (quant, name, tensor.encoding.name)
+        assert bool(record.quantized) == (encoding != "BF16"), "BF16 -> BF16 is no quantization"
+        assert (record.upcast != []) == (fmt == "gguf")
+
+
+@needs_llama_cpp
+def test_a_single_file_f16_checkpoint_runs_in_llama_cpp(synthetic_dir, tmp_path):
+    source = synthetic_dir("qwen2-tiny", dtype="float16")
+    assert (source / "model.safetensors").is_file()
+    record = convert(source, tmp_path / "model.gguf")
+    assert record.upcast and {src for _, src, _ in record.upcast} == {"F16"}
+    run = run_prompts_isolated(tmp_path / "model.gguf", source, "llama.cpp", "cpu", 4, 2, tmp_path / "r.json",
+                               tmp_path / "r.npz", timeout_s=300, engine_log=tmp_path / "r.log")
+    assert run["error"] is None, run["error"]
+
+
 def test_gates_treat_the_upcast_as_exact_and_the_bf16_norm_gguf_as_a_layout_failure(hub_checkpoint, converted):
     source, gguf = build_manifest(hub_checkpoint), build_manifest(converted["dir"] / "model.gguf")
     sidecar = {"record": converted["records"]["gguf"].as_dict()}
@@ -202,6 +232,8 @@ def test_a_damaged_logits_file_is_the_runs_error(tmp_path):
     (tmp_path / "run.npz").write_bytes(b"PK\x03\x04 not really a zip")
     record = load_run(tmp_path / "run.json", tmp_path / "run.npz")
     assert "unreadable" in record["error"] and record["logits"] == {}
+    (tmp_path / "cut.json").write_text('{"prompts": [')
+    assert "run record" in load_run(tmp_path / "cut.json", tmp_path / "run.npz")["error"]
 
 
 def test_native_on_a_bf16_source_picks_the_bf16_tolerances():
