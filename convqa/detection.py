@@ -290,6 +290,9 @@ def function_change(mutant_npz: str | os.PathLike | None, correct_npz: str | os.
         for key in c.files:
             if key not in m.files or m[key].shape != c[key].shape:
                 return {"measured": True, "max_abs_dlogit": None, "changed": True, "reason": f"prompt {key}: no comparable logits"}
+            if not np.isfinite(m[key]).all():  # max() would pass over a NaN and call the logits identical
+                return {"measured": True, "max_abs_dlogit": None, "changed": True,
+                        "reason": f"prompt {key}: the mutant's logits hold NaN or Inf"}
             worst = max(worst, float(np.max(np.abs(m[key].astype(np.float64) - c[key]))))
     return {"measured": True, "max_abs_dlogit": worst, "changed": worst > 0, "reason": ""}
 

@@ -49,6 +49,12 @@ def side_rows(slot: dict, loaded: dict, model: str, variant: str) -> list[GateRo
     subject = side_label(chain, converter)
     edge_gate = EDGE_GATE[edge(chain)]
     sidecar = loaded["sidecar"]
+    if sidecar.get("status") == "not_run":  # its input failed upstream: that edge's row fails, these wait
+        rows = [GateRow(edge_gate, label(variant, subject), label(variant, parent), reason=sidecar["reason"]),
+                GateRow(XCONV_GATE, label(variant, subject), label(variant, chain), reason=sidecar["reason"])]
+        for row in rows:
+            row.model, row.variant = model, variant
+        return rows
     if sidecar.get("status") == "failed":
         reason = failure_reason(sidecar)
         rows = [GateRow(edge_gate, label(variant, subject), label(variant, parent), status=FAIL, reason=reason,

@@ -6,19 +6,31 @@ import traceback
 from pathlib import Path
 
 from convqa.compare.tensors import compare_models
+from convqa.errors import FormatError
 from convqa.formats import open_model
 from convqa.sidecar import write_json
 
 with open(snakemake.log[0], "w") as log:
     try:
         sidecar = json.loads(Path(snakemake.input.sidecar).read_text())
-        if sidecar["status"] == "failed":
+        if sidecar["status"] == "not_run":
+            comparison = {"unavailable": sidecar["reason"]}
+        elif sidecar["status"] == "failed":
             comparison = {"unavailable": f"conversion failed (exit {sidecar['returncode']})"}
         else:
-            with open_model(snakemake.input.reference) as ref, open_model(sidecar["artifact"]) as cand:
-                result = compare_models(ref, cand)
-            comparison = {"subject": sidecar["label"], "reference": snakemake.wildcards.against, **result.as_dict()}
-            print(f"{sidecar['label']} vs {snakemake.wildcards.against}: {result.summary()}", file=log)
+            comparison = {"subject": sidecar["label"], "reference": snakemake.wildcards.against}
+            side = "reference"
+            try:
+                with open_model(snakemake.input.reference) as ref:
+                    side = "subject"
+                    with open_model(sidecar["artifact"]) as cand:
+                        result = compare_models(ref, cand)
+                comparison.update(result.as_dict())
+                print(f"{sidecar['label']} vs {snakemake.wildcards.against}: {result.summary()}", file=log)
+            except FormatError as exc:  # an unreadable artifact (or a failed primary's placeholder) is a finding
+                comparison.update(read_error=str(exc), read_error_side=side, tensors=[],
+                                  no_artifact=getattr(exc, "failure", None))
+                print(f"{sidecar['label']} vs {snakemake.wildcards.against}: {side} unreadable: {exc}", file=log)
         write_json(snakemake.output.comparison, comparison)
     except Exception:
         traceback.print_exc(file=log)

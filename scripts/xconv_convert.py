@@ -11,7 +11,7 @@ import shutil
 import traceback
 from pathlib import Path
 
-from convqa import plan
+from convqa import no_artifact, plan
 from convqa.converters import side_label
 from convqa.sidecar import (
     ConverterExitError,
@@ -25,6 +25,11 @@ from convqa.sidecar import (
 )
 
 ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr"}
+
+
+class UpstreamFailed(Exception):
+    """The edge's input is a failed conversion's placeholder (convqa.no_artifact)."""
+
 
 params, wildcards = snakemake.params, snakemake.wildcards
 artifact_dir = Path(snakemake.output.artifact)
@@ -49,9 +54,16 @@ with open(snakemake.log[0], "w") as log:
             format=params.format,
             quant=params.quant,
         )
+        upstream = no_artifact.read(snakemake.input.artifact)
         try:
+            if upstream is not None:  # the primary chain failed before this edge: nothing to convert
+                raise UpstreamFailed(no_artifact.describe(upstream))
             result = run_converter(argv, snakemake.input.artifact, str(artifact), log,
                                    env=params.env, converter=wildcards.converter)
+        except UpstreamFailed as not_run:
+            print(f"not converted: {not_run}", file=log)
+            sidecar = {"status": "not_run", "reason": str(not_run), "converter": wildcards.converter,
+                       "fingerprint": params.fingerprint, "argv": argv, "tool_versions": tool_versions(), **extra}
         except (ConverterExitError, OutputPathError) as failure:
             print(f"{type(failure).__name__}: {failure}", file=log)
             # Nothing half-written may be mistaken for the converter's output.

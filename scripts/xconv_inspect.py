@@ -5,16 +5,22 @@ import json
 import traceback
 from pathlib import Path
 
-from convqa.manifest import build_manifest
+from convqa.errors import FormatError
+from convqa.manifest import build_manifest, unreadable_manifest
 from convqa.sidecar import write_json
 
 with open(snakemake.log[0], "w") as log:
     try:
         sidecar = json.loads(Path(snakemake.input.sidecar).read_text())
-        if sidecar["status"] == "failed":
+        if sidecar["status"] == "not_run":
+            manifest = {"unavailable": sidecar["reason"]}
+        elif sidecar["status"] == "failed":
             manifest = {"unavailable": f"conversion failed (exit {sidecar['returncode']})"}
         else:
-            manifest = build_manifest(sidecar["artifact"])
+            try:
+                manifest = build_manifest(sidecar["artifact"])
+            except FormatError as exc:  # the side converter wrote a file the strict reader refuses
+                manifest = unreadable_manifest(sidecar["artifact"], exc)
         write_json(snakemake.output.manifest, manifest)
         print(f"{sidecar['label']}: {manifest.get('tensor_count', manifest.get('unavailable'))}", file=log)
     except Exception:

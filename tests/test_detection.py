@@ -132,3 +132,20 @@ def test_detection_run_has_no_false_alarm_on_the_correct_converter(subset_matrix
     assert correct["not_evaluated"] == 0, "every gate of the correct conversion must be decided"
     assert correct["cells"][detection.OUTPUT_PATH_GATE]["status"] == "pass"
     assert correct["pass"] > 50
+
+
+def test_function_change_counts_nan_logits_as_a_change(tmp_path):
+    """np.max passes NaN on and max(0.0, nan) is 0.0: a NaN-producing mutant once measured 'identical'."""
+    import numpy as np
+
+    from convqa.detection import function_change
+
+    good = np.arange(12, dtype=np.float32).reshape(3, 4)
+    poisoned = good.copy()
+    poisoned[1, 1] = np.nan
+    np.savez(tmp_path / "correct.npz", p=good)
+    np.savez(tmp_path / "same.npz", p=good)
+    np.savez(tmp_path / "nan.npz", p=poisoned)
+    assert function_change(tmp_path / "same.npz", tmp_path / "correct.npz")["changed"] is False
+    change = function_change(tmp_path / "nan.npz", tmp_path / "correct.npz")
+    assert change["changed"] is True and "NaN" in change["reason"]
