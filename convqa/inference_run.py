@@ -194,9 +194,14 @@ def _finish_isolated(function: str, kwargs: dict, record: dict, engine: str, tim
     if outcome.ok and Path(kwargs["json_path"]).is_file() and Path(kwargs["npz_path"]).is_file():
         return load_run(kwargs["json_path"])
     how = outcome.describe() or "exited 0 without writing its record"
-    # The last lines say what broke (ggml's assertion, a Python exception); the record keeps more.
+    # The last line says what broke (ggml's assertion, a Python exception), so it comes first; the
+    # lines before it follow, and the record's `exit` keeps the whole tail.
     last = outcome.last_words()
-    record["error"] = f"{engine} process {how}" + (f"; stderr: {' | '.join(last)[-600:]}" if last else "")
+    record["error"] = f"{engine} process {how}"
+    if last:
+        record["error"] += f"; last stderr line: {last[-1][-400:]}"
+        if len(last) > 1:
+            record["error"] += f" (before it: {' | '.join(last[:-1])[-300:]})"
     record["exit"] = outcome.as_dict()
     write_run(record, {}, kwargs["json_path"], kwargs["npz_path"])
     return record
