@@ -93,7 +93,12 @@ def needs_f32(tensor: LazyTensor, target_format: str) -> bool:
     """
     if target_format != "gguf" or tensor.encoding.name not in ("F16", "BF16"):
         return False
-    return len(tensor.shape) <= 1 or tensor.name.endswith("norm.weight")
+    return gguf_wants_f32(tensor.name, tensor.shape)
+
+
+def gguf_wants_f32(name: str, shape) -> bool:
+    """llama.cpp's convention: 1-D tensors and norms are F32 in a GGUF (F-LAYOUT-003 checks it)."""
+    return len(shape) <= 1 or name.endswith("norm.weight")
 
 
 def _reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 from convqa import arch, no_artifact
 from convqa.compare.tensors import ENCODING_TOLERANCE
 from convqa.model import ModelConfig
-from convqa.convert import QUANT_TARGETS
+from convqa.convert import QUANT_TARGETS, gguf_wants_f32
 from convqa.plan import HOP_FORMAT, Check, hops
 from convqa.plan import parent as plan_parent
 
@@ -209,7 +209,7 @@ def _gguf_f32_tensors(manifest: dict | None, subject: str) -> GateRow:
         row.reason = reason
         return row
     problems = [f"{t['name']} is {t['encoding']}" for t in manifest["tensors"]
-                if (len(t["shape"]) <= 1 or t["name"].endswith("norm.weight")) and t["encoding"] != "F32"]
+                if gguf_wants_f32(t["name"], t["shape"]) and t["encoding"] != "F32"]
     return _verdict(row, len(problems), problems)
 
 
@@ -268,12 +268,9 @@ def check_rows(check: Check, inputs: dict, model: str, variant: str) -> list[Gat
     if check.mode == "bytes":
         subject_failure, reference_failure = inputs.get("subject_failure"), inputs.get("reference_failure")
         row.metric, row.threshold = "sha256 equal", "equal"
-        if subject_failure and not no_artifact.is_upstream(subject_failure):
-            row.value, row.status, row.reason = "no artifact", FAIL, no_artifact.describe(subject_failure)
-            return [row]
         if subject_failure or reference_failure:
-            row.reason = no_artifact.describe(subject_failure or reference_failure)
-            return [row]
+            own = bool(subject_failure) and not no_artifact.is_upstream(subject_failure)
+            return [_no_artifact_verdict(row, subject_failure or reference_failure, own)]
         a, b = inputs.get("reference_sha256"), inputs.get("subject_sha256")
         row.metric, row.threshold = "sha256 equal", "equal"
         if not a or not b:
@@ -304,19 +301,24 @@ def check_tolerance(check: Check, variant: str) -> float:
     return total
 
 
+def _no_artifact_verdict(row: GateRow, failure: dict, own: bool) -> GateRow:
+    """A check with a failed conversion's placeholder on one side. The subject's own converter
+    failed (`own`): this check is where the edge fails. Anything else (its input failed upstream,
+    or the reference did) waits on the failed edge's row."""
+    if own:
+        row.value, row.status = "no artifact", FAIL
+    row.reason = no_artifact.describe(failure)
+    return row
+
+
 def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> GateRow:
     row.metric = "max normalized |d|"
     if comparison is None:
         row.reason = "comparison missing (an artifact could not be read)"
         return row
     if failure := comparison.get("no_artifact"):
-        # The subject's own converter failed: this check is where the edge fails. Anything else
-        # (its input failed upstream, or the reference did) waits on the failed edge's row.
-        if comparison.get("read_error_side") == "subject" and not no_artifact.is_upstream(failure):
-            row.value, row.status, row.reason = "no artifact", FAIL, no_artifact.describe(failure)
-        else:
-            row.reason = no_artifact.describe(failure)
-        return row
+        own = comparison.get("read_error_side") == "subject" and not no_artifact.is_upstream(failure)
+        return _no_artifact_verdict(row, failure, own)
     if comparison.get("read_error"):
         reason = f"{comparison.get('read_error_side', 'an artifact')} unreadable: {comparison['read_error']}"
         if comparison.get("read_error_side") == "subject":  # the converter's own output: the edge fails
