@@ -139,16 +139,22 @@ def test_primary_converters_that_fail_still_end_in_a_not_qualified_report(built,
     assert stray.is_file(), "the mutant did not write beside its input"
     expected = f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf"
     log = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/convert.log").read_text()
-    assert expected in log and str(stray.resolve()) in log
+    assert expected in log
+    # st-gguf and its re-run st-gguf.run2 both write that stray; whichever runs second finds it
+    # already there, so the stray is named by the first one to run (the order is Snakemake's).
+    named_by = [c for c in ("st-gguf", "st-gguf.run2")
+                if str(stray.resolve()) in wf.path(f"results/{MODEL}/{VARIANT}/{c}/convert.log").read_text()]
+    assert named_by, "no conversion log names the stray file"
 
     evidence = yaml.safe_load(wf.path(f"results/{MODEL}/report/mvp/qualification.json").read_text())
     assert evidence["summary"]["verdict"] == "NOT QUALIFIED"
     rows = wf.rows(f"results/{MODEL}/{VARIANT}/gates/mvp/tensor.tsv")
     by = {(r["gate"], r["subject"]): r for r in rows}
     edge = by[("F-CONV-S-G", f"{VARIANT}/st-gguf")]
-    assert edge["status"] == "fail" and expected in edge["reason"] and str(stray.resolve()) in edge["reason"]
-    contract = by[("F-CONTRACT-OUTPUT", f"{VARIANT}/st-gguf")]
+    assert edge["status"] == "fail" and expected in edge["reason"]
+    contract = by[("F-CONTRACT-OUTPUT", f"{VARIANT}/{named_by[0]}")]
     assert contract["status"] == "fail" and str(stray.resolve()) in contract["reason"]
+    assert by[("F-CONTRACT-OUTPUT", f"{VARIANT}/st-gguf")]["status"] == "fail"
     exited = by[("F-CONV-S-A", f"{VARIANT}/st-apr")]
     assert exited["status"] == "fail" and "exited 3" in exited["reason"] and "no BF17 support" in exited["reason"]
     # Downstream of the failed edges: not evaluated, naming the edge that failed.
