@@ -23,7 +23,7 @@ configfile: "config/config.yaml"
 
 # A `detection:` section (config/detection.yaml) adds one model per converter mutant and the
 # mutant converters before anything reads the model list (rules/detection.smk).
-from convqa import detection as convqa_detection
+from convqa.detection import matrix as convqa_detection
 
 try:
     convqa_detection.expand_config(config)

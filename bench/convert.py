@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temp dir, removed afterwards)")
     parser.add_argument("--skip-smollm2", action="store_true")
     args = parser.parse_args()
-    from convqa.convert import convert
-    from convqa.synthetic import build_synthetic_model, smollm2_gguf_path
+    from convqa.convert.builtin import convert
+    from convqa.sources.synthetic import build_synthetic_model, smollm2_gguf_path
 
     work = args.work or Path(tempfile.mkdtemp(prefix="convqa-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ Snakemake workflow uses; you can run them by hand on any model file.
 
 
 def _cmd_convert(args) -> int:
-    from convqa.convert import convert
+    from convqa.convert.builtin import convert
 
     record = convert(args.src, args.dst, args.to, quant=args.quant, mutant=args.mutant)
     if args.json:
@@ -44,7 +44,7 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from convqa.manifest import build_manifest
+    from convqa.inspect.manifest import build_manifest
 
     manifest = build_manifest(args.file, with_stats=not args.no_stats)
     if args.json:
@@ -86,14 +86,14 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from convqa.engines.server import run_server
+    from convqa.infer.server import run_server
 
     run_server(args.file, tokenizer_dir=args.tokenizer, host=args.host, port=args.port, backend=args.backend)
     return 0
 
 
 def _cmd_mutants(args) -> int:
-    from convqa.mutants import MUTANTS
+    from convqa.convert.mutants import MUTANTS
 
     for m in MUTANTS.values():
         print(f"{m.name:<22} [{', '.join(m.targets)}] {m.bug} ({m.origin})")

@@ -171,7 +171,7 @@ class ModelArtifact:
 class WriterQuirks:
     """Deliberate deviations from a correct writer, used only by the known-bad mutants.
 
-    The defaults are the correct behaviour; `convqa.mutants` is the only code that changes them,
+    The defaults are the correct behaviour; `convqa.convert.mutants` is the only code that changes them,
     so the normal conversion path never carries a bug switch of its own.
     """
 

@@ -10,16 +10,18 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from convqa import converters, plan
-from convqa.convert import QUANT_TARGETS
-from convqa.fingerprint import (
+from convqa.convert import converters
+
+from convqa.workflow import plan
+from convqa.convert.builtin import QUANT_TARGETS
+from convqa.workflow.fingerprint import (
     comparison_fingerprint,
     fingerprint,
     inspection_fingerprint,
     source_fingerprint,
 )
 from convqa.gates import label
-from convqa.sources import input_files, kind_fingerprint_args
+from convqa.sources.prepare import input_files, kind_fingerprint_args
 
 validate(config, schema="../config/schema.yaml")
 
@@ -294,7 +296,7 @@ def source_code_fingerprint(wildcards):
 
 
 def primary_converter(wildcards):
-    """The converter routed first to the chain's edge (convqa.converters)."""
+    """The converter routed first to the chain's edge (convqa.convert.converters)."""
     return converters.primary_converter(config, wildcards.model, wildcards.chain)
 
 

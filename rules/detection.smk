@@ -1,4 +1,4 @@
-# The detection matrix (convqa.detection): every converter mutant qualified on its own model at
+# The detection matrix (convqa.detection.matrix): every converter mutant qualified on its own model at
 # a detection tier, plus the correct converter per preset; which gate catches which mutant.
 #
 # results/detection/output-path/{mutant}.json    output-path contract rows (correct + mutant)

@@ -6,17 +6,17 @@ INFERENCE_ENGINE_NAME = {v: k for k, v in INFERENCE_ENGINE_FILE.items()}
 CONVERTED_CHAIN = "st(?:-(?:st|gguf|apr))+(?:\\.run[0-9]+)?"
 # Gate evaluation reads JSON and .npz only; runs and servers execute the engines.
 INFERENCE_GATES_FINGERPRINT = fingerprint(
-    ("convqa.inference_gates", "convqa.compare.inference", "convqa.gates"), ()
+    ("convqa.gates.inference", "convqa.compare.inference", "convqa.gates"), ()
 )
 INFERENCE_RUN_FINGERPRINT = fingerprint(
     (
-        "convqa.inference_run",
-        "convqa.isolated",
-        "convqa.prompts",
-        "convqa.engines.base",
-        "convqa.engines.transformers_engine",
-        "convqa.engines.llamacpp_engine",
-        "convqa.engines.server",
+        "convqa.infer.run",
+        "convqa.infer.isolated",
+        "convqa.infer.prompts",
+        "convqa.infer.engines.base",
+        "convqa.infer.engines.transformers_engine",
+        "convqa.infer.engines.llamacpp_engine",
+        "convqa.infer.server",
     ),
     (),
 )
@@ -42,7 +42,7 @@ def inference_run_path(model, variant, chain, engine, backend, ext="json"):
 
 
 def reference_run_path(model, variant, hop, ext="json"):
-    """The reference-quantized model's run (convqa.reference_model) for one first hop."""
+    """The reference-quantized model's run (convqa.infer.reference_model) for one first hop."""
     return f"results/{model}/{variant}/reference/{hop}/transformers-cpu.{ext}"
 
 
@@ -155,7 +155,7 @@ def inference_gate_params(wildcards):
 
 def inference_tolerances(wildcards):
     """The variant's tolerances and its per-source-dtype refinements (`native@bf16`, ...);
-    convqa.inference_gates.select_tolerances picks with the source manifest."""
+    convqa.gates.inference.select_tolerances picks with the source manifest."""
     return {
         key: value
         for key, value in INFERENCE["tolerances"].items()

@@ -11,7 +11,7 @@
 # The artifact is a directory so that a side converter that exits non-zero can end its job
 # cleanly with an empty directory and a sidecar saying why: its gates are then `fail` rows
 # with the stderr tail, and the rest of the qualification still runs. Writing to the wrong
-# place is a job error, as on the primary path (convqa.sidecar's output-path contract).
+# place is a job error, as on the primary path (convqa.convert.runner's output-path contract).
 
 
 include: "xconv_common.smk"

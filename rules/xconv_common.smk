@@ -172,4 +172,4 @@ def xconv_gate_params(wildcards):
 
 
 SLOT_PATH_KEYS = ("sidecar", "manifest", "vs_primary", "vs_parent")
-XCONV_GATES_FINGERPRINT = fingerprint(("convqa.xconv",), ())
+XCONV_GATES_FINGERPRINT = fingerprint(("convqa.gates.cross_converter",), ())

@@ -1,11 +1,11 @@
 """Rule convert_to_{gguf,apr,safetensors}: run the configured converter on one edge, enforce
 the output path, and write the artifact's sidecar. A converter that fails leaves a placeholder
-(convqa.no_artifact) that the gates judge, so the job succeeds and the report is written."""
+(convqa.formats.no_artifact) that the gates judge, so the job succeeds and the report is written."""
 
 import traceback
 
-from convqa import plan
-from convqa.sidecar import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command, write_json
+from convqa.workflow import plan
+from convqa.convert.runner import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command, write_json
 
 params, wildcards = snakemake.params, snakemake.wildcards
 with open(snakemake.log[0], "w") as log:

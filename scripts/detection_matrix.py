@@ -1,9 +1,9 @@
 """Rule detection_matrix: results/detection/matrix.{json,md,html} from the detection models'
-qualification.json files (convqa.detection)."""
+qualification.json files (convqa.detection.matrix)."""
 
 import traceback
 
-from convqa import detection
+from convqa.detection import matrix as detection
 
 with open(snakemake.log[0], "w") as log:
     try:

@@ -1,10 +1,10 @@
 """Rule detection_output_path: the output-path contract of one mutant, and of the correct
-converter on the same input, each run in a scratch directory (convqa.detection)."""
+converter on the same input, each run in a scratch directory (convqa.detection.matrix)."""
 
 import traceback
 
-from convqa import detection
-from convqa.sidecar import write_json
+from convqa.detection import matrix as detection
+from convqa.convert.runner import write_json
 
 mutant = snakemake.wildcards.mutant
 entry = next(e for e in detection.entries(snakemake.config["detection"]) if e.mutant == mutant)

@@ -4,7 +4,9 @@ import json
 import traceback
 from collections import Counter
 
-from convqa import gates, plan
+from convqa import gates
+
+from convqa.workflow import plan
 
 
 def load(path):

@@ -3,7 +3,7 @@ that aborts or is killed becomes a failed record, not a failed job); JSON record
 
 import traceback
 
-from convqa.inference_run import run_prompts_isolated
+from convqa.infer.run import run_prompts_isolated
 
 with open(snakemake.log.run, "w") as log:
     try:

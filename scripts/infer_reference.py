@@ -4,7 +4,7 @@ encodings of the first-hop artifact) under transformers on cpu, in a child proce
 
 import traceback
 
-from convqa.inference_run import run_reference_isolated
+from convqa.infer.run import run_reference_isolated
 
 with open(snakemake.log.run, "w") as log:
     try:

@@ -6,9 +6,9 @@ import traceback
 from collections import Counter
 
 from convqa import gates
-from convqa.inference_gates import evaluate, select_tolerances
-from convqa.inference_run import load_run
-from convqa.sidecar import write_json
+from convqa.gates.inference import evaluate, select_tolerances
+from convqa.infer.run import load_run
+from convqa.convert.runner import write_json
 
 model, variant = snakemake.wildcards.model, snakemake.wildcards.variant
 inputs = snakemake.params.inputs

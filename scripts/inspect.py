@@ -3,8 +3,8 @@
 import traceback
 
 from convqa.errors import FormatError
-from convqa.manifest import build_manifest, unreadable_manifest
-from convqa.sidecar import write_json
+from convqa.inspect.manifest import build_manifest, unreadable_manifest
+from convqa.convert.runner import write_json
 
 with open(snakemake.log[0], "w") as log:
     try:

@@ -2,8 +2,8 @@
 
 import traceback
 
-from convqa.sidecar import artifact_sidecar, write_json
-from convqa.sources import prepare_source
+from convqa.convert.runner import artifact_sidecar, write_json
+from convqa.sources.prepare import prepare_source
 
 with open(snakemake.log[0], "w") as log:
     try:

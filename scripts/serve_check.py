@@ -6,9 +6,9 @@ ends, fails or is terminated by Snakemake, so no server outlives the job.
 
 import traceback
 
-from convqa.inference_run import serve_prompts
-from convqa.prompts import DEFAULT_PROMPTS
-from convqa.sidecar import write_json
+from convqa.infer.run import serve_prompts
+from convqa.infer.prompts import DEFAULT_PROMPTS
+from convqa.convert.runner import write_json
 
 with open(snakemake.log.serve, "w") as log:
     try:

@@ -11,9 +11,11 @@ import shutil
 import traceback
 from pathlib import Path
 
-from convqa import no_artifact, plan
-from convqa.converters import side_label
-from convqa.sidecar import (
+from convqa.formats import no_artifact
+
+from convqa.workflow import plan
+from convqa.convert.converters import side_label
+from convqa.convert.runner import (
     ConverterExitError,
     OutputPathError,
     artifact_sidecar,
@@ -28,7 +30,7 @@ ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr
 
 
 class UpstreamFailed(Exception):
-    """The edge's input is a failed conversion's placeholder (convqa.no_artifact)."""
+    """The edge's input is a failed conversion's placeholder (convqa.formats.no_artifact)."""
 
 
 params, wildcards = snakemake.params, snakemake.wildcards

@@ -3,7 +3,9 @@
 import json
 import traceback
 
-from convqa import gates, xconv
+from convqa import gates
+
+from convqa.gates import cross_converter as xconv
 
 
 def load(path):

@@ -18,7 +18,7 @@ import pytest
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """Factory: synthetic_dir(preset, dtype="float32") -> HF directory, built once per session."""
-    from convqa.synthetic import build_preset
+    from convqa.sources.synthetic import build_preset
 
     cache: dict[tuple, Path] = {}
 
@@ -62,7 +62,7 @@ def position_model(synthetic_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf():
-    from convqa.synthetic import smollm2_gguf_path
+    from convqa.sources.synthetic import smollm2_gguf_path
 
     try:
         return smollm2_gguf_path()
@@ -73,7 +73,7 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_st(smollm2_gguf, tmp_path_factory):
     """SmolLM2-135M-Instruct imported G->S (dequantized to F32): the real-model ground truth."""
-    from convqa.convert import convert
+    from convqa.convert.builtin import convert
 
     out = tmp_path_factory.mktemp("smollm2") / "source"
     convert(smollm2_gguf, out, "safetensors")

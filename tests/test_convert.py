@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from convqa.compare.tensors import compare_models
-from convqa.convert import convert
+from convqa.convert.builtin import convert
 from convqa.errors import ConversionError
 from convqa.formats import open_model
 

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from convqa import converters, xconv
+from convqa.convert import converters
+
+from convqa.gates import cross_converter as xconv
 from convqa.gates import FAIL, PASS
-from convqa.sidecar import ConverterExitError, OutputPathError, expand_command, run_converter
+from convqa.convert.runner import ConverterExitError, OutputPathError, expand_command, run_converter
 
 CONVQA = {"command": "convqa convert {input} {output} --to {format} {quant_arg} --json", "json_record": True}
 ALL_EDGES = set(converters.EDGES)

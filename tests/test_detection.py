@@ -1,5 +1,5 @@
 """Detection power: the qualification catches each converter mutant and stays quiet on the
-correct converter (convqa.detection, rules/detection.smk, config/detection.yaml).
+correct converter (convqa.detection.matrix, rules/detection.smk, config/detection.yaml).
 
 The fast tests check the config expansion and the matrix logic on hand-made gate rows. The slow
 test runs `snakemake detection` on a copy of the workflow with a representative subset of the
@@ -17,8 +17,8 @@ import pytest
 import yaml
 from workflow_copy import REPO, Workflow
 
-from convqa import detection
-from convqa.mutants import MUTANTS
+from convqa.detection import matrix as detection
+from convqa.convert.mutants import MUTANTS
 
 
 
@@ -138,7 +138,7 @@ def test_function_change_counts_nan_logits_as_a_change(tmp_path):
     """np.max passes NaN on and max(0.0, nan) is 0.0: a NaN-producing mutant once measured 'identical'."""
     import numpy as np
 
-    from convqa.detection import function_change
+    from convqa.detection.matrix import function_change
 
     good = np.arange(12, dtype=np.float32).reshape(3, 4)
     poisoned = good.copy()

@@ -27,11 +27,11 @@ from transformers import (
 from convqa.arch.hf_config import config_from_hf
 from convqa.compare.inference import compare_greedy, compare_logits
 from convqa.encodings import F32
-from convqa.engines import capability, engine_for
-from convqa.engines.transformers_engine import ATTN_IMPLEMENTATION, model_from_artifact
+from convqa.infer.engines import capability, engine_for
+from convqa.infer.engines.transformers_engine import ATTN_IMPLEMENTATION, model_from_artifact
 from convqa.errors import FormatError
 from convqa.formats import open_model, write_model
-from convqa.hf_tokenizer import QWEN2_SPLIT
+from convqa.formats.hf_tokenizer import QWEN2_SPLIT
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 LLAMA_CPP_MISSING = not capability("llama.cpp", "cpu")[0]

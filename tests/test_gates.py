@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from convqa import gates
 from convqa.compare.tensors import compare_models
-from convqa.convert import convert
+from convqa.convert.builtin import convert
 from convqa.formats import open_model
-from convqa.manifest import build_manifest
-from convqa.plan import Check, checks_for
+from convqa.inspect.manifest import build_manifest
+from convqa.workflow.plan import Check, checks_for
 
 
 def comparison(a, b) -> dict:

@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from convqa.errors import ConversionError, FormatError
-from convqa.hf_tokenizer import tokenizer_from_hf_dir, write_hf_tokenizer
+from convqa.formats.hf_tokenizer import tokenizer_from_hf_dir, write_hf_tokenizer
 from convqa.model import TokenizerSpec
-from convqa.synthetic import build_preset, smollm2_gguf_path
+from convqa.sources.synthetic import build_preset, smollm2_gguf_path
 
 PROBES = [
     "def add(a, b):\n    return a + b  # sum\n",

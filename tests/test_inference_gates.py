@@ -11,11 +11,11 @@ import json
 
 import pytest
 
-from convqa.convert import convert
+from convqa.convert.builtin import convert
 from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED
-from convqa.inference_gates import evaluate
-from convqa.inference_run import load_run, run_prompts, serve_prompts, write_run
-from convqa.prompts import DEFAULT_PROMPTS, NO_CHAT_TEMPLATE
+from convqa.gates.inference import evaluate
+from convqa.infer.run import load_run, run_prompts, serve_prompts, write_run
+from convqa.infer.prompts import DEFAULT_PROMPTS, NO_CHAT_TEMPLATE
 
 PROMPTS = list(DEFAULT_PROMPTS)
 MAX_NEW_TOKENS = 8

@@ -6,10 +6,10 @@ import pytest
 
 from convqa.cli import main as cli
 from convqa.compare.tensors import compare_models
-from convqa.convert import convert
+from convqa.convert.builtin import convert
 from convqa.errors import FormatError
 from convqa.formats import open_model
-from convqa.mutants import MUTANTS
+from convqa.convert.mutants import MUTANTS
 
 
 def mutant_vs_good(src, tmp_path, mutant, fmt, ext, quant=None, via=None):
@@ -143,7 +143,7 @@ def test_bf16_norms_in_gguf_keeps_the_values_and_breaks_the_storage_convention(s
 def test_nan_weight_poisons_one_value(synthetic_dir, tmp_path, fmt, ext):
     import numpy as np
 
-    from convqa.mutants import NAN_WEIGHT
+    from convqa.convert.mutants import NAN_WEIGHT
 
     good, bad, _ = mutant_vs_good(synthetic_dir("qwen2-tiny"), tmp_path, "nan-weight", fmt, ext)
     with open_model(good) as a, open_model(bad) as b:

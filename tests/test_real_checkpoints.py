@@ -4,7 +4,7 @@
   padded past the tokenizer, no BOS, a tool-aware template, a transformers-4.x config): GGUF
   stores its 1-D tensors in F32 as llama.cpp's converter does (a recorded, lossless upcast), and
   llama.cpp runs it.
-- Engines run in a child process (convqa.isolated): an abort, a segfault, a kill or a hang is a
+- Engines run in a child process (convqa.infer.isolated): an abort, a segfault, a kill or a hang is a
   recorded failure with the signal and the stderr tail.
 - Non-finite logits on either side of a comparison give fail or not_evaluated rows.
 - Through the workflow: the real-world shape qualifies; a GGUF with a NaN weight and a GGUF that
@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convqa.convert import convert
-from convqa.engines import capability
+from convqa.convert.builtin import convert
+from convqa.infer.engines import capability
 from convqa.formats import open_model
 from convqa.gates import FAIL, NOT_EVALUATED, PASS, artifact_rows, contract_rows
-from convqa.inference_gates import compare_runs, engine_rows, evaluate, judge, select_tolerances
-from convqa.inference_run import load_run, run_prompts_isolated, serve_prompts
-from convqa.isolated import run_isolated
-from convqa.manifest import build_manifest
-from convqa.mutants import NAN_WEIGHT
+from convqa.gates.inference import compare_runs, engine_rows, evaluate, judge, select_tolerances
+from convqa.infer.run import load_run, run_prompts_isolated, serve_prompts
+from convqa.infer.isolated import run_isolated
+from convqa.inspect.manifest import build_manifest
+from convqa.convert.mutants import NAN_WEIGHT
 from workflow_copy import Workflow
 
 needs_llama_cpp = pytest.mark.skipif(not capability("llama.cpp", "cpu")[0], reason="llama-cpp-python not installed")
@@ -38,7 +38,7 @@ PRESET = "qwen2.5-tiny-bf16"
 
 @pytest.fixture(scope="module")
 def hub_checkpoint(tmp_path_factory) -> Path:
-    from convqa.synthetic import build_preset
+    from convqa.sources.synthetic import build_preset
 
     return build_preset(tmp_path_factory.mktemp("hub") / "model", PRESET)
 
@@ -93,7 +93,7 @@ def test_gguf_upcasts_1d_tensors_to_f32_and_records_it(hub_checkpoint, converted
 
 @pytest.mark.parametrize("quant", ["bf16", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "apr-int8", "apr-int4"])
 def test_every_lossy_variant_converts_a_bf16_checkpoint(hub_checkpoint, tmp_path, quant):
-    from convqa.convert import QUANT_TARGETS
+    from convqa.convert.builtin import QUANT_TARGETS
 
     for fmt, encoding in QUANT_TARGETS[quant].items():
         if fmt == "safetensors":
@@ -175,7 +175,7 @@ def test_llama_cpp_abort_is_a_recorded_failure_and_the_correct_file_runs(hub_che
 
 @needs_llama_cpp
 def test_llama_cpp_server_dying_on_a_request_is_an_answer_error(hub_checkpoint, converted, tmp_path):
-    from convqa.prompts import DEFAULT_PROMPTS
+    from convqa.infer.prompts import DEFAULT_PROMPTS
 
     record = serve_prompts(converted["dir"] / "bf16-norms.gguf", hub_checkpoint, "llama.cpp", list(DEFAULT_PROMPTS)[:2], 4, 2,
                            log_path=tmp_path / "server.log")

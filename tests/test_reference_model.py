@@ -11,16 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convqa.convert import convert
+from convqa.convert.builtin import convert
 from convqa.encodings import Q2_K
 from convqa.errors import ConversionError
 from convqa.formats import open_model
 from convqa.gates import FAIL, NOT_EVALUATED, PASS
-from convqa.inference_gates import evaluate
-from convqa.inference_run import run_prompts, run_reference
+from convqa.gates.inference import evaluate
+from convqa.infer.run import run_prompts, run_reference
 from convqa.model import LazyTensor
-from convqa.prompts import DEFAULT_PROMPTS
-from convqa.reference_model import reference_quantized
+from convqa.infer.prompts import DEFAULT_PROMPTS
+from convqa.infer.reference_model import reference_quantized
 
 PROMPTS = list(DEFAULT_PROMPTS)
 MAX_NEW_TOKENS = 8

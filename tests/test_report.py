@@ -3,7 +3,7 @@
 Inputs are built here the way the workflow builds them: tensor comparisons come from
 convqa.compare.tensors.compare_models on small in-memory llama models (one candidate quantized
 to Q8_0 with its K rows left in GGUF's permuted order, one bit-exact copy), manifests from
-convqa.manifest.artifact_manifest, sidecars from convqa.convert.ConversionRecord.
+convqa.inspect.manifest.artifact_manifest, sidecars from convqa.convert.builtin.ConversionRecord.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from convqa import encodings
 from convqa.arch import expected_tensors
 from convqa.arch.permute import permute_rows_for_gguf
 from convqa.compare.tensors import compare_models
-from convqa.convert import ConversionRecord
+from convqa.convert.builtin import ConversionRecord
 from convqa.errors import FormatError
-from convqa.manifest import artifact_manifest
+from convqa.inspect.manifest import artifact_manifest
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig
 from convqa.report import render_reports, write_report, write_summary
 from convqa.report.evidence import (GATE_COLUMNS, INCOMPLETE, NOT_QUALIFIED, QUALIFIED, load_evidence, row_key,

@@ -17,7 +17,7 @@ from convqa.arch.hf_config import config_from_hf, hf_config_from
 from convqa.errors import ConversionError, FormatError
 from convqa.formats.safetensors import INDEX_FILE, read_header, read_safetensors, write_safetensors
 from convqa.model import LazyTensor, ModelConfig, WritePlan
-from convqa.synthetic import build_preset
+from convqa.sources.synthetic import build_preset
 
 CONFIG = ModelConfig(
     architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from convqa.compare.tensors import compare_models
-from convqa.convert import convert
-from convqa.engines.base import capability, engine_for
+from convqa.convert.builtin import convert
+from convqa.infer.engines.base import capability, engine_for
 from convqa.formats import open_model
 
 pytestmark = pytest.mark.slow

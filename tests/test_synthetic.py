@@ -9,7 +9,7 @@ import pytest
 
 from convqa.arch import expected_tensors
 from convqa.formats.safetensors import read_safetensors
-from convqa.synthetic import SYNTHETIC_PRESETS, build_preset, build_synthetic_model, smollm2_gguf_path
+from convqa.sources.synthetic import SYNTHETIC_PRESETS, build_preset, build_synthetic_model, smollm2_gguf_path
 
 
 def _digests(directory):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from convqa import plan
+from convqa.workflow import plan
 from workflow_copy import REPO, SNAKEMAKE, copy_workflow
 
 SYNTHETIC = "config/examples/synthetic-only.yaml"

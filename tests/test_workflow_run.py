@@ -19,8 +19,8 @@ import time
 import pytest
 import yaml
 
-from convqa import plan
-from convqa.convert import QUANT_TARGETS
+from convqa.workflow import plan
+from convqa.convert.builtin import QUANT_TARGETS
 from workflow_copy import Workflow
 
 CONVERT_RULES = {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors"}
@@ -57,7 +57,7 @@ def built(tmp_path_factory) -> Workflow:
 
 def test_run_writes_reports_and_sidecars(built):
     from convqa.formats import open_model
-    from convqa.manifest import file_sha256
+    from convqa.inspect.manifest import file_sha256
 
     for name in ("qualification.json", "report.md", "report.html", "junit.xml"):
         assert built.path(f"results/{MODEL}/report/mvp/{name}").stat().st_size > 0
@@ -170,7 +170,7 @@ def test_primary_converters_that_fail_still_end_in_a_not_qualified_report(built,
     assert gguf_rows and all(r["status"] == "not_evaluated" and "st-gguf failed" in r["reason"] for r in gguf_rows)
     # A placeholder, never a model: the strict reader refuses it, naming the failed edge.
     from convqa.formats import open_model
-    from convqa.no_artifact import NoArtifactError
+    from convqa.formats.no_artifact import NoArtifactError
 
     with pytest.raises(NoArtifactError, match="the conversion st-gguf failed"):
         open_model(wf.path(expected))
@@ -190,7 +190,7 @@ FAKE_CONVERTER = textwrap.dedent("""\
 
 def test_killed_conversion_is_not_trusted(built, tmp_path):
     from convqa.formats import open_model
-    from convqa.manifest import file_sha256
+    from convqa.inspect.manifest import file_sha256
 
     wf = built.clone(tmp_path / "killed")
     fake = wf.root / "fake_convert.py"

@@ -37,8 +37,8 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def open_model(path: str | os.PathLike) -> ModelArtifact:
     """The canonical view of the model at `path`. A failed conversion's placeholder
-    (convqa.no_artifact) raises NoArtifactError, a FormatError naming the edge that failed."""
-    from convqa import no_artifact
+    (convqa.formats.no_artifact) raises NoArtifactError, a FormatError naming the edge that failed."""
+    from convqa.formats import no_artifact
 
     no_artifact.check(path)
     fmt = detect_format(path)

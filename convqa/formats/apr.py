@@ -33,7 +33,7 @@ from convqa import encodings
 from convqa.arch import HF_ARCHITECTURES, PERMUTES_QK_IN_GGUF, SUPPORTED
 from convqa.arch.names import gguf_to_hf, is_qk_projection
 from convqa.arch.permute import unpermute_rows_from_gguf
-from convqa.atomic import atomic_file
+from convqa.files import atomic_file
 from convqa.encodings import Encoding
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
@@ -304,7 +304,7 @@ class AprWriter:
                 writer.write_tensor(name, raw_bytes)
 
     The footer CRC is computed as bytes go out, so nothing is read back. The output appears at
-    `path` only if every tensor was written with its declared size (convqa.atomic).
+    `path` only if every tensor was written with its declared size (convqa.files).
     """
 
     def __init__(self, path: str | os.PathLike, metadata: dict, tensors: list[tuple[str, int, tuple[int, ...], int]]):

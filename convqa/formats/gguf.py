@@ -33,7 +33,7 @@ from convqa import encodings
 from convqa.arch import PERMUTES_QK_IN_GGUF, SUPPORTED
 from convqa.arch.names import gguf_to_hf, hf_to_gguf, is_qk_projection
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
-from convqa.atomic import atomic_file
+from convqa.files import atomic_file
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec, WritePlan

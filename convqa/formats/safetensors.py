@@ -31,10 +31,10 @@ import numpy as np
 
 from convqa import encodings
 from convqa.arch.hf_config import config_from_hf, generation_config_from, hf_config_from
-from convqa.atomic import atomic_dir
+from convqa.files import atomic_dir
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
-from convqa.hf_tokenizer import load_json_object, tokenizer_from_hf_dir, write_hf_tokenizer, write_json
+from convqa.formats.hf_tokenizer import load_json_object, tokenizer_from_hf_dir, write_hf_tokenizer, write_json
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 CONFIG_FILE = "config.json"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from convqa.atomic import atomic_file
+from convqa.files import atomic_file
 from convqa.report.evidence import build_evidence, dumps, load_evidence
 from convqa.report.html import render_html
 from convqa.report.junit import render_junit

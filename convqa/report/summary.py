@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from convqa.atomic import atomic_file
+from convqa.files import atomic_file
 from convqa.report.evidence import INCOMPLETE, NOT_QUALIFIED, QUALIFIED, display_percent, load_evidence
 from convqa.report.markdown import table
 

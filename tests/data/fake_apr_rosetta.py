@@ -13,7 +13,7 @@ like an unknown subcommand of the real tool.
 import argparse
 import sys
 
-from convqa.convert import convert
+from convqa.convert.builtin import convert
 from convqa.errors import ConversionError, FormatError
 
 USAGE_ERROR = 2

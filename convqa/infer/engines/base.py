@@ -162,11 +162,11 @@ class Engine(ABC):
 
 def engine_class(engine_name: str) -> type[Engine]:
     if engine_name == "transformers":
-        from convqa.engines.transformers_engine import TransformersEngine
+        from convqa.infer.engines.transformers_engine import TransformersEngine
 
         return TransformersEngine
     if engine_name == "llama.cpp":
-        from convqa.engines.llamacpp_engine import LlamaCppEngine
+        from convqa.infer.engines.llamacpp_engine import LlamaCppEngine
 
         return LlamaCppEngine
     raise ValueError(f"unknown engine {engine_name!r}; expected one of {ENGINES}")

@@ -21,8 +21,8 @@ import os
 import shutil
 from pathlib import Path
 
-from convqa.atomic import atomic_dir
-from convqa.manifest import file_sha256
+from convqa.files import atomic_dir
+from convqa.inspect.manifest import file_sha256
 
 # Files of an HF model directory that make up the ground truth (weights, config, tokenizer).
 HF_MODEL_FILES = (
@@ -49,8 +49,8 @@ KIND_FORMATS = {
     "synthetic": ("safetensors",),
 }
 # Modules only one kind runs, excluded from the other kinds' fingerprints. (The bundled kind
-# only asks convqa.synthetic where the GGUF is; the GGUF itself is the job's input.)
-KIND_ONLY_MODULES = {"convqa.synthetic": ("synthetic",)}
+# only asks convqa.sources.synthetic where the GGUF is; the GGUF itself is the job's input.)
+KIND_ONLY_MODULES = {"convqa.sources.synthetic": ("synthetic",)}
 
 
 class SourceError(RuntimeError):
@@ -58,7 +58,7 @@ class SourceError(RuntimeError):
 
 
 def kind_fingerprint_args(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(formats, excluded modules) for `convqa.fingerprint.source_fingerprint`."""
+    """(formats, excluded modules) for `convqa.workflow.fingerprint.source_fingerprint`."""
     if kind not in KIND_FORMATS:
         raise SourceError(f"unknown source kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
     exclude = tuple(m for m, kinds in KIND_ONLY_MODULES.items() if kind not in kinds)
@@ -82,7 +82,7 @@ def prepare_source(spec: dict, out_dir: str | os.PathLike) -> dict:
 
 def validate_model_dir(path: Path) -> dict:
     """Open with the strict reader and check the architecture's tensors are all there."""
-    from convqa.convert import check_complete
+    from convqa.convert.builtin import check_complete
     from convqa.errors import ConversionError, FormatError
     from convqa.formats import open_model
 
@@ -114,7 +114,7 @@ def input_files(spec: dict) -> list[str]:
         directory = Path(spec["path"]).expanduser()
         return [str(p) for p in model_files(directory)] if directory.is_dir() else [str(directory / "config.json")]
     if kind == "bundled":
-        from convqa.synthetic import smollm2_gguf_path
+        from convqa.sources.synthetic import smollm2_gguf_path
 
         try:
             return [str(smollm2_gguf_path())]
@@ -168,7 +168,7 @@ def _from_local(spec: dict, out_dir: Path) -> dict:
 
 
 def _import_gguf(gguf: Path, out_dir: Path) -> dict:
-    from convqa.convert import convert
+    from convqa.convert.builtin import convert
 
     if not gguf.is_file():
         raise SourceError(f"GGUF source {gguf} does not exist")
@@ -187,7 +187,7 @@ def _from_bundled(spec: dict, out_dir: Path) -> dict:
     name = _required(spec, "name")
     if name not in BUNDLED:
         raise SourceError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
-    from convqa.synthetic import smollm2_gguf_path
+    from convqa.sources.synthetic import smollm2_gguf_path
 
     try:
         gguf = smollm2_gguf_path()
@@ -197,7 +197,7 @@ def _from_bundled(spec: dict, out_dir: Path) -> dict:
 
 
 def _from_synthetic(spec: dict, out_dir: Path) -> dict:
-    from convqa.synthetic import SYNTHETIC_PRESETS, build_preset
+    from convqa.sources.synthetic import SYNTHETIC_PRESETS, build_preset
 
     preset = _required(spec, "preset")
     if preset not in SYNTHETIC_PRESETS:

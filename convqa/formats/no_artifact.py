@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from convqa.atomic import atomic_dir, atomic_file
+from convqa.files import atomic_dir, atomic_file
 from convqa.errors import FormatError
 
 MAGIC = b"convqa: no artifact\n"

@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 
 from convqa.compare.tensors import ENCODING_TOLERANCE
-from convqa.convert import QUANT_TARGETS
-from convqa.converters import side_label
+from convqa.convert.builtin import QUANT_TARGETS
+from convqa.convert.converters import side_label
 from convqa.gates import FAIL, GateRow, artifact_rows, check_rows, comparison_row, contract_rows, label
-from convqa.plan import EDGE_GATE, Check, edge, is_first_hop, target_format
+from convqa.workflow.plan import EDGE_GATE, Check, edge, is_first_hop, target_format
 
 XCONV_GATE = "F-XCONV-001"
 # Format-level bookkeeping that differs between any two writers and says nothing about the model.

@@ -5,6 +5,6 @@ here and, if not, why (the reason a `skipped` gate row carries). Engines import 
 libraries (torch, llama_cpp) only when used.
 """
 
-from convqa.engines.base import BACKENDS, ENGINES, Engine, InferenceResult, Timings, capability, engine_for
+from convqa.infer.engines.base import BACKENDS, ENGINES, Engine, InferenceResult, Timings, capability, engine_for
 
 __all__ = ["BACKENDS", "ENGINES", "Engine", "InferenceResult", "Timings", "capability", "engine_for"]

@@ -3,10 +3,10 @@
 `run_prompts` writes, per (artifact, engine, backend), a JSON record (per prompt: modality, ids,
 generated ids, decoded text, timings) and an .npz of teacher-forced logits keyed by prompt id.
 `run_reference` does the same for the reference-quantized model of a lossy first hop
-(convqa.reference_model), which exists only in memory. `serve_prompts` starts the engine's
+(convqa.infer.reference_model), which exists only in memory. `serve_prompts` starts the engine's
 OpenAI-compatible server under `ServerProcess` (which kills it with the job), sends the same
 prompts and records the answers. The gates compare these files
-(convqa.inference_gates); nothing here decides pass or fail.
+(convqa.gates.inference); nothing here decides pass or fail.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from convqa import no_artifact
-from convqa.atomic import atomic_file
-from convqa.engines import capability, engine_for
-from convqa.engines.server import ServerError, ServerProcess
+from convqa.formats import no_artifact
+from convqa.files import atomic_file
+from convqa.infer.engines import capability, engine_for
+from convqa.infer.server import ServerError, ServerProcess
 from convqa.errors import ConversionError, FormatError
 from convqa.formats import detect_format, open_model
-from convqa.prompts import CHAT, RUN, Prompt, prompt_ids
-from convqa.reference_model import reference_quantized
-from convqa.sidecar import write_json
+from convqa.infer.prompts import CHAT, RUN, Prompt, prompt_ids
+from convqa.infer.reference_model import reference_quantized
+from convqa.convert.runner import write_json
 
 # Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
 LLAMACPP_GREEDY = {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
@@ -120,7 +120,7 @@ def run_reference(
     max_new_tokens: int,
     threads: int,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """(record, logits) of the reference-quantized model (convqa.reference_model) under
+    """(record, logits) of the reference-quantized model (convqa.infer.reference_model) under
     transformers on cpu: the source's tensors in the encodings `encoded_path` stores them in.
 
     When the reference cannot be built (the artifact is unreadable, or holds an encoding with no
@@ -148,7 +148,7 @@ def run_reference(
 def run_prompts_job(artifact: str, source: str, engine: str, backend: str, max_new_tokens: int, threads: int,
                     json_path: str, npz_path: str) -> None:
     """run_prompts over the default prompt set, written to json_path/npz_path (the child's side)."""
-    from convqa.prompts import DEFAULT_PROMPTS
+    from convqa.infer.prompts import DEFAULT_PROMPTS
 
     record, logits = run_prompts(artifact, source, engine, backend, list(DEFAULT_PROMPTS), max_new_tokens, threads)
     write_run(record, logits, json_path, npz_path)
@@ -156,7 +156,7 @@ def run_prompts_job(artifact: str, source: str, engine: str, backend: str, max_n
 
 def run_reference_job(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str) -> None:
     """run_reference over the default prompt set, written to json_path/npz_path (the child's side)."""
-    from convqa.prompts import DEFAULT_PROMPTS
+    from convqa.infer.prompts import DEFAULT_PROMPTS
 
     record, logits = run_reference(source, encoded, list(DEFAULT_PROMPTS), max_new_tokens, threads)
     write_run(record, logits, json_path, npz_path)
@@ -164,7 +164,7 @@ def run_reference_job(source: str, encoded: str, max_new_tokens: int, threads: i
 
 def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, max_new_tokens: int, threads: int,
                          json_path: str, npz_path: str, *, timeout_s: float, engine_log: str) -> dict:
-    """run_prompts_job in a child process (convqa.isolated): an engine that aborts, segfaults, is
+    """run_prompts_job in a child process (convqa.infer.isolated): an engine that aborts, segfaults, is
     killed for memory or hangs gives a record with `error` (how it ended and its stderr tail) and
     no logits, never a failed job. Returns the record that was written."""
     # The capability check (no CUDA device: skipped) happens in the child: asking torch here would
@@ -172,7 +172,7 @@ def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, 
     record = _new_record(os.fspath(artifact), engine, backend, max_new_tokens)
     kwargs = dict(artifact=os.fspath(artifact), source=os.fspath(source), engine=engine, backend=backend,
                   max_new_tokens=max_new_tokens, threads=threads, json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
-    return _finish_isolated("convqa.inference_run:run_prompts_job", kwargs, record, engine, timeout_s, engine_log)
+    return _finish_isolated("convqa.infer.run:run_prompts_job", kwargs, record, engine, timeout_s, engine_log)
 
 
 def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str,
@@ -182,11 +182,11 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
                          "transformers", "cpu", max_new_tokens)
     kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
                   json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
-    return _finish_isolated("convqa.inference_run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
+    return _finish_isolated("convqa.infer.run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
 
 
 def _finish_isolated(function: str, kwargs: dict, record: dict, engine: str, timeout_s: float, engine_log: str) -> dict:
-    from convqa.isolated import run_isolated
+    from convqa.infer.isolated import run_isolated
 
     for stale in (kwargs["json_path"], kwargs["npz_path"]):  # a previous attempt's output is not this run's
         Path(stale).unlink(missing_ok=True)

@@ -2,7 +2,7 @@
 
 They exist so the qualification can prove it catches each bug (the detection matrix). Each is
 a transformation of a correct WritePlan (or of where the output goes), so the correct path in
-`convqa.convert` carries no bug switches; writer-level bugs use `WriterQuirks`, whose defaults
+`convqa.convert.builtin` carries no bug switches; writer-level bugs use `WriterQuirks`, whose defaults
 are the correct behaviour.
 """
 

@@ -145,12 +145,12 @@ def conversion_fingerprint(source_format: str, target_format: str) -> str:
     cli.py is hashed as the entry point, but its imports for the other subcommands (engines,
     server) are not followed: they never run during a conversion.
     """
-    return fingerprint(("convqa.convert",), (source_format, target_format), leaves=("convqa.cli",))
+    return fingerprint(("convqa.convert.builtin",), (source_format, target_format), leaves=("convqa.cli",))
 
 
 def inspection_fingerprint(fmt: str) -> str:
     """What building one artifact's manifest runs."""
-    return fingerprint(("convqa.manifest",), (fmt,))
+    return fingerprint(("convqa.inspect.manifest",), (fmt,))
 
 
 def comparison_fingerprint(subject_format: str, reference_format: str) -> str:
@@ -159,6 +159,6 @@ def comparison_fingerprint(subject_format: str, reference_format: str) -> str:
 
 
 def source_fingerprint(formats: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
-    """What preparing a source runs (`convqa.sources` plus the formats it reads and writes,
+    """What preparing a source runs (`convqa.sources.prepare` plus the formats it reads and writes,
     minus the modules only other source kinds use)."""
-    return fingerprint(("convqa.sources",), formats, exclude=exclude)
+    return fingerprint(("convqa.sources.prepare",), formats, exclude=exclude)

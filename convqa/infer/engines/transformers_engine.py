@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convqa.engines.base import Engine
+from convqa.infer.engines.base import Engine
 from convqa.errors import FormatError
 from convqa.formats import detect_format, open_model
 from convqa.model import ModelArtifact
@@ -145,7 +145,7 @@ class TransformersEngine(Engine):
         self.model = model.to(self.device).eval()
 
     def load_artifact(self, artifact: ModelArtifact) -> "TransformersEngine":
-        """Load an open artifact, which may live only in memory (convqa.reference_model)."""
+        """Load an open artifact, which may live only in memory (convqa.infer.reference_model)."""
         start = time.perf_counter()
         configure_determinism(self.threads)
         self.model = model_from_artifact(artifact).to(self.device).eval()

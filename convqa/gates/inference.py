@@ -1,11 +1,11 @@
-"""The inference gates, decided from recorded runs (convqa.inference_run): pure functions, no engines.
+"""The inference gates, decided from recorded runs (convqa.infer.run): pure functions, no engines.
 
 - F-INF-{fmt}-{backend}-{modality}: one artifact under one engine and backend, against the ground
   truth (transformers on cpu over the SafeTensors source): teacher-forced logits (max |dlogit|,
   relative |dlogit|, KL, top-1) within the tolerance configured for (variant, engine), greedy
   continuation compared token by token, output non-empty and not garbage.
 - F-INF-REF-{fmt}-cpu-{modality}: one artifact of a lossy variant under one engine on cpu, against
-  the reference-quantized model of its chain's first hop (convqa.reference_model): where F-INF
+  the reference-quantized model of its chain's first hop (convqa.infer.reference_model): where F-INF
   can only bound the loss, this one holds the encoding itself to the reference quantizer's values
   (a correct artifact is bit-identical under transformers).
 - F-ENGINE-001: llama.cpp and transformers on the same GGUF file.
@@ -25,11 +25,11 @@ from collections import Counter
 
 import numpy as np
 
-from convqa import no_artifact
+from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
 from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
-from convqa.plan import first_hop, hops
-from convqa.prompts import CHAT, RUN
+from convqa.workflow.plan import first_hop, hops
+from convqa.infer.prompts import CHAT, RUN
 
 GROUND_TRUTH = ("st", "transformers", "cpu")  # chain, engine, backend
 REPLACEMENT_CHARACTER = "\ufffd"

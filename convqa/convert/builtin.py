@@ -199,7 +199,7 @@ def convert(
         check_complete(source)
         plan = build_plan(source, target_format, quant, record)
         if mutant is not None:
-            from convqa.mutants import apply_mutant
+            from convqa.convert.mutants import apply_mutant
 
             plan, dst = apply_mutant(mutant, plan, source, target_format, Path(src), dst)
             record.output = os.fspath(dst)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from convqa.engines.base import DEFAULT_THREADS, Engine, engine_for
+from convqa.infer.engines.base import DEFAULT_THREADS, Engine, engine_for
 from convqa.model import TokenizerSpec
 
 HOST = "127.0.0.1"
@@ -354,7 +354,7 @@ class ServerProcess:
     ) -> "ServerProcess":
         port = free_port()
         argv = [
-            sys.executable, "-m", "convqa.engines.server", os.fspath(artifact_path),
+            sys.executable, "-m", "convqa.infer.server", os.fspath(artifact_path),
             "--tokenizer", os.fspath(tokenizer_dir), "--host", HOST, "--port", str(port),
             "--backend", backend, "--threads", str(threads), "--max-context", str(max_context),
         ]  # fmt: skip
@@ -379,7 +379,7 @@ class ServerProcess:
         log_path: str | os.PathLike | None = None,
     ) -> "ServerProcess":
         """llama-cpp-python's own server with the engine's deterministic settings."""
-        from convqa.engines.llamacpp_engine import llama_settings
+        from convqa.infer.engines.llamacpp_engine import llama_settings
 
         port = free_port()
         argv = [sys.executable, "-m", "llama_cpp.server", "--model", os.fspath(artifact_path),
@@ -415,7 +415,7 @@ class ServerProcess:
         atexit.register(self.stop)
         # A new session makes the server the leader of its own process group, so stop() can kill
         # it together with anything it forks (uvicorn workers, compiler helpers, ...).
-        # No gdb backtrace on a ggml abort: the attach hangs where ptrace is not allowed (convqa.isolated).
+        # No gdb backtrace on a ggml abort: the attach hangs where ptrace is not allowed (convqa.infer.isolated).
         self.process = subprocess.Popen(
             self.argv, stdin=subprocess.DEVNULL, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
             env={"GGML_NO_BACKTRACE": "1", **os.environ},

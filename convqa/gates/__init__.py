@@ -14,12 +14,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from convqa import arch, no_artifact
+from convqa import arch
+
+from convqa.formats import no_artifact
 from convqa.compare.tensors import ENCODING_TOLERANCE
 from convqa.model import ModelConfig
-from convqa.convert import QUANT_TARGETS, gguf_wants_f32
-from convqa.plan import HOP_FORMAT, Check, hops
-from convqa.plan import parent as plan_parent
+from convqa.convert.builtin import QUANT_TARGETS, gguf_wants_f32
+from convqa.workflow.plan import HOP_FORMAT, Check, hops
+from convqa.workflow.plan import parent as plan_parent
 
 PASS, FAIL, SKIPPED, NOT_EVALUATED = "pass", "fail", "skipped", "not_evaluated"
 
@@ -375,7 +377,7 @@ def contract_rows(chain: str, inputs: dict, model: str, variant: str) -> list[Ga
 
 def conversion_failure_rows(chain: str, sidecar: dict | None, model: str, variant: str) -> list[GateRow]:
     """F-CONTRACT-OUTPUT for a conversion whose converter exited 0 without writing the requested
-    path (the sidecar of its placeholder says so; convqa.no_artifact). Other failures fail the
+    path (the sidecar of its placeholder says so; convqa.formats.no_artifact). Other failures fail the
     edge's own check; a conversion that wrote its output has no row here."""
     failure = (sidecar or {}).get("conversion_failed")
     if not failure or failure.get("kind") != no_artifact.OUTPUT_PATH:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from convqa.engines.base import Engine
+from convqa.infer.engines.base import Engine
 
 GGML_TYPE_F32 = 0  # KV cache element type for parity runs
 BATCH_SIZE = 512

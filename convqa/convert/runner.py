@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convqa import __version__
-from convqa.atomic import atomic_file
-from convqa.manifest import file_sha256
+from convqa.files import atomic_file
+from convqa.inspect.manifest import file_sha256
 
 SIDECAR_VERSION = 1
 TOOL_PACKAGES = ("numpy", "gguf", "safetensors", "torch", "transformers", "snakemake")
@@ -161,13 +161,13 @@ def convert_or_leave_placeholder(argv: list[str], input_path: str, output_path: 
                                  converter: str | None = None) -> tuple[CommandResult | None, dict | None]:
     """Run one conversion of the workflow: (result, None) when the converter wrote its output;
     (None, failure) when it could not, with a placeholder left at `output_path`
-    (convqa.no_artifact) so the gates judge the failure and the report is still written.
+    (convqa.formats.no_artifact) so the gates judge the failure and the report is still written.
 
     A placeholder input (an upstream conversion failed) is not handed to the converter: the
     output is a placeholder of kind `upstream` naming the chain that failed. Errors of the job
     itself (a bad command template, a converter program that does not exist) still raise.
     """
-    from convqa import no_artifact
+    from convqa.formats import no_artifact
 
     upstream = no_artifact.read(input_path)
     if upstream is not None:

@@ -1,7 +1,7 @@
 """Detection power: does the qualification catch each known converter bug, and only those?
 
 The workflow config's `detection:` section (config/detection.yaml) plugs each mutant of
-`convqa.mutants` into one edge of its own synthetic model, as that edge's converter: a mutant is
+`convqa.convert.mutants` into one edge of its own synthetic model, as that edge's converter: a mutant is
 just another converter (`convqa convert ... --mutant NAME`). `expand_config` turns the section
 into workflow models (`det-<mutant>`, plus `det-correct-<preset>` converted correctly in every
 variant a mutant of that preset uses) and converter entries (`mutant-<name>`), before the
@@ -27,8 +27,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from convqa import plan
-from convqa.mutants import MUTANTS
+from convqa.workflow import plan
+from convqa.convert.mutants import MUTANTS
 
 MODEL_PREFIX = "det-"
 CONVERTER_PREFIX = "mutant-"
@@ -174,7 +174,7 @@ def expand_config(config: dict) -> None:
 def output_path_check(entry: Entry, input_artifact: str | os.PathLike, quant: str | None) -> list[dict]:
     """Gate rows of the output-path contract for the correct converter and for the mutant, each
     run on a scratch copy of `input_artifact` (a misdirected output must not land in results/)."""
-    from convqa.sidecar import OutputPathError, expand_command, run_converter
+    from convqa.convert.runner import OutputPathError, expand_command, run_converter
 
     rows = []
     target = plan.target_format(entry.chain)
@@ -491,7 +491,7 @@ false alarms on the correct converter: {s['false_alarms']}.</p>
 
 
 def write_matrix(matrix: dict, json_path, md_path, html_path) -> None:
-    from convqa.atomic import atomic_file
+    from convqa.files import atomic_file
 
     for path, text in ((json_path, json.dumps(matrix, indent=1, sort_keys=False) + "\n"),
                        (md_path, to_markdown(matrix)), (html_path, to_html(matrix))):

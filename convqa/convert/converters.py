@@ -27,8 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from convqa import plan
-from convqa.fingerprint import FINGERPRINT_CHARS, conversion_fingerprint
+from convqa.workflow import plan
+from convqa.workflow.fingerprint import FINGERPRINT_CHARS, conversion_fingerprint
 
 BUILTIN_PROGRAM = "convqa"
 EDGES = tuple(f"{source}-{target}" for source, target in plan.EDGE_GATE)

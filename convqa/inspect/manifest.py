@@ -130,7 +130,7 @@ def unreadable_manifest(path: str | os.PathLike, error: Exception) -> dict:
         "metadata": {},
         "file_sha256": file_sha256(path),
         "file_size": _size(Path(path)),
-        # A failed conversion's placeholder: what failed, for the gates (convqa.no_artifact).
+        # A failed conversion's placeholder: what failed, for the gates (convqa.formats.no_artifact).
         "no_artifact": getattr(error, "failure", None),
     }
 

@@ -28,8 +28,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from convqa.atomic import atomic_dir
-from convqa.hf_tokenizer import build_pre_tokenizer, write_json
+from convqa.files import atomic_dir
+from convqa.formats.hf_tokenizer import build_pre_tokenizer, write_json
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Added tokens that are not special (Qwen2.5 marks <tool_call> so): tokenized whole, decoded as text.

@@ -4,12 +4,12 @@ becomes a recorded outcome instead of the end of the workflow job.
 llama.cpp aborts the whole process on some files (`GGML_ASSERT`, "binary_op: unsupported
 types", a GGUF without vocabulary), a native library can segfault, the kernel's OOM killer sends
 SIGKILL, and a broken model can hang. None of these raise a Python exception that a `try` could
-catch. So the job runs as `python -m convqa.isolated REQUEST`, in its own process group; the
+catch. So the job runs as `python -m convqa.infer.isolated REQUEST`, in its own process group; the
 parent waits (with a timeout), and a child that did not exit 0 becomes a `ChildOutcome` that says
 how it ended (the signal by name, with what that usually means), with the tail of its stderr.
 The caller writes that into its record, and the gates turn it into a `fail` row.
 
-The request names a function (`convqa.inference_run:run_prompts_job`) and its JSON arguments; the
+The request names a function (`convqa.infer.run:run_prompts_job`) and its JSON arguments; the
 function writes its own outputs (atomically, so a child killed half way leaves nothing that looks done).
 """
 
@@ -105,7 +105,7 @@ def run_isolated(function: str, kwargs: dict, *, timeout_s: float, stderr_path: 
     try:
         with open(stderr_path, "wb") as err:
             # Own session: a timeout kills the child and anything it started, as one group.
-            child = subprocess.Popen([sys.executable, "-m", "convqa.isolated", request], stdin=subprocess.DEVNULL,
+            child = subprocess.Popen([sys.executable, "-m", "convqa.infer.isolated", request], stdin=subprocess.DEVNULL,
                                      stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**CHILD_ENV, **os.environ})
             previous = _forward_sigterm(child)

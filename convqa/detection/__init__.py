@@ -1,0 +1,1 @@
+"""The detection matrix: every converter mutant against every gate."""

@@ -1,0 +1,1 @@
+"""What the Snakemake workflow plans: chains, checks per tier, code fingerprints."""
