@@ -5,7 +5,9 @@ DETECTION_ENTRIES = convqa_detection.entries(DETECTION) if DETECTION else []
 OUTPUT_PATH_ENTRIES = {
     e.mutant: e for e in DETECTION_ENTRIES if e.check == convqa_detection.OUTPUT_PATH
 }
-DETECTION_FINGERPRINT = fingerprint(("convqa.detection.matrix", "convqa.convert.mutants"), ())
+DETECTION_FINGERPRINT = fingerprint(
+    ("convqa.detection.matrix", "convqa.convert.mutants"), ()
+)
 
 
 def detection_path(name):
