@@ -86,7 +86,7 @@ def _cmd_diff(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from convqa.infer.server import run_server
+    from convqa.infer.server.app import run_server
 
     run_server(args.file, tokenizer_dir=args.tokenizer, host=args.host, port=args.port, backend=args.backend)
     return 0

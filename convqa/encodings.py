@@ -163,8 +163,43 @@ BY_GGML_TYPE = {e.ggml_type: e for e in ALL if e.ggml_type is not None}
 BY_APR_DTYPE = {e.apr_dtype: e for e in ALL if e.apr_dtype is not None} | {8: APR_Q4, 9: APR_Q8}
 _ENCODABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "APR_Q4", "APR_Q8"}
 
-# Quantization variants a user can ask for when leaving SafeTensors, by config/CLI name.
-QUANT_VARIANTS = {"f32": F32, "f16": F16, "bf16": BF16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1, "q5_0": Q5_0, "q5_1": Q5_1}
+# A quantization names one encoding per target format that has it. APR holds no GGML blocks;
+# its own int8/int4 (one scale per tensor / per 32 values) are separate, explicit choices.
+QUANT_TARGETS = {
+    "f32": {"gguf": "F32", "apr": "F32", "safetensors": "F32"},
+    "f16": {"gguf": "F16", "apr": "F16", "safetensors": "F16"},
+    "bf16": {"gguf": "BF16", "apr": "BF16", "safetensors": "BF16"},
+    "q8_0": {"gguf": "Q8_0"},
+    "q4_0": {"gguf": "Q4_0"},
+    "q4_1": {"gguf": "Q4_1"},
+    "q5_0": {"gguf": "Q5_0"},
+    "q5_1": {"gguf": "Q5_1"},
+    "apr-int8": {"apr": "APR_Q8"},
+    "apr-int4": {"apr": "APR_Q4"},
+}
+
+# Normalised max error (max |a - b| / max |a|) allowed when one side is stored in this encoding.
+# Each value is the encoding's worst-case rounding error relative to the block/tensor maximum,
+# with headroom: Q8_0 rounds to amax_block/127 steps (error <= 0.4%), Q4_0 to amax/8 (<= 6.3%),
+# Q4_1 to (max-min)/15 (<= 6.7% of amax), APR Q4 to amax/7 (<= 7.2%), F16 2^-11, BF16 2^-8.
+ENCODING_TOLERANCE = {
+    "F32": 0.0,
+    "F64": 0.0,
+    "F16": 1e-3,
+    "BF16": 5e-3,
+    "Q8_0": 5e-3,
+    "APR_Q8": 5e-3,
+    "Q6_K": 2e-2,
+    "Q5_0": 4e-2,
+    "Q5_1": 4e-2,
+    "Q5_K": 4e-2,
+    "Q4_K": 8e-2,
+    "Q4_0": 8e-2,
+    "Q4_1": 8e-2,
+    "APR_Q4": 8e-2,
+    "Q3_K": 0.15,
+    "Q2_K": 0.3,
+}
 
 
 def by_name(name: str) -> Encoding:

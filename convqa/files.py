@@ -1,12 +1,14 @@
 """Atomic outputs: write to a temporary sibling, rename into place only on success.
 
 A conversion killed half way leaves a `.tmp-*` sibling that no reader or workflow rule treats
-as the artifact, and an exception removes it.
+as the artifact, and an exception removes it. Also the one JSON writer and the one size of an
+artifact (a file, or a directory's files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -55,3 +57,22 @@ def _make_shareable(path: Path, mode: int) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, mode & ~umask)
+
+
+def write_json(path: str | os.PathLike, data: dict, *, sort_keys: bool = True, ensure_ascii: bool = True) -> None:
+    """`data` as indented JSON (one trailing newline), written atomically.
+
+    Workflow records sort their keys; HF files (config.json, tokenizer_config.json, ...) keep
+    their key order and non-ASCII text as transformers writes them: `sort_keys=False,
+    ensure_ascii=False`.
+    """
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=ensure_ascii) + "\n", encoding="utf-8")
+
+
+def path_size(path: str | os.PathLike, exclude: frozenset[str] | set[str] = frozenset()) -> int:
+    """Bytes of a file, or of every file under a directory (recursively) whose name is not in `exclude`."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name not in exclude)
+    return path.stat().st_size

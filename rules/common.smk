@@ -13,7 +13,8 @@ from snakemake.utils import validate
 from convqa.convert import converters
 
 from convqa.workflow import plan
-from convqa.convert.builtin import QUANT_TARGETS
+from convqa.encodings import QUANT_TARGETS
+from convqa.files import path_size
 from convqa.workflow.fingerprint import (
     comparison_fingerprint,
     fingerprint,
@@ -52,7 +53,7 @@ except converters.ConverterConfigError as exc:
     raise WorkflowError(str(exc))
 
 # The S artifact of a chain is a directory; GGUF and APR artifacts are single files.
-ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr"}
+from convqa.formats import ARTIFACT_NAME
 SOURCE_CHAIN = "st"
 
 
@@ -359,10 +360,7 @@ def comparison_code_fingerprint(wildcards):
 
 
 def path_size_mb(path):
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
-    return path.stat().st_size / 2**20
+    return path_size(path) / 2**20
 
 
 def conversion_mem_mb(wildcards, input, attempt):

@@ -16,7 +16,7 @@ INFERENCE_RUN_FINGERPRINT = fingerprint(
         "convqa.infer.engines.base",
         "convqa.infer.engines.transformers_engine",
         "convqa.infer.engines.llamacpp_engine",
-        "convqa.infer.server",
+        "convqa.infer.server.__main__",
     ),
     (),
 )

@@ -5,7 +5,7 @@ import traceback
 from convqa.compare.tensors import compare_models
 from convqa.errors import FormatError
 from convqa.formats import open_model
-from convqa.convert.runner import write_json
+from convqa.files import write_json
 
 subject, reference = snakemake.wildcards.subject, snakemake.wildcards.reference
 with open(snakemake.log[0], "w") as log:

@@ -5,7 +5,8 @@ the output path, and write the artifact's sidecar. A converter that fails leaves
 import traceback
 
 from convqa.workflow import plan
-from convqa.convert.runner import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command, write_json
+from convqa.convert.runner import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command
+from convqa.files import write_json
 
 params, wildcards = snakemake.params, snakemake.wildcards
 with open(snakemake.log[0], "w") as log:

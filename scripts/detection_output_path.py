@@ -4,7 +4,7 @@ converter on the same input, each run in a scratch directory (convqa.detection.m
 import traceback
 
 from convqa.detection import matrix as detection
-from convqa.convert.runner import write_json
+from convqa.files import write_json
 
 mutant = snakemake.wildcards.mutant
 entry = next(e for e in detection.entries(snakemake.config["detection"]) if e.mutant == mutant)

@@ -8,7 +8,7 @@ from collections import Counter
 from convqa import gates
 from convqa.gates.inference import evaluate, select_tolerances
 from convqa.infer.run import load_run
-from convqa.convert.runner import write_json
+from convqa.files import write_json
 
 model, variant = snakemake.wildcards.model, snakemake.wildcards.variant
 inputs = snakemake.params.inputs

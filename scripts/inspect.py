@@ -4,7 +4,7 @@ import traceback
 
 from convqa.errors import FormatError
 from convqa.inspect.manifest import build_manifest, unreadable_manifest
-from convqa.convert.runner import write_json
+from convqa.files import write_json
 
 with open(snakemake.log[0], "w") as log:
     try:

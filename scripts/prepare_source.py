@@ -2,7 +2,8 @@
 
 import traceback
 
-from convqa.convert.runner import artifact_sidecar, write_json
+from convqa.convert.runner import artifact_sidecar
+from convqa.files import write_json
 from convqa.sources.prepare import prepare_source
 
 with open(snakemake.log[0], "w") as log:

@@ -8,7 +8,7 @@ import traceback
 
 from convqa.infer.run import serve_prompts
 from convqa.infer.prompts import DEFAULT_PROMPTS
-from convqa.convert.runner import write_json
+from convqa.files import write_json
 
 with open(snakemake.log.serve, "w") as log:
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from convqa.compare.tensors import compare_models
 from convqa.errors import FormatError
 from convqa.formats import open_model
-from convqa.convert.runner import write_json
+from convqa.files import write_json
 
 with open(snakemake.log[0], "w") as log:
     try:

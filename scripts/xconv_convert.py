@@ -11,7 +11,7 @@ import shutil
 import traceback
 from pathlib import Path
 
-from convqa.formats import no_artifact
+from convqa.formats import ARTIFACT_NAME, no_artifact
 
 from convqa.workflow import plan
 from convqa.convert.converters import side_label
@@ -22,11 +22,9 @@ from convqa.convert.runner import (
     converter_record,
     expand_command,
     run_converter,
-    tool_versions,
-    write_json,
 )
-
-ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr"}
+from convqa.files import write_json
+from convqa.versions import CONVERSION_TOOLS, tool_versions
 
 
 class UpstreamFailed(Exception):
@@ -65,7 +63,7 @@ with open(snakemake.log[0], "w") as log:
         except UpstreamFailed as not_run:
             print(f"not converted: {not_run}", file=log)
             sidecar = {"status": "not_run", "reason": str(not_run), "converter": wildcards.converter,
-                       "fingerprint": params.fingerprint, "argv": argv, "tool_versions": tool_versions(), **extra}
+                       "fingerprint": params.fingerprint, "argv": argv, "tool_versions": tool_versions(CONVERSION_TOOLS), **extra}
         except (ConverterExitError, OutputPathError) as failure:
             print(f"{type(failure).__name__}: {failure}", file=log)
             # Nothing half-written may be mistaken for the converter's output.
@@ -81,7 +79,7 @@ with open(snakemake.log[0], "w") as log:
                 "stderr_tail": failure.stderr_tail if exited else "",
                 "output_path_error": None if exited else str(failure),
                 "stray": [] if exited else [str(p) for p in failure.strays],
-                "tool_versions": tool_versions(),
+                "tool_versions": tool_versions(CONVERSION_TOOLS),
                 **extra,
             }
         else:

@@ -118,7 +118,7 @@ def test_reference_tolerances_default_to_bit_exact_for_every_lossy_variant_and_r
 
 
 def test_ground_truth_tolerances_cover_every_variant_and_config_yaml_repeats_them(config):
-    from convqa.convert.builtin import QUANT_TARGETS
+    from convqa.encodings import QUANT_TARGETS
 
     defaults = {"models": {"m": {"source": {"kind": "synthetic", "preset": "llama-tiny"}}}}
     validate(defaults, SCHEMA)

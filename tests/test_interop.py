@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convqa.convert.builtin import convert
-from convqa.infer.engines.base import capability, engine_for
+from convqa.infer.engines import capability, engine_for
 
 IDS = [1, 17, 42, 99, 123, 7, 300, 5, 64, 250, 11, 480]
 

@@ -93,7 +93,7 @@ def test_gguf_upcasts_1d_tensors_to_f32_and_records_it(hub_checkpoint, converted
 
 @pytest.mark.parametrize("quant", ["bf16", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "apr-int8", "apr-int4"])
 def test_every_lossy_variant_converts_a_bf16_checkpoint(hub_checkpoint, tmp_path, quant):
-    from convqa.convert.builtin import QUANT_TARGETS
+    from convqa.encodings import QUANT_TARGETS
 
     for fmt, encoding in QUANT_TARGETS[quant].items():
         if fmt == "safetensors":

@@ -27,7 +27,8 @@ from test_engines import (
 from transformers import AutoTokenizer
 
 from convqa.infer.engines import engine_for
-from convqa.infer.server import ServerError, ServerProcess, free_port, render_chat
+from convqa.infer.chat_template import render_chat
+from convqa.infer.server.supervisor import ServerError, ServerProcess, free_port
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -191,7 +192,7 @@ def test_sigterm_to_the_parent_kills_the_server_group(tmp_path):
     argv = http_server_argv(port, with_grandchild=True)
     parent_code = textwrap.dedent(f"""
         import time
-        from convqa.infer.server import ServerProcess
+        from convqa.infer.server.supervisor import ServerProcess
         with ServerProcess({argv!r}, port={port}, health_path="/", startup_timeout_s=20) as srv:
             print(srv.pid, flush=True)
             time.sleep(600)

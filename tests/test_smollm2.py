@@ -11,7 +11,7 @@ import pytest
 
 from convqa.compare.tensors import compare_models
 from convqa.convert.builtin import convert
-from convqa.infer.engines.base import capability, engine_for
+from convqa.infer.engines import capability, engine_for
 from convqa.formats import open_model
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from convqa.workflow import plan
-from convqa.convert.builtin import QUANT_TARGETS
+from convqa.encodings import QUANT_TARGETS
 from workflow_copy import Workflow
 
 CONVERT_RULES = {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors"}

@@ -14,30 +14,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
+from convqa.encodings import ENCODING_TOLERANCE
 from convqa.model import ModelArtifact, ModelConfig, TokenizerSpec
-
-# Normalised max error (max |a - b| / max |a|) allowed when one side is stored in this encoding.
-# Each value is the encoding's worst-case rounding error relative to the block/tensor maximum,
-# with headroom: Q8_0 rounds to amax_block/127 steps (error <= 0.4%), Q4_0 to amax/8 (<= 6.3%),
-# Q4_1 to (max-min)/15 (<= 6.7% of amax), APR Q4 to amax/7 (<= 7.2%), F16 2^-11, BF16 2^-8.
-ENCODING_TOLERANCE = {
-    "F32": 0.0,
-    "F64": 0.0,
-    "F16": 1e-3,
-    "BF16": 5e-3,
-    "Q8_0": 5e-3,
-    "APR_Q8": 5e-3,
-    "Q6_K": 2e-2,
-    "Q5_0": 4e-2,
-    "Q5_1": 4e-2,
-    "Q5_K": 4e-2,
-    "Q4_K": 8e-2,
-    "Q4_0": 8e-2,
-    "Q4_1": 8e-2,
-    "APR_Q4": 8e-2,
-    "Q3_K": 0.15,
-    "Q2_K": 0.3,
-}
 
 
 @dataclass

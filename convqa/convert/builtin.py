@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from convqa import __version__, arch, encodings
-from convqa.encodings import Encoding
+from convqa.encodings import QUANT_TARGETS, Encoding
 from convqa.errors import ConversionError
 from convqa.formats import FORMATS, open_model, write_model
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
@@ -27,20 +27,6 @@ STORABLE = {
     "safetensors": {"F32", "F16", "BF16", "F64"},
     "gguf": {e.name for e in encodings.ALL if e.ggml_type is not None},
     "apr": {e.name for e in encodings.ALL if e.apr_dtype is not None},
-}
-# A quantization names one encoding per target format that has it. APR holds no GGML blocks;
-# its own int8/int4 (one scale per tensor / per 32 values) are separate, explicit choices.
-QUANT_TARGETS = {
-    "f32": {"gguf": "F32", "apr": "F32", "safetensors": "F32"},
-    "f16": {"gguf": "F16", "apr": "F16", "safetensors": "F16"},
-    "bf16": {"gguf": "BF16", "apr": "BF16", "safetensors": "BF16"},
-    "q8_0": {"gguf": "Q8_0"},
-    "q4_0": {"gguf": "Q4_0"},
-    "q4_1": {"gguf": "Q4_1"},
-    "q5_0": {"gguf": "Q5_0"},
-    "q5_1": {"gguf": "Q5_1"},
-    "apr-int8": {"apr": "APR_Q8"},
-    "apr-int4": {"apr": "APR_Q4"},
 }
 
 
@@ -221,4 +207,4 @@ def _format_from_path(path: Path) -> str:
     raise ConversionError(f"cannot tell the target format from {path}; pass --to gguf|apr|safetensors")
 
 
-__all__ = ["convert", "ConversionRecord", "STORABLE", "QUANT_TARGETS"]
+__all__ = ["convert", "ConversionRecord", "STORABLE"]

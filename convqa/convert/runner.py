@@ -18,10 +18,8 @@ converter's own record when it prints one (`convqa convert --json`).
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shlex
 import shutil
@@ -31,12 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from convqa import __version__
-from convqa.files import atomic_file
+from convqa.files import path_size
 from convqa.inspect.manifest import file_sha256
+from convqa.versions import CONVERSION_TOOLS, tool_versions
 
 SIDECAR_VERSION = 1
-TOOL_PACKAGES = ("numpy", "gguf", "safetensors", "torch", "transformers", "snakemake")
 STRAY_LIMIT = 20  # stray files named in an error message; more are counted
 STDERR_TAIL_CHARS = 2000  # of a failed converter's stderr, in its error message and fail row
 
@@ -208,16 +205,6 @@ def output_path_message(expected: Path, strays: list[Path], converter: str | Non
     return f"{message}; it wrote elsewhere instead: {listed}{more} (left in place for inspection)"
 
 
-def tool_versions() -> dict:
-    versions = {"convqa": __version__, "python": platform.python_version()}
-    for package in TOOL_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def converter_record(stdout: str) -> dict | None:
     """The converter's own JSON record (`convqa convert --json`), if stdout holds one."""
     try:
@@ -237,25 +224,19 @@ def artifact_sidecar(
     extra: dict | None = None,
 ) -> dict:
     path = Path(artifact)
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
     sidecar = {
         "sidecar_version": SIDECAR_VERSION,
         "artifact": os.fspath(path),
         "sha256": file_sha256(path),
-        "size": size,
+        "size": path_size(path),
         "converter": converter,
         "fingerprint": fingerprint,
         "argv": command.argv if command else None,
         "command": shlex.join(command.argv) if command else None,
         "wall_s": command.wall_s if command else None,
         "peak_rss_mb": command.peak_rss_mb if command else None,
-        "tool_versions": tool_versions(),
+        "tool_versions": tool_versions(CONVERSION_TOOLS),
         "record": record,
     }
     sidecar.update(extra or {})
     return sidecar
-
-
-def write_json(path: str | os.PathLike, data: dict) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

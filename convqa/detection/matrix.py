@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convqa.workflow import plan
+from convqa.formats import ARTIFACT_NAME
 from convqa.convert.mutants import MUTANTS
 
 MODEL_PREFIX = "det-"
@@ -186,7 +187,7 @@ def output_path_check(entry: Entry, input_artifact: str | os.PathLike, quant: st
             scratch_path = Path(scratch).resolve()
             src = scratch_path / "input" / Path(input_artifact).name
             (shutil.copytree if Path(input_artifact).is_dir() else shutil.copy2)(input_artifact, src)
-            dst = scratch_path / "output" / {"gguf": "model.gguf", "apr": "model.apr", "safetensors": "model"}[target]
+            dst = scratch_path / "output" / ARTIFACT_NAME[target]
             dst.parent.mkdir()
             argv = expand_command(command, input=str(src), output=str(dst), format=target, quant=quant)
             cwd = os.getcwd()

@@ -14,7 +14,8 @@ from convqa.errors import FormatError
 from convqa.model import ModelArtifact, WritePlan
 
 FORMATS = ("safetensors", "gguf", "apr")
-EXTENSIONS = {"safetensors": "safetensors", "gguf": "gguf", "apr": "apr"}
+# The file (SafeTensors: directory) name of an artifact inside its workflow directory.
+ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr"}
 
 
 def detect_format(path: str | os.PathLike) -> str:

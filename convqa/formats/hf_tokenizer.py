@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from convqa.errors import ConversionError, FormatError
+from convqa.files import write_json
 from convqa.model import TokenizerSpec
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -204,8 +205,8 @@ def write_hf_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, mod
     }
     if spec.chat_template is not None:
         tokenizer_config["chat_template"] = spec.chat_template
-    write_json(directory / TOKENIZER_CONFIG_FILE, tokenizer_config)
-    write_json(directory / SPECIAL_TOKENS_MAP_FILE, {f"{key}_token": name for key, name in names.items() if name is not None})
+    write_json(directory / TOKENIZER_CONFIG_FILE, tokenizer_config, sort_keys=False, ensure_ascii=False)
+    write_json(directory / SPECIAL_TOKENS_MAP_FILE, {f"{key}_token": name for key, name in names.items() if name is not None}, sort_keys=False, ensure_ascii=False)
 
 
 def build_pre_tokenizer(pre: str):
@@ -405,7 +406,3 @@ def load_json_object(path: Path, *, missing_ok: bool = False) -> dict:
     if not isinstance(data, dict):
         raise FormatError(path, f"must hold a JSON object, got {type(data).__name__}", offset=0)
     return data
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

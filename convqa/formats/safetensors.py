@@ -31,10 +31,10 @@ import numpy as np
 
 from convqa import encodings
 from convqa.arch.hf_config import config_from_hf, generation_config_from, hf_config_from
-from convqa.files import atomic_dir
+from convqa.files import atomic_dir, write_json
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
-from convqa.formats.hf_tokenizer import load_json_object, tokenizer_from_hf_dir, write_hf_tokenizer, write_json
+from convqa.formats.hf_tokenizer import load_json_object, tokenizer_from_hf_dir, write_hf_tokenizer
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 CONFIG_FILE = "config.json"
@@ -240,8 +240,8 @@ def write_safetensors(path: str | os.PathLike, plan: WritePlan, *, max_shard_byt
     file_metadata = {"format": "pt", "convqa.provenance": json.dumps(plan.metadata, sort_keys=True, separators=(",", ":"))}
 
     with atomic_dir(path) as tmp:
-        write_json(tmp / CONFIG_FILE, hf_config_from(plan.config, plan.tokenizer, dtype=torch_dtype))
-        write_json(tmp / GENERATION_CONFIG_FILE, generation_config_from(plan.tokenizer))
+        write_json(tmp / CONFIG_FILE, hf_config_from(plan.config, plan.tokenizer, dtype=torch_dtype), sort_keys=False, ensure_ascii=False)
+        write_json(tmp / GENERATION_CONFIG_FILE, generation_config_from(plan.tokenizer), sort_keys=False, ensure_ascii=False)
         if plan.tokenizer is not None:
             write_hf_tokenizer(tmp, plan.tokenizer, model_max_length=plan.config.max_position_embeddings)
         if len(shards) == 1:
@@ -254,7 +254,7 @@ def write_safetensors(path: str | os.PathLike, plan: WritePlan, *, max_shard_byt
             "metadata": {"total_size": sum(nbytes for _, _, nbytes in entries)},
             "weight_map": {tensor.name: name for name, shard in zip(names, shards) for tensor, _, _ in shard},
         }
-        write_json(tmp / INDEX_FILE, index)
+        write_json(tmp / INDEX_FILE, index, sort_keys=False, ensure_ascii=False)
 
 
 def _write_file(path: Path, entries: list, metadata: dict[str, str]) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from convqa import arch
 
 from convqa.formats import no_artifact
-from convqa.compare.tensors import ENCODING_TOLERANCE
+from convqa.encodings import ENCODING_TOLERANCE, QUANT_TARGETS
 from convqa.model import ModelConfig
-from convqa.convert.builtin import QUANT_TARGETS, gguf_wants_f32
+from convqa.convert.builtin import gguf_wants_f32
 from convqa.workflow.plan import HOP_FORMAT, Check, hops
 from convqa.workflow.plan import parent as plan_parent
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import json
 
-from convqa.compare.tensors import ENCODING_TOLERANCE
-from convqa.convert.builtin import QUANT_TARGETS
+from convqa.encodings import ENCODING_TOLERANCE, QUANT_TARGETS
 from convqa.convert.converters import side_label
 from convqa.gates import FAIL, GateRow, artifact_rows, check_rows, comparison_row, contract_rows, label
 from convqa.workflow.plan import EDGE_GATE, Check, edge, is_first_hop, target_format

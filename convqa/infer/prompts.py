@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from convqa.infer.server import render_chat, special_token_text
+from convqa.infer.chat_template import render_chat, special_token_text
 from convqa.model import TokenizerSpec
 
 RUN, CHAT = "run", "chat"

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from convqa.formats import no_artifact
-from convqa.files import atomic_file
+from convqa.files import atomic_file, write_json
 from convqa.infer.engines import capability, engine_for
-from convqa.infer.server import ServerError, ServerProcess
+from convqa.infer.server.supervisor import ServerError, ServerProcess
 from convqa.errors import ConversionError, FormatError
 from convqa.formats import detect_format, open_model
 from convqa.infer.prompts import CHAT, RUN, Prompt, prompt_ids
 from convqa.infer.reference_model import reference_quantized
-from convqa.convert.runner import write_json
 
 # Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
 LLAMACPP_GREEDY = {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}

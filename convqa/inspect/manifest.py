@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from convqa.errors import FormatError
+from convqa.files import path_size
 from convqa.formats import detect_format, open_model
 from convqa.model import LazyTensor, ModelArtifact, TokenizerSpec
 
@@ -108,7 +109,7 @@ def build_manifest(path: str | os.PathLike, with_stats: bool = True) -> dict:
     with open_model(path) as model:
         manifest = artifact_manifest(model, with_stats)
     manifest["file_sha256"] = file_sha256(path)
-    manifest["file_size"] = _size(Path(path))
+    manifest["file_size"] = path_size(path, WORKFLOW_MARKERS)
     return manifest
 
 
@@ -129,13 +130,7 @@ def unreadable_manifest(path: str | os.PathLike, error: Exception) -> dict:
         "tensors": [],
         "metadata": {},
         "file_sha256": file_sha256(path),
-        "file_size": _size(Path(path)),
+        "file_size": path_size(path, WORKFLOW_MARKERS),
         # A failed conversion's placeholder: what failed, for the gates (convqa.formats.no_artifact).
         "no_artifact": getattr(error, "failure", None),
     }
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.name not in WORKFLOW_MARKERS)
-    return path.stat().st_size

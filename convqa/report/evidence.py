@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import csv
 import datetime
-import importlib.metadata
 import json
 import math
 import os
 import platform
 from pathlib import Path
 
-from convqa import __version__
 from convqa.arch import layer_index
 from convqa.errors import FormatError
+from convqa.versions import tool_versions
 
 SCHEMA_VERSION = "convqa.qualification/1"
 
@@ -42,18 +41,6 @@ FAMILY_ORDER = ("G0", "F-LAYOUT", "F-CONV", "F-CONV-RT", "F-CONV-IDEM", "F-CONV-
                 "F-INF", "F-ENGINE", "F-SERVE")
 # F-CONV-* sub-families that are not conversion edges (F-CONV-S-G is the edge family F-CONV).
 CONV_SUBFAMILIES = ("RT", "IDEM", "COM")
-
-# Distributions whose versions identify the toolchain; a missing one is recorded as None.
-TOOL_DISTRIBUTIONS = {
-    "numpy": "numpy",
-    "torch": "torch",
-    "transformers": "transformers",
-    "gguf": "gguf",
-    "safetensors": "safetensors",
-    "snakemake": "snakemake",
-    "llama_cpp": "llama_cpp_python",
-}
-
 
 def gate_family(gate: str) -> str:
     """`F-CONV-S-G` -> `F-CONV`, `F-CONV-RT-001` -> `F-CONV-RT`, `F-INF-gguf-cpu-run` -> `F-INF`."""
@@ -190,16 +177,6 @@ def _read_json(path: str | os.PathLike, what: str):
 
 
 # --- assembling the evidence ----------------------------------------------------------------
-
-def tool_versions() -> dict:
-    versions = {"python": platform.python_version(), "convqa": __version__}
-    for key, dist in TOOL_DISTRIBUTIONS.items():
-        try:
-            versions[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[key] = None
-    return versions
-
 
 def host_info() -> dict:
     return {"hostname": platform.node(), "system": platform.platform(), "machine": platform.machine(),

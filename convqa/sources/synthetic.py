@@ -28,8 +28,8 @@ import importlib.util
 import os
 from pathlib import Path
 
-from convqa.files import atomic_dir
-from convqa.formats.hf_tokenizer import build_pre_tokenizer, write_json
+from convqa.files import atomic_dir, write_json
+from convqa.formats.hf_tokenizer import build_pre_tokenizer
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Added tokens that are not special (Qwen2.5 marks <tool_call> so): tokenized whole, decoded as text.
@@ -308,8 +308,10 @@ def _write_hub_style_files(directory: Path, tokenizer, ids: dict, dtype: str, mo
             "tokenizer_class": "Qwen2Tokenizer",
             "unk_token": None,
         },
+        sort_keys=False,
+        ensure_ascii=False,
     )
-    write_json(directory / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+    write_json(directory / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, sort_keys=False, ensure_ascii=False)
     write_json(
         directory / "generation_config.json",
         {
@@ -323,6 +325,8 @@ def _write_hub_style_files(directory: Path, tokenizer, ids: dict, dtype: str, mo
             "top_p": 0.8,
             "transformers_version": "4.44.0",
         },
+        sort_keys=False,
+        ensure_ascii=False,
     )
     # transformers 5 saved its own dialect; rewrite it as 4.44 wrote Qwen2.5's config.json.
     config_path = directory / "config.json"
@@ -342,7 +346,7 @@ def _write_hub_style_files(directory: Path, tokenizer, ids: dict, dtype: str, mo
         transformers_version="4.44.0",
     )
     hf.pop("pad_token_id", None)
-    write_json(config_path, dict(sorted(hf.items())))
+    write_json(config_path, dict(sorted(hf.items())), sort_keys=False, ensure_ascii=False)
 
 
 def _write_tokenizer_files(directory: Path, tokenizer, model_max_length: int) -> None:
@@ -359,5 +363,7 @@ def _write_tokenizer_files(directory: Path, tokenizer, model_max_length: int) ->
             "model_max_length": model_max_length,
             "chat_template": CHATML_TEMPLATE,
         },
+        sort_keys=False,
+        ensure_ascii=False,
     )
-    write_json(directory / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None})
+    write_json(directory / "special_tokens_map.json", {k: v for k, v in names.items() if v is not None}, sort_keys=False, ensure_ascii=False)
