@@ -99,7 +99,7 @@ class TensorView(Protocol):
     file_offset: int  # absolute byte offset of the data (for diagnostics)
 
     def raw(self) -> np.ndarray:
-        """Stored bytes in canonical layout, a flat uint8 array (a memmap view where possible)."""
+        """Stored bytes in canonical layout, a flat uint8 array (a reader loads it from the file on each call, into private memory)."""
 
     def to_float32(self) -> np.ndarray:
         """Decoded values in canonical shape and layout."""
@@ -150,15 +150,12 @@ class ModelArtifact:
     tokenizer: TokenizerSpec | None
     tensors: dict[str, LazyTensor]  # canonical name -> tensor, in file order
     metadata: dict = field(default_factory=dict)  # format-level metadata, JSON-safe (provenance, raw keys)
-    closers: list[Callable[[], None]] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[LazyTensor]:
         return iter(self.tensors.values())
 
     def close(self) -> None:
-        for close in self.closers:
-            close()
-        self.closers.clear()
+        """Nothing to release: readers hold no file open between tensor reads."""
 
     def __enter__(self) -> "ModelArtifact":
         return self

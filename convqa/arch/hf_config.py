@@ -223,11 +223,6 @@ def _check_dtype(hf: dict, path) -> None:
         raise FormatError(path, f"torch_dtype {named['torch_dtype']!r} contradicts dtype {named['dtype']!r}", field="dtype")
 
 
-def config_dtype(hf: dict) -> str | None:
-    """The dtype a config.json of either transformers dialect declares (`dtype` or `torch_dtype`)."""
-    return hf.get("dtype") or hf.get("torch_dtype")
-
-
 def _positive_int(hf: dict, key: str, path) -> int:
     if key not in hf:
         raise FormatError(path, f"missing required key {key!r} in {CONFIG_FILE}", field=key)

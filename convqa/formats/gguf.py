@@ -3,8 +3,8 @@
 Reading is two steps. A small explicit parser walks the header, the key/value section and the
 tensor infos, checking every length, count, type code, dimension, offset and alignment against
 the file size before anything is allocated (gguf-py's GGUFReader trusts the counts: a hostile
-file makes it allocate huge arrays or crash inside numpy). Tensor data is then handed out as
-views of one read-only memory map, so nothing is loaded until a tensor's bytes are asked for.
+file makes it allocate huge arrays or crash inside numpy). Tensor data is then read lazily, one
+tensor at a time into private memory (convqa.formats.filerange), when its bytes are asked for.
 
 Writing goes through gguf-py's GGUFWriter, streaming: every tensor info is declared first, then
 header, key/values and tensor infos are written, then each tensor's bytes one at a time.
@@ -330,11 +330,6 @@ def _parse_tensor_info(cur: _Cursor, index: int, alignment: int) -> _TensorInfo:
 
 # ----------------------------------------------------------------------------------------------
 # Reading: the canonical view
-
-
-def close(self) -> None:
-        # The mapping itself goes when the last view handed out is released.
-        self.array = None
 
 
 def read_gguf(path: str | os.PathLike) -> ModelArtifact:
