@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from convqa import encodings
-from convqa.arch import HF_ARCHITECTURES, PERMUTES_QK_IN_GGUF, SUPPORTED
-from convqa.arch.names import gguf_to_hf, is_qk_projection
-from convqa.arch.permute import unpermute_rows_from_gguf
+from convqa.arch import HF_ARCHITECTURES, SUPPORTED
+from convqa.arch.names import gguf_to_hf
 from convqa.files import atomic_file
 from convqa.encodings import Encoding
+from convqa.formats.canonical import EMBEDDING, LM_HEAD, canonical_name, is_tied_copy, name_collision, qk_heads, unpermuted_loader
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec, WritePlan
@@ -125,8 +125,8 @@ _REQUIRED_INT_KEYS = (
 )
 PROVENANCE_KEY = "convqa.provenance"
 TIED_EMBEDDINGS_KEY = "tied_embeddings"
-EMBEDDING_NAME = "model.embed_tokens.weight"
-LM_HEAD_NAME = "lm_head.weight"
+EMBEDDING_NAME = EMBEDDING
+LM_HEAD_NAME = LM_HEAD
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _CRC_CHUNK = 16 << 20  # bytes read per step when checksumming a whole file
@@ -827,12 +827,6 @@ def _tokenizer_from_metadata(check: _Checker, meta: dict) -> TokenizerSpec | Non
     )
 
 
-def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.size != b.size:
-        return False
-    return all(np.array_equal(a[i : i + _CRC_CHUNK], b[i : i + _CRC_CHUNK]) for i in range(0, a.size, _CRC_CHUNK))
-
-
 def read_apr(path: str | os.PathLike) -> ModelArtifact:
     """Open an APR v2 file as the canonical view, checking every structure before any data."""
     path = Path(path)
@@ -867,17 +861,11 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
 
     # Canonical names: files converted by `apr` from a llama GGUF keep GGUF names.
     stored = {e.name: e for e in entries}
-    canonical_of = {name: gguf_to_hf(name) or name for name in stored}
     name_style = "gguf" if any(gguf_to_hf(name) for name in stored) else "hf"
-    seen: dict[str, str] = {}
-    for name, canonical in canonical_of.items():
-        if canonical in seen:
-            check.fail(
-                f"tensors {seen[canonical]!r} and {name!r} both map to {canonical!r}",
-                "name",
-                header.tensor_index_offset,
-            )
-        seen[canonical] = name
+    collision = name_collision(stored)
+    if collision is not None:
+        check.fail(collision.message, "name", header.tensor_index_offset)
+    canonical_of = {name: canonical_name(name) for name in stored}
 
     tied_flag = metadata.get(TIED_EMBEDDINGS_KEY, False)
     if not isinstance(tied_flag, bool):
@@ -890,9 +878,10 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
         canonical = canonical_of[entry.name]
         encoding: Encoding = encodings.BY_APR_DTYPE[entry.dtype]
         load = file_bytes(header.data_offset + entry.offset, entry.size)
-        if name_style == "gguf" and PERMUTES_QK_IN_GGUF[config.architecture] and any(is_qk_projection(canonical)):
-            n_head = config.num_heads if is_qk_projection(canonical)[0] else config.num_kv_heads
-            load = _unpermuted_loader(check, load, entry, encoding, n_head, header.data_offset)
+        n_head = qk_heads(config, canonical) if name_style == "gguf" else None
+        if n_head is not None:
+            _check_unpermutable(check, entry, encoding, n_head, header.data_offset)
+            load = unpermuted_loader(load, entry.shape[0], n_head)
         tensors[canonical] = LazyTensor(
             name=canonical,
             shape=entry.shape,
@@ -906,13 +895,8 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
     if tied_flag and LM_HEAD_NAME in tensors:
         # aprender materialises a tied lm_head as a copy of the embedding; the canonical view
         # drops it, after making sure it really is that copy.
-        head, embed = tensors[LM_HEAD_NAME], tensors.get(EMBEDDING_NAME)
-        if (
-            embed is None
-            or head.shape != embed.shape
-            or head.encoding != embed.encoding
-            or not _same_bytes(head.load_raw(), embed.load_raw())
-        ):
+        head = tensors[LM_HEAD_NAME]
+        if not is_tied_copy(head, tensors.get(EMBEDDING_NAME)):
             check.fail(
                 f"{TIED_EMBEDDINGS_KEY} is true but {head.stored_name!r} is not a byte copy of the embedding",
                 TIED_EMBEDDINGS_KEY,
@@ -938,8 +922,8 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
     )
 
 
-def _unpermuted_loader(check: _Checker, load, entry: AprTensorEntry, encoding: Encoding, n_head: int, data_offset: int):
-    """Undo llama's GGUF Q/K row permutation; rows move whole, so quantized blocks move with them."""
+def _check_unpermutable(check: _Checker, entry: AprTensorEntry, encoding: Encoding, n_head: int, data_offset: int) -> None:
+    """Whether llama's GGUF Q/K row permutation can be undone on `entry` (rows move whole)."""
     rows = entry.shape[0] if entry.shape else 0
     if rows == 0 or rows % (2 * n_head):
         check.fail(
@@ -956,8 +940,3 @@ def _unpermuted_loader(check: _Checker, load, entry: AprTensorEntry, encoding: E
             "dtype",
             data_offset + entry.offset,
         )
-
-    def load_unpermuted() -> np.ndarray:
-        return unpermute_rows_from_gguf(load().reshape(rows, row_bytes), n_head).reshape(-1)
-
-    return load_unpermuted

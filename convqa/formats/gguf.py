@@ -32,8 +32,9 @@ from gguf.constants import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFValue
 from convqa import encodings
 from convqa.arch import PERMUTES_QK_IN_GGUF, SUPPORTED
 from convqa.arch.names import gguf_to_hf, hf_to_gguf, is_qk_projection
-from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
+from convqa.arch.permute import permute_rows_for_gguf
 from convqa.files import atomic_file
+from convqa.formats.canonical import canonical_name, name_collision, qk_heads, unpermuted_loader
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec, WritePlan
@@ -379,20 +380,12 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
                 path, f"provenance is not JSON: {exc.msg}", field=PROVENANCE_KEY, offset=kvs[PROVENANCE_KEY].offset
             ) from None
 
-    names = {}
-    for info in parsed.tensors:
-        canonical = gguf_to_hf(info.name)
-        if canonical is None:
-            canonical = info.name
-            metadata["unmapped_tensors"].append(info.name)
-        if canonical in names:
-            raise FormatError(
-                path,
-                f"tensors {names[canonical].name!r} and {info.name!r} both map to {canonical!r}",
-                field=info.name,
-                offset=info.info_offset,
-            )
-        names[canonical] = info
+    collision = name_collision(info.name for info in parsed.tensors)
+    if collision is not None:
+        info = parsed.tensors[collision.index]
+        raise FormatError(path, collision.message, field=info.name, offset=info.info_offset)
+    metadata["unmapped_tensors"] = [info.name for info in parsed.tensors if gguf_to_hf(info.name) is None]
+    names = {canonical_name(info.name): info for info in parsed.tensors}
 
     tokenizer = _read_tokenizer(path, kvs, metadata)
     config = _read_config(path, kvs, architecture, names, metadata)
@@ -414,17 +407,10 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
         return read_file_range(path, info.offset, info.nbytes)
 
     load_raw = load_stored
-    is_q, is_k = is_qk_projection(canonical)
-    if PERMUTES_QK_IN_GGUF[config.architecture] and (is_q or is_k):
-        n_head = config.num_heads if is_q else config.num_kv_heads
+    n_head = qk_heads(config, canonical)
+    if n_head is not None:
         _check_permutable(path, info, shape, n_head)
-
-        def load_unpermuted() -> np.ndarray:
-            # Whole rows move, so the uint8 row view is exact for quantized blocks too.
-            rows = load_stored().reshape(shape[0], -1)
-            return unpermute_rows_from_gguf(rows, n_head)
-
-        load_raw = load_unpermuted
+        load_raw = unpermuted_loader(load_stored, shape[0], n_head)
 
     return LazyTensor(
         name=canonical,

@@ -32,6 +32,7 @@ import numpy as np
 from convqa import encodings
 from convqa.arch.hf_config import config_from_hf, generation_config_from, hf_config_from
 from convqa.files import atomic_dir, write_json
+from convqa.formats.canonical import EMBEDDING, LM_HEAD, is_tied_copy
 from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.formats.hf_tokenizer import load_json_object, tokenizer_from_hf_dir, write_hf_tokenizer
@@ -353,13 +354,7 @@ def _range_loader(header: SafetensorsHeader, entry: TensorEntry):
 
 
 def _drop_tied_head(tensors: dict[str, LazyTensor], dropped: list[dict], file: Path) -> None:
-    head, embedding = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
-    if (
-        embedding is None
-        or head.shape != embedding.shape
-        or head.encoding != embedding.encoding
-        or not np.array_equal(head.raw(), embedding.raw())
-    ):
+    if not is_tied_copy(tensors[LM_HEAD], tensors.get(EMBEDDING)):
         raise FormatError(
             file,
             "config.json says tie_word_embeddings but lm_head.weight differs from model.embed_tokens.weight; "
