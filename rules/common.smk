@@ -21,7 +21,7 @@ from convqa.workflow.fingerprint import (
     inspection_fingerprint,
     source_fingerprint,
 )
-from convqa.gates import label
+from convqa.gates.rows import label
 from convqa.sources.prepare import input_files, kind_fingerprint_args
 
 validate(config, schema="../config/schema.yaml")
@@ -338,7 +338,7 @@ def conversion_quant(wildcards):
 
 
 # Gate evaluation and report rendering read only JSON and TSV: no format modules.
-GATES_FINGERPRINT = fingerprint(("convqa.gates",), ())
+GATES_FINGERPRINT = fingerprint(("convqa.gates.tensor_table",), ())
 REPORT_FINGERPRINT = fingerprint(("convqa.report.build", "convqa.report.summary"), ())
 
 

@@ -6,7 +6,12 @@ INFERENCE_ENGINE_NAME = {v: k for k, v in INFERENCE_ENGINE_FILE.items()}
 CONVERTED_CHAIN = "st(?:-(?:st|gguf|apr))+(?:\\.run[0-9]+)?"
 # Gate evaluation reads JSON and .npz only; runs and servers execute the engines.
 INFERENCE_GATES_FINGERPRINT = fingerprint(
-    ("convqa.gates.inference", "convqa.compare.inference", "convqa.gates"), ()
+    (
+        "convqa.gates.inference_table",
+        "convqa.gates.inference",
+        "convqa.compare.inference",
+    ),
+    (),
 )
 INFERENCE_RUN_FINGERPRINT = fingerprint(
     (

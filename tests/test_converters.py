@@ -14,7 +14,7 @@ import pytest
 from convqa.convert import converters
 
 from convqa.gates import cross_converter as xconv
-from convqa.gates import FAIL, PASS
+from convqa.gates.rows import FAIL, PASS
 from convqa.convert.runner import ConverterExitError, OutputPathError, expand_command, run_converter
 
 CONVQA = {"command": "convqa convert {input} {output} --to {format} {quant_arg} --json", "json_record": True}

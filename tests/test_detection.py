@@ -19,6 +19,7 @@ from workflow_copy import REPO, Workflow
 
 from convqa.detection import matrix as detection
 from convqa.convert.mutants import MUTANTS
+from convqa.gates import output_contract
 
 
 
@@ -119,8 +120,8 @@ def test_detection_run_catches_every_mutant_of_the_subset(subset_matrix):
     assert truncate["cells"]["F-INF-gguf-cpu-run"]["status"] == "pass"
     assert float(truncate["cells"]["F-INF-REF-gguf-cpu-run"]["value"]) > 0
     beside = by_name["write-beside-input"]
-    assert beside["first"]["gate"] == detection.OUTPUT_PATH_GATE
-    assert "model.converted.gguf" in beside["first"]["reason"] and detection.SCRATCH in beside["first"]["reason"]
+    assert beside["first"]["gate"] == output_contract.OUTPUT_CONTRACT_GATE
+    assert "model.converted.gguf" in beside["first"]["reason"] and output_contract.SCRATCH in beside["first"]["reason"]
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_detection_run_has_no_false_alarm_on_the_correct_converter(subset_matrix
     assert correct["fail"] == 0 and correct["false_alarms"] == []
     assert correct["not_evaluated"] == 0
     assert correct["not_evaluated"] == 0, "every gate of the correct conversion must be decided"
-    assert correct["cells"][detection.OUTPUT_PATH_GATE]["status"] == "pass"
+    assert correct["cells"][output_contract.OUTPUT_CONTRACT_GATE]["status"] == "pass"
     assert correct["pass"] > 50
 
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from convqa.convert.builtin import convert
-from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED
+from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED
 from convqa.gates.inference import evaluate
 from convqa.infer.run import load_run, run_prompts, serve_prompts, write_run
 from convqa.infer.prompts import DEFAULT_PROMPTS, NO_CHAT_TEMPLATE

@@ -24,7 +24,9 @@ import pytest
 from convqa.convert.builtin import convert
 from convqa.infer.engines import capability
 from convqa.formats import open_model
-from convqa.gates import FAIL, NOT_EVALUATED, PASS, artifact_rows, contract_rows
+from convqa.gates.artifact import artifact_rows
+from convqa.gates.contracts import contract_rows
+from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS
 from convqa.gates.inference import compare_runs, engine_rows, evaluate, judge, select_tolerances
 from convqa.infer.run import load_run, run_prompts_isolated, serve_prompts
 from convqa.infer.isolated import run_isolated
@@ -197,7 +199,7 @@ def test_nan_candidate_fails_and_nan_reference_is_not_evaluated():
     nan = good.copy()
     nan[1, 2] = np.nan
     tolerance = {"max_abs_dlogit": 0, "reason": "exact"}
-    from convqa.gates import GateRow
+    from convqa.gates.rows import GateRow
 
     failed = judge(GateRow("F-INF-gguf-cpu-run", "s"), compare_runs(_run({"p": good}), _run({"p": nan})), tolerance)
     assert failed.status == FAIL and "candidate logits hold NaN or Inf (1 of 3 positions)" in failed.reason

@@ -15,7 +15,7 @@ from convqa.convert.builtin import convert
 from convqa.encodings import Q2_K
 from convqa.errors import ConversionError
 from convqa.formats import open_model
-from convqa.gates import FAIL, NOT_EVALUATED, PASS
+from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS
 from convqa.gates.inference import evaluate
 from convqa.infer.run import run_prompts, run_reference
 from convqa.model import LazyTensor

@@ -12,7 +12,9 @@ alarms, which must be zero).
 
 A mutant that breaks the output-path contract (`check: output-path`) fails its conversion job by
 design, so it cannot be a workflow model: `output_path_check` runs it, and the correct converter,
-alone in a scratch directory and records the contract violation as a gate row.
+alone in a scratch directory and records the contract violation as a gate row
+(convqa.gates.output_contract). Which failing gate names a mutant first, and which gates are
+inference gates, is the gate registry's (convqa.gates.registry).
 """
 
 from __future__ import annotations
@@ -22,39 +24,27 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from convqa.workflow import plan
-from convqa.formats import ARTIFACT_NAME
 from convqa.convert.mutants import MUTANTS
+from convqa.gates.output_contract import output_path_rows
+from convqa.gates.registry import is_inference_gate, specificity
 
 MODEL_PREFIX = "det-"
 CONVERTER_PREFIX = "mutant-"
 CORRECT_CONVERTER = "convqa"
 CONVERTER_COMMAND = "convqa convert {input} {output} --to {format} {quant_arg} --json"
-OUTPUT_PATH_GATE = "F-CONTRACT-OUTPUT"
 WORKFLOW, OUTPUT_PATH = "workflow", "output-path"
 # A first-hop mutant's broken output is refused by the correct converter of the next hop, so it
 # is qualified without later hops; the correct converter and downstream mutants get them all.
 FIRST_HOP_TIER, DOWNSTREAM_TIER = "detection", "detection-downstream"
 CAUGHT, MISSED = "caught", "MISSED"
-SCRATCH = "<scratch>"  # stands for the temporary directory in recorded messages: the matrix is reproducible
 # A non-deterministic converter's file digests change every run; the matrix keeps only that they
 # differ (the model's own report keeps the digests), so it too is reproducible run to run.
 DIGEST = re.compile(r"\b[0-9a-f]{12,64}\b")
 DIGEST_PLACEHOLDER = "<digest>"
-
-# The order in which failing gates are named: the most specific diagnosis first (a layout gate
-# names the bug class, an edge gate only says that the values differ), inference last.
-SPECIFICITY = (
-    "F-LAYOUT-001", "F-LAYOUT-002", "F-LAYOUT-003", OUTPUT_PATH_GATE, "F-CONTRACT-I2", "F-CONTRACT-I5", "F-CONTRACT-I3",
-    "F-CONV-IDEM-001", "F-CONV-IDEM-002", "G0-INTEGRITY", "G0-VALIDATE", "F-CONTRACT-I4",
-    *plan.EDGE_GATE.values(), "F-CONV-RT-001", "F-CONV-RT-002", "F-CONV-RT-003", "F-CONV-COM-001", "F-XCONV-001",
-)
-INFERENCE_PREFIXES = ("F-INF", "F-ENGINE", "F-SERVE")
 STATUS_RANK = {"fail": 0, "not_evaluated": 1, "pass": 2, "skipped": 3}
 
 
@@ -175,46 +165,11 @@ def expand_config(config: dict) -> None:
 def output_path_check(entry: Entry, input_artifact: str | os.PathLike, quant: str | None) -> list[dict]:
     """Gate rows of the output-path contract for the correct converter and for the mutant, each
     run on a scratch copy of `input_artifact` (a misdirected output must not land in results/)."""
-    from convqa.convert.runner import OutputPathError, expand_command, run_converter
-
-    rows = []
-    target = plan.target_format(entry.chain)
-    for converter, command in ((CORRECT_CONVERTER, CONVERTER_COMMAND),
-                               (converter_name(entry.mutant), mutant_command(entry.mutant))):
-        row = {"gate": OUTPUT_PATH_GATE, "subject": f"{entry.variant}/{entry.chain}", "reference": "",
-               "metric": "conversions not written to the requested path", "threshold": "0", "converter": converter}
-        with tempfile.TemporaryDirectory(prefix="convqa-output-path-") as scratch:
-            scratch_path = Path(scratch).resolve()
-            src = scratch_path / "input" / Path(input_artifact).name
-            (shutil.copytree if Path(input_artifact).is_dir() else shutil.copy2)(input_artifact, src)
-            dst = scratch_path / "output" / ARTIFACT_NAME[target]
-            dst.parent.mkdir()
-            argv = expand_command(command, input=str(src), output=str(dst), format=target, quant=quant)
-            cwd = os.getcwd()
-            os.chdir(scratch_path)  # the working directory is watched for strays too
-            try:
-                with open(scratch_path / "convert.log", "w+") as log:
-                    run_converter(argv, str(src), str(dst), log, converter=converter)
-                row.update(value="0", status="pass", reason="")
-            except OutputPathError as exc:
-                row.update(value="1", status="fail", reason=str(exc).replace(str(scratch_path), SCRATCH))
-            finally:
-                os.chdir(cwd)
-        rows.append(row)
-    return rows
+    converters = ((CORRECT_CONVERTER, CONVERTER_COMMAND), (converter_name(entry.mutant), mutant_command(entry.mutant)))
+    return output_path_rows(converters, input_artifact, entry.chain, entry.variant, quant)
 
 
 # ---------------------------------------------------------------- the matrix
-
-
-def is_inference_gate(gate: str) -> bool:
-    return gate.startswith(INFERENCE_PREFIXES)
-
-
-def specificity(gate: str) -> tuple:
-    if gate in SPECIFICITY:
-        return (0, SPECIFICITY.index(gate), gate)
-    return (2 if is_inference_gate(gate) else 1, 0, gate)
 
 
 def loudness(row: dict) -> str:

@@ -20,7 +20,10 @@ import json
 
 from convqa.encodings import ENCODING_TOLERANCE, QUANT_TARGETS
 from convqa.convert.converters import side_label
-from convqa.gates import FAIL, GateRow, artifact_rows, check_rows, comparison_row, contract_rows, label
+from convqa.gates.artifact import artifact_rows
+from convqa.gates.contracts import contract_rows
+from convqa.gates.edges import check_rows, comparison_row
+from convqa.gates.rows import FAIL, GateRow, label
 from convqa.workflow.plan import EDGE_GATE, Check, edge, is_first_hop, target_format
 
 XCONV_GATE = "F-XCONV-001"
@@ -29,6 +32,20 @@ LAYOUT_METADATA = {"data_offset", "alignment", "tensor_types", "kv_types", "prov
                    "unmapped_tensors"}
 LISTED_KEYS = 8  # metadata keys named in a row's reason; all of them are in its details
 REASON_TAIL_CHARS = 300  # of a failed converter's stderr, in the row's reason (the sidecar has more)
+SLOT_FILES = ("sidecar", "manifest", "vs_primary", "vs_parent", "primary_manifest", "parent_manifest")
+
+
+def side_by_side_rows(slots: list[dict], model: str, variant: str) -> list[GateRow]:
+    """The rows of every side-by-side conversion of one (model, variant, tier): `slots` as
+    side_rows takes them, each with the paths of its SLOT_FILES (JSON)."""
+    rows = []
+    for slot in slots:
+        loaded = {}
+        for key in SLOT_FILES:
+            with open(slot[key]) as fh:
+                loaded[key] = json.load(fh)
+        rows += side_rows(slot, loaded, model, variant)
+    return rows
 
 
 def side_tolerance(chain: str, variant: str) -> float:

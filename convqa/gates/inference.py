@@ -27,7 +27,7 @@ import numpy as np
 
 from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
-from convqa.gates import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
+from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
 from convqa.workflow.plan import first_hop, hops
 from convqa.infer.prompts import CHAT, RUN
 
@@ -40,6 +40,32 @@ LIMITS = {
     "max_mean_kl": ("mean KL", "mean_kl", True),
     "min_top1": ("top-1 agreement", "top1_agreement", False),
 }
+# (format, backend, modality) -> gate: the backends and modalities config/schema.yaml allows.
+INFERENCE_GATES = {
+    ("st", "cpu", RUN): "F-INF-st-cpu-run",
+    ("st", "cpu", CHAT): "F-INF-st-cpu-chat",
+    ("st", "gpu", RUN): "F-INF-st-gpu-run",
+    ("st", "gpu", CHAT): "F-INF-st-gpu-chat",
+    ("gguf", "cpu", RUN): "F-INF-gguf-cpu-run",
+    ("gguf", "cpu", CHAT): "F-INF-gguf-cpu-chat",
+    ("gguf", "gpu", RUN): "F-INF-gguf-gpu-run",
+    ("gguf", "gpu", CHAT): "F-INF-gguf-gpu-chat",
+    ("apr", "cpu", RUN): "F-INF-apr-cpu-run",
+    ("apr", "cpu", CHAT): "F-INF-apr-cpu-chat",
+    ("apr", "gpu", RUN): "F-INF-apr-gpu-run",
+    ("apr", "gpu", CHAT): "F-INF-apr-gpu-chat",
+}
+# (format, modality) -> gate: the reference model runs on cpu only.
+REFERENCE_GATES = {
+    ("st", RUN): "F-INF-REF-st-cpu-run",
+    ("st", CHAT): "F-INF-REF-st-cpu-chat",
+    ("gguf", RUN): "F-INF-REF-gguf-cpu-run",
+    ("gguf", CHAT): "F-INF-REF-gguf-cpu-chat",
+    ("apr", RUN): "F-INF-REF-apr-cpu-run",
+    ("apr", CHAT): "F-INF-REF-apr-cpu-chat",
+}
+ENGINE_GATE = "F-ENGINE-001"
+SERVE_GATE = "F-SERVE-001"
 
 
 def fmt_of(chain: str) -> str:
@@ -247,7 +273,7 @@ def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolera
         if (chain, engine, backend) == GROUND_TRUTH:
             continue  # the reference itself
         for modality in (m for m in (RUN, CHAT) if m in modalities):
-            row = GateRow(f"F-INF-{fmt_of(chain)}-{backend}-{modality}", subject_of(variant, chain, engine),
+            row = GateRow(INFERENCE_GATES[fmt_of(chain), backend, modality], subject_of(variant, chain, engine),
                           reference=subject_of(variant, GROUND_TRUTH[0], GROUND_TRUTH[1]), model=model, variant=variant)
             if record.get("skipped"):
                 row.status, row.reason = SKIPPED, record["skipped"]
@@ -294,7 +320,7 @@ def reference_rows(model: str, variant: str, references: dict, runs: dict, toler
         hop = first_hop(chain)
         reference = references.get(hop)
         for modality in (m for m in (RUN, CHAT) if m in modalities):
-            row = GateRow(f"F-INF-REF-{fmt_of(chain)}-{backend}-{modality}", subject_of(variant, chain, engine),
+            row = GateRow(REFERENCE_GATES[fmt_of(chain), modality], subject_of(variant, chain, engine),
                           reference=f"{label(variant, hop)}/reference", model=model, variant=variant)
             if record.get("skipped"):
                 row.status, row.reason = SKIPPED, record["skipped"]
@@ -316,7 +342,7 @@ def engine_rows(model: str, variant: str, runs: dict, tolerances: dict) -> list[
     """F-ENGINE-001 per GGUF chain: llama.cpp against transformers on the same file (cpu, run prompts)."""
     rows = []
     for chain in sorted({c for c, _, _ in runs if fmt_of(c) == "gguf"}):
-        row = GateRow("F-ENGINE-001", subject_of(variant, chain, "llama.cpp"),
+        row = GateRow(ENGINE_GATE, subject_of(variant, chain, "llama.cpp"),
                       reference=subject_of(variant, chain, "transformers"), model=model, variant=variant)
         llama, torch_run = runs.get((chain, "llama.cpp", "cpu")), runs.get((chain, "transformers", "cpu"))
         if llama is None or torch_run is None:
@@ -345,7 +371,7 @@ def serve_rows(model: str, variant: str, runs: dict, serves: dict) -> list[GateR
     rows = []
     for (chain, engine), served in sorted(serves.items()):
         by_ids = engine == "transformers"
-        row = GateRow("F-SERVE-001", subject_of(variant, chain, engine), reference=f"{subject_of(variant, chain, engine)}/run",
+        row = GateRow(SERVE_GATE, subject_of(variant, chain, engine), reference=f"{subject_of(variant, chain, engine)}/run",
                       metric="answers differing from run", threshold="0", model=model, variant=variant)
         run = runs.get((chain, engine, "cpu"))
         if served.get("skipped"):

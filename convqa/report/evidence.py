@@ -22,6 +22,7 @@ from pathlib import Path
 
 from convqa.arch import layer_index
 from convqa.errors import FormatError
+from convqa.gates.registry import family_of, family_sort_key, is_inference_family
 from convqa.versions import tool_versions
 
 SCHEMA_VERSION = "convqa.qualification/1"
@@ -33,27 +34,6 @@ STATUSES = ("pass", "fail", "skipped", "not_evaluated")
 QUALIFIED = "QUALIFIED"
 NOT_QUALIFIED = "NOT QUALIFIED"
 INCOMPLETE = "INCOMPLETE"
-
-# Gate families that describe inference rather than files; they get their own report section.
-INFERENCE_FAMILIES = ("F-INF", "F-ENGINE", "F-SERVE")
-# Report order of gate families; unknown families follow in name order.
-FAMILY_ORDER = ("G0", "F-LAYOUT", "F-CONV", "F-CONV-RT", "F-CONV-IDEM", "F-CONV-COM", "F-CONTRACT", "F-XCONV",
-                "F-INF", "F-ENGINE", "F-SERVE")
-# F-CONV-* sub-families that are not conversion edges (F-CONV-S-G is the edge family F-CONV).
-CONV_SUBFAMILIES = ("RT", "IDEM", "COM")
-
-def gate_family(gate: str) -> str:
-    """`F-CONV-S-G` -> `F-CONV`, `F-CONV-RT-001` -> `F-CONV-RT`, `F-INF-gguf-cpu-run` -> `F-INF`."""
-    parts = gate.split("-")
-    if parts[0] == "G0" or len(parts) < 2:
-        return parts[0]
-    if parts[:2] == ["F", "CONV"] and len(parts) > 2 and parts[2] in CONV_SUBFAMILIES:
-        return "-".join(parts[:3])
-    return "-".join(parts[:2])
-
-
-def family_sort_key(family: str) -> tuple:
-    return (FAMILY_ORDER.index(family), "") if family in FAMILY_ORDER else (len(FAMILY_ORDER), family)
 
 
 def row_key(row: dict) -> tuple[str, str, str]:
@@ -122,7 +102,7 @@ def _gate_row(path: Path, line_no: int, raw: dict) -> dict:
             raise FormatError(path, f"line {line_no}: details is not JSON ({exc.msg})", field="details") from exc
     return {
         "gate": text("gate"),
-        "family": gate_family(text("gate")),
+        "family": family_of(text("gate")),
         "subject": text("subject"),
         "reference": text("reference") or None,
         "metric": text("metric") or None,
@@ -387,7 +367,7 @@ def attention_rows(evidence: dict) -> list[dict]:
 
 
 def inference_rows(evidence: dict) -> list[dict]:
-    return [r for r in evidence["gates"] if r["family"] in INFERENCE_FAMILIES]
+    return [r for r in evidence["gates"] if is_inference_family(r["family"])]
 
 
 def row_diagnosis(row: dict) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from convqa.report.evidence import display_number, family_sort_key, row_diagnosis, row_name
+from convqa.gates.registry import family_sort_key
+from convqa.report.evidence import display_number, row_diagnosis, row_name
 
 FAILURE_TYPE = "GateFailure"
 # Characters XML 1.0 cannot carry at all (not even escaped); a reason quoting binary garbage

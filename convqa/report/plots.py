@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.colors import ListedColormap  # noqa: E402
 
-from convqa.report.evidence import STATUSES, as_float, family_sort_key  # noqa: E402
+from convqa.gates.registry import family_sort_key  # noqa: E402
+from convqa.report.evidence import STATUSES, as_float  # noqa: E402
 
 STATUS_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "skipped": "#9e9e9e", "not_evaluated": "#ef6c00"}
 STATUS_LETTERS = {"pass": "P", "fail": "F", "skipped": "S", "not_evaluated": "N"}

@@ -1,0 +1,31 @@
+"""The inference gate table of one (model, variant, tier): rule inference_gates
+(scripts/inference_gates.py). Loads the recorded runs, served answers and reference runs, picks
+the tolerances for the source's dtypes and evaluates them (convqa.gates.inference)."""
+
+from __future__ import annotations
+
+import json
+
+from convqa.gates.inference import evaluate, select_tolerances
+from convqa.gates.rows import GateRow
+from convqa.infer.run import load_run
+
+
+def inference_gate_rows(model: str, variant: str, inputs: dict, tolerances: dict, reference_tolerances: dict,
+                        modalities: tuple) -> tuple[str, list[GateRow], dict]:
+    """(the config key of the tolerances used, gate rows, the report's extra: throughput and
+    per-prompt details). inputs: `runs` ("chain|engine|backend" -> {json, npz}), `serves`
+    ("chain|engine" -> JSON path), `references` (first hop -> {json, npz}), `source_manifest`."""
+    runs = {tuple(key.split("|")): load_run(paths["json"], paths["npz"]) for key, paths in inputs["runs"].items()}
+    serves = {}
+    for key, path in inputs["serves"].items():
+        with open(path) as fh:
+            serves[tuple(key.split("|"))] = json.load(fh)
+    references = {hop: load_run(paths["json"], paths["npz"]) for hop, paths in inputs["references"].items()}
+    with open(inputs["source_manifest"]) as fh:
+        key, selected = select_tolerances(variant, tolerances, json.load(fh))
+    rows, throughput, details = evaluate(
+        model, variant, runs, serves, selected, modalities,
+        references=references, reference_tolerances=reference_tolerances,
+    )
+    return key, rows, {"throughput": throughput, "inference_details": details}
