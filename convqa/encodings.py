@@ -1,7 +1,7 @@
 """Tensor encodings: how a tensor's elements are stored, and how to get float32 values back.
 
 One registry serves all three formats. Each encoding knows its GGML type id (GGUF), its APR
-dtype byte (apr-v2-format.md section 4.1), its block geometry, and how to decode stored bytes
+dtype byte (docs/formats.md APR 4.1), its block geometry, and how to decode stored bytes
 to float32 and (where a pure-Python quantizer exists) encode float32 to stored bytes.
 GGML block codecs come from gguf-py (`gguf.quants`); the two APR-native block formats are
 implemented here because no library has them.
@@ -125,7 +125,7 @@ def _apr_q4_decode(raw: np.ndarray, n: int) -> np.ndarray:
     nblocks = math.ceil(n / 32)
     blocks = raw[: nblocks * 18].reshape(nblocks, 18)
     scale = blocks[:, :2].copy().view("<f2").astype(np.float32).reshape(nblocks)
-    # The APR reader zeroes non-finite and subnormal scales (apr-v2-format.md 4.2).
+    # The APR reader zeroes non-finite and subnormal scales (docs/formats.md APR 4.2).
     bad = ~np.isfinite(scale) | ((scale != 0) & (np.abs(scale) < np.finfo(np.float16).tiny))
     scale[bad] = 0.0
     nib = blocks[:, 2:]

@@ -1,4 +1,4 @@
-"""APR v2 writer and reader: byte layout against apr-v2-format.md, and bit-exact round trips.
+"""APR v2 writer and reader: byte layout against docs/formats.md (APR), and bit-exact round trips.
 
 The layout checks parse the written bytes with their own struct code (not the module's parser),
 so a writer bug and a matching reader bug cannot cancel out.
@@ -129,7 +129,7 @@ def parse_file(data: bytes) -> dict:
     }
 
 
-# --- the worked example (section 2) -----------------------------------------------------------
+# --- the worked example (docs/formats.md APR 2) ----------------------------------------------
 
 WORKED_EXAMPLE_HEADER = bytes.fromhex(
     "41 50 52 00 02 00 00 04 01 00 00 00 40 00 00 00 00 00 00 00 6a 00 00 00 c0 00 00 00 00 00 00 00"

@@ -310,7 +310,7 @@ def test_transformers_gguf_loader_gives_bit_identical_logits_for_f32(model_dir, 
 
 @needs_llama_cpp
 def test_llamacpp_f32_gguf_matches_transformers(model_dir, tmp_path):
-    """F32 weights + F32 KV cache: only summation order differs (gguf-reference.md section 6: ~1e-6)."""
+    """F32 weights + F32 KV cache: only summation order differs (docs/formats.md GGUF 6: ~1e-6)."""
     gguf = write_converted(model_dir, tmp_path / "model.gguf", "gguf")
     with engine_for("transformers", "cpu") as engine:
         expected = engine.load(model_dir).teacher_forced_logits(PROMPT)
@@ -338,7 +338,7 @@ def test_llamacpp_is_deterministic_and_generates_by_argmax():
 @needs_llama_cpp
 @pytest.mark.slow
 def test_llamacpp_and_transformers_agree_on_smollm2_q4_1():
-    """Same Q4_1 file, two runtimes: the gap is ggml's Q8_1 activation quantization (section 6)."""
+    """Same Q4_1 file, two runtimes: the gap is ggml's Q8_1 activation quantization (docs/formats.md GGUF 6)."""
     gguf = smollm2_gguf()
     with engine_for("llama.cpp", "cpu", max_context=64) as engine:
         engine.load(gguf)

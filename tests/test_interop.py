@@ -2,7 +2,7 @@
 
 Lossless (F32) conversions must reproduce the ground truth's logits bit for bit under the same
 engine; llama.cpp computes in its own kernels, so it is held to 1e-5 relative with an F32 KV
-cache (gguf-reference.md section 6).
+cache (docs/formats.md GGUF 6).
 """
 
 from __future__ import annotations

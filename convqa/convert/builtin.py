@@ -130,7 +130,7 @@ def check_complete(source: ModelArtifact) -> None:
     """Refuse to write a model that lacks tensors its architecture needs.
 
     llama.cpp loads a qwen2 GGUF without its q/k/v biases silently and computes another model
-    (gguf-reference.md section 2), so a converter must stop here rather than downstream.
+    (docs/formats.md GGUF 2), so a converter must stop here rather than downstream.
     """
     expected = arch.expected_tensors(source.config)
     missing = [n for n in expected if n not in source.tensors]

@@ -187,15 +187,15 @@ def nan_weight(plan, source, src, dst):
 MUTANTS = {
     m.name: m
     for m in [
-        Mutant("dims-not-reversed", "GGUF writer copies the numpy shape into ne instead of reversing it", "gguf-reference.md 1.3 case 1", ("gguf",), True, dims_not_reversed),
+        Mutant("dims-not-reversed", "GGUF writer copies the numpy shape into ne instead of reversing it", "docs/formats.md GGUF 1 case 1", ("gguf",), True, dims_not_reversed),
         Mutant("transpose-2d", "2-D weights written transposed ('convert to column-major'): the LAYOUT-002 class", "aprender GH-202/GH-208, 58-90% output differences", ("gguf", "apr"), True, transpose_2d),
         Mutant("skip-qk-permute", "llama q/k rows not permuted for GGUF's adjacent-pair RoPE", "llama.cpp convert LlamaModel.permute", ("gguf",), True, skip_qk_permute),
-        Mutant("drop-qkv-bias", "qwen2 q/k/v biases dropped; llama.cpp loads the file silently", "gguf-reference.md 2 (llama.cpp 0.3.36 treats them as optional)", ("gguf", "apr", "safetensors"), True, drop_qkv_bias),
+        Mutant("drop-qkv-bias", "qwen2 q/k/v biases dropped; llama.cpp loads the file silently", "docs/formats.md GGUF 2 (llama.cpp 0.3.36 treats them as optional)", ("gguf", "apr", "safetensors"), True, drop_qkv_bias),
         Mutant("drop-tokenizer", "tokenizer not carried into the converted file", "aprender PMAT-172 (apr run needs the embedded vocabulary)", ("gguf", "apr", "safetensors"), False, drop_tokenizer),
         Mutant("drop-chat-template", "chat template not carried, chat prompts render differently", "anchor playbook: chat modality", ("gguf", "apr", "safetensors"), True, drop_chat_template),
         # The logits do not change; generation stops on another id (seen only when a run reaches EOS).
         Mutant("shift-special-token", "eos token id off by one", "tokenizer metadata mapping bugs", ("gguf", "apr", "safetensors"), False, shift_special_token),
-        Mutant("lose-rope-theta", "rope.freq_base not written; readers fall back to 10000", "gguf-reference.md 3 (Qwen 1e6, SmolLM2 1e5)", ("gguf", "apr", "safetensors"), True, lose_rope_theta),
+        Mutant("lose-rope-theta", "rope.freq_base not written; readers fall back to 10000", "docs/formats.md GGUF 3 (Qwen 1e6, SmolLM2 1e5)", ("gguf", "apr", "safetensors"), True, lose_rope_theta),
         Mutant("change-rms-eps", "rms_norm_eps replaced by another default", "config mapping bugs", ("gguf", "apr", "safetensors"), True, change_rms_eps),
         Mutant("q8_0-as-apr-dtype-8", "GGML Q8_0 blocks stored under APR dtype byte 8 (legacy APR Q4)", "aprender GH-191", ("apr",), True, q8_0_as_apr_dtype_8),
         Mutant("drop-lm-head", "untied lm_head dropped and the embedding reused as the head", "tied-embedding resolution bugs", ("gguf", "apr", "safetensors"), True, drop_lm_head),

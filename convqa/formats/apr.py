@@ -1,6 +1,6 @@
 """APR v2, the native format of paiml/aprender: a strict reader and a streaming, atomic writer.
 
-Byte layout (apr-v2-format.md sections 1-5):
+Byte layout (docs/formats.md APR 1-5):
 
     0                    header, 64 bytes (magic, version, flags, offsets, header CRC32)
     64                   JSON metadata, `metadata_size` bytes, zero-padded to 64
@@ -39,7 +39,7 @@ from convqa.formats.filerange import read_file_range
 from convqa.errors import ConversionError, FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec, WritePlan
 
-# --- Header (section 2) ---------------------------------------------------------------------
+# --- Header (docs/formats.md APR 2) ----------------------------------------------------------
 
 MAGIC_V2 = b"APR\x00"
 MAGIC_V2_LEGACY = b"APR2"  # early v2 spelling; aprender-serve still reads it
@@ -58,7 +58,7 @@ _CHECKSUM_AT = 40  # the header CRC covers bytes [0, 40) ++ [44, 64)
 _RESERVED_AT = 44
 assert _HEADER.size == HEADER_SIZE
 
-# Flags (section 2.1), u16 bit values.
+# Flags (docs/formats.md APR 2), u16 bit values.
 LZ4_COMPRESSED = 0x0001
 ZSTD_COMPRESSED = 0x0002
 ENCRYPTED = 0x0004
@@ -84,7 +84,7 @@ _REFUSED_FLAGS = {
     LAYOUT_COLUMN_MAJOR: "LAYOUT_COLUMN_MAJOR is set; APR v2 data must be row-major (LAYOUT-002)",
 }
 
-# --- Tensor index (section 4) ---------------------------------------------------------------
+# --- Tensor index (docs/formats.md APR 4) ----------------------------------------------------
 
 MAX_NDIM = 8  # aprender's writer caps ndim at 8
 MAX_TENSOR_NAME_LEN = 256  # aprender truncates longer names, so no valid file has them
@@ -95,7 +95,7 @@ _OFFSET_SIZE = struct.Struct("<QQ")
 # Smallest possible entry: name_len, a 1-byte name, dtype, ndim, offset, size.
 _MIN_ENTRY_SIZE = _NAME_LEN.size + 1 + _DTYPE_NDIM.size + _OFFSET_SIZE.size
 
-# --- Metadata (section 3) -------------------------------------------------------------------
+# --- Metadata (docs/formats.md APR 3) --------------------------------------------------------
 
 # Typed keys serialised as Rust f32 (ryu `format32`), not f64.
 F32_METADATA_KEYS = ("rope_theta", "rms_norm_eps")
@@ -248,7 +248,7 @@ def sort_key(name: str) -> bytes:
 def format_f32(value: float) -> str:
     """An f32 the way serde_json prints it (ryu `format32`, shortest round-trip digits).
 
-    Thresholds (section 3.4): plain `digits.0` up to 13 integer digits, `0.000ddd` down to
+    Thresholds (docs/formats.md APR 3): plain `digits.0` up to 13 integer digits, `0.000ddd` down to
     1e-6, scientific with no `+` and no exponent padding otherwise.
     """
     if not math.isfinite(value) or abs(value) > _F32_MAX:

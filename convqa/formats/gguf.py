@@ -9,7 +9,7 @@ tensor at a time into private memory (convqa.formats.filerange), when its bytes 
 Writing goes through gguf-py's GGUFWriter, streaming: every tensor info is declared first, then
 header, key/values and tensor infos are written, then each tensor's bytes one at a time.
 
-GGUF conventions undone at this boundary and nowhere else (gguf-reference.md sections 1-3):
+GGUF conventions undone at this boundary and nowhere else (docs/formats.md GGUF 1-3):
 `ne` lists dimensions fastest-first, so the canonical (numpy) shape is `reversed(ne)` and the
 bytes are never transposed; llama's q/k projections are row-permuted within each head; tensors
 use llama.cpp names; `output.weight` is absent when embeddings are tied.

@@ -6,7 +6,7 @@ fixed thread count, float32), so two runs of the same engine on the same file gi
 numbers and a difference between artifacts is the artifacts' doing.
 
 Token ids always come from the ground-truth tokenizer, never from a tokenizer an engine rebuilds
-from the file (gguf-reference.md section 5: transformers' GGUF tokenizer prepends a BOS the file
+from the file (docs/formats.md GGUF 5: transformers' GGUF tokenizer prepends a BOS the file
 does not ask for), so tokenization and model parity are measured separately.
 """
 

@@ -1,6 +1,6 @@
 """The llama.cpp engine (llama-cpp-python), the reference runtime for GGUF files.
 
-Settings follow gguf-reference.md section 6: `logits_all=True` (in 0.3.x `eval()` keeps no logits
+Settings follow docs/formats.md GGUF 6: `logits_all=True` (in 0.3.x `eval()` keeps no logits
 otherwise), an F32 KV cache (the default F16 cache alone costs ~1e-3 relative), and fixed
 threads and batch sizes (batch splitting changes kernel paths and the last bits). Logits are a
 pure function of the ids, so the seed only pins what llama.cpp might sample, which greedy never does.
