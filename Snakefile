@@ -10,7 +10,8 @@
 # results/{model}/report/{tier}/qualification.json, report.md, report.html, junit.xml
 # results/summary/{tier}/summary.json, summary.md
 #
-# Every path is built by the helpers in rules/common.smk; see README for usage.
+# Every path is built by convqa.workflow.paths, everything else a rule computes by
+# convqa.workflow.jobs (`J`, made in rules/common.smk); see README for usage.
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
@@ -32,8 +33,6 @@ except convqa_detection.DetectionConfigError as exc:
 
 
 include: "rules/common.smk"
-include: "rules/infer_common.smk"
-include: "rules/detection_common.smk"
 include: "rules/sources.smk"
 include: "rules/convert.smk"
 include: "rules/xconv.smk"
@@ -47,19 +46,19 @@ include: "rules/detection.smk"
 rule all:
     default_target: True
     input:
-        tier_targets(TIER),
+        J.tier_targets(TIER),
 
 
 rule smoke:
     input:
-        tier_targets("smoke"),
+        J.tier_targets("smoke"),
 
 
 rule mvp:
     input:
-        tier_targets("mvp"),
+        J.tier_targets("mvp"),
 
 
 rule full:
     input:
-        tier_targets("full"),
+        J.tier_targets("full"),

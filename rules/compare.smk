@@ -5,34 +5,38 @@
 
 rule compare_tensors:
     input:
-        unpack(compared_artifacts),
+        unpack(J.compared_artifacts),
     output:
-        comparison=comparison_path("{model}", "{variant}", "{subject}", "{reference}"),
+        comparison=paths.comparison_path(
+            "{model}", "{variant}", "{subject}", "{reference}"
+        ),
     log:
-        "results/{model}/{variant}/compare/{subject}~{reference}.log",
+        paths.log_beside(
+            paths.comparison_path("{model}", "{variant}", "{subject}", "{reference}")
+        ),
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
-        mem_mb=comparison_mem_mb,
+        mem_mb=jobs.comparison_mem_mb,
     params:
-        fingerprint=comparison_code_fingerprint,
+        fingerprint=J.code("compare.py", J.compared_formats),
     script:
         "../scripts/compare.py"
 
 
 rule tensor_gates:
     input:
-        gate_inputs,
+        J.gate_inputs,
     output:
-        gates=gates_path("{model}", "{variant}", "{tier}"),
+        gates=paths.gates_path("{model}", "{variant}", "{tier}"),
     log:
-        "results/{model}/{variant}/gates/{tier}/tensor.log",
+        paths.log_beside(paths.gates_path("{model}", "{variant}", "{tier}")),
     conda:
         "../envs/convert.yaml"
     threads: 1
     params:
-        inputs=gate_params,
-        fingerprint=GATES_FINGERPRINT,
+        inputs=J.gate_params,
+        fingerprint=J.code("gates.py"),
     script:
         "../scripts/gates.py"

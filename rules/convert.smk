@@ -1,93 +1,58 @@
-# One rule per target format. Each converts the parent chain's artifact (st-gguf-apr reads
-# st-gguf/model.gguf) with the configured converter command and writes the artifact plus its
-# sidecar. The converter's code fingerprint in `params:` reruns exactly the edges whose code
-# changed.
+# One conversion rule per target format: convert_to_gguf, and the other two `use` it. Each
+# converts the parent chain's artifact (st-gguf-apr reads st-gguf/model.gguf) with the configured
+# converter command and writes the artifact plus its sidecar. The converter's fingerprint in
+# `params:` reruns exactly the edges whose converter changed; `code` the edges whose job code did.
 
 
 rule convert_to_gguf:
     input:
-        artifact=conversion_input,
-    output:
-        artifact=maybe_temp(artifact_path("{model}", "{variant}", "{chain}", "gguf")),
-        sidecar=sidecar_path("{model}", "{variant}", "{chain}"),
-    log:
-        log_path("{model}", "{variant}", "{chain}", "convert"),
-    benchmark:
-        benchmark_path("{model}", "{variant}", "{chain}")
-    wildcard_constraints:
-        chain=chain_regex("gguf"),
-    conda:
-        "../envs/convert.yaml"
-    threads: 1
-    resources:
-        mem_mb=conversion_mem_mb,
-    params:
-        format="gguf",
-        quant=conversion_quant,
-        converter=primary_converter,
-        env=converter_env,
-        command=converter_command,
-        json_record=converter_json_record,
-        fingerprint=converter_fingerprint,
-    script:
-        "../scripts/convert.py"
-
-
-rule convert_to_apr:
-    input:
-        artifact=conversion_input,
-    output:
-        artifact=maybe_temp(artifact_path("{model}", "{variant}", "{chain}", "apr")),
-        sidecar=sidecar_path("{model}", "{variant}", "{chain}"),
-    log:
-        log_path("{model}", "{variant}", "{chain}", "convert"),
-    benchmark:
-        benchmark_path("{model}", "{variant}", "{chain}")
-    wildcard_constraints:
-        chain=chain_regex("apr"),
-    conda:
-        "../envs/convert.yaml"
-    threads: 1
-    resources:
-        mem_mb=conversion_mem_mb,
-    params:
-        format="apr",
-        quant=conversion_quant,
-        converter=primary_converter,
-        env=converter_env,
-        command=converter_command,
-        json_record=converter_json_record,
-        fingerprint=converter_fingerprint,
-    script:
-        "../scripts/convert.py"
-
-
-rule convert_to_safetensors:
-    input:
-        artifact=conversion_input,
+        artifact=J.conversion_input,
     output:
         artifact=maybe_temp(
-            directory(artifact_path("{model}", "{variant}", "{chain}", "safetensors"))
+            paths.artifact_path("{model}", "{variant}", "{chain}", "gguf")
         ),
-        sidecar=sidecar_path("{model}", "{variant}", "{chain}"),
+        sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
     log:
-        log_path("{model}", "{variant}", "{chain}", "convert"),
+        paths.step_log("{model}", "{variant}", "{chain}", "convert"),
     benchmark:
-        benchmark_path("{model}", "{variant}", "{chain}")
+        paths.benchmark_path("{model}", "{variant}", "{chain}")
     wildcard_constraints:
-        chain=chain_regex("st"),
+        chain=plan.chain_pattern("gguf"),
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
-        mem_mb=conversion_mem_mb,
+        mem_mb=jobs.conversion_mem_mb,
     params:
-        format="safetensors",
-        quant=conversion_quant,
-        converter=primary_converter,
-        env=converter_env,
-        command=converter_command,
-        json_record=converter_json_record,
-        fingerprint=converter_fingerprint,
+        format=J.converter("format"),
+        quant=J.converter("quant"),
+        converter=J.converter("converter"),
+        env=J.converter("env"),
+        command=J.converter("command"),
+        json_record=J.converter("json_record"),
+        fingerprint=J.converter("fingerprint"),
+        code=J.code("convert.py", J.edge_formats),
     script:
         "../scripts/convert.py"
+
+
+use rule convert_to_gguf as convert_to_apr with:
+    output:
+        artifact=maybe_temp(
+            paths.artifact_path("{model}", "{variant}", "{chain}", "apr")
+        ),
+        sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
+    wildcard_constraints:
+        chain=plan.chain_pattern("apr"),
+
+
+use rule convert_to_gguf as convert_to_safetensors with:
+    output:
+        artifact=maybe_temp(
+            directory(
+                paths.artifact_path("{model}", "{variant}", "{chain}", "safetensors")
+            )
+        ),
+        sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
+    wildcard_constraints:
+        chain=plan.chain_pattern("st"),

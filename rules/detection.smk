@@ -7,54 +7,54 @@
 
 rule detection:
     input:
-        detection_path("matrix.json"),
-        detection_path("matrix.md"),
-        detection_path("matrix.html"),
+        paths.detection_path("matrix.json"),
+        paths.detection_path("matrix.md"),
+        paths.detection_path("matrix.html"),
 
 
 rule detection_output_path:
     input:
-        artifact=output_path_input,
+        artifact=J.output_path_input,
     output:
-        json=detection_output_path_path("{mutant}"),
+        json=paths.detection_output_path_path("{mutant}"),
     log:
-        detection_path("output-path/{mutant}.log"),
+        paths.log_beside(paths.detection_output_path_path("{mutant}")),
     conda:
         "../envs/convert.yaml"
     threads: 1
     params:
-        quant=output_path_quant,
-        fingerprint=DETECTION_FINGERPRINT,
+        quant=J.output_path_quant,
+        fingerprint=J.code("detection_output_path.py", J.output_path_formats),
     script:
         "../scripts/detection_output_path.py"
 
 
 rule detection_matrix:
     input:
-        detection_matrix_inputs,
+        J.detection_matrix_inputs,
     output:
         json=report(
-            detection_path("matrix.json"),
+            paths.detection_path("matrix.json"),
             category="Detection",
             labels={"file": "matrix (JSON)"},
         ),
-        markdown=detection_path("matrix.md"),
+        markdown=paths.detection_path("matrix.md"),
         html=report(
-            detection_path("matrix.html"),
+            paths.detection_path("matrix.html"),
             category="Detection",
             labels={"file": "matrix (HTML)"},
         ),
     log:
-        detection_path("matrix.log"),
+        paths.log_beside(paths.detection_path("matrix.json")),
     localrule: True
     conda:
         "../envs/report.yaml"
     threads: 1
     params:
-        section=DETECTION,
-        reports=lambda wildcards: detection_reports(),
-        output_paths={m: detection_output_path_path(m) for m in OUTPUT_PATH_ENTRIES},
-        logits=lambda wildcards: detection_logits(),
-        fingerprint=DETECTION_FINGERPRINT,
+        section=J.detection,
+        reports=J.detection_reports,
+        output_paths=J.detection_output_paths(),
+        logits=J.detection_logits,
+        fingerprint=J.code("detection_matrix.py"),
     script:
         "../scripts/detection_matrix.py"

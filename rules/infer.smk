@@ -12,145 +12,149 @@
 
 rule infer:
     input:
-        unpack(inferred_artifact),
+        unpack(J.inferred_artifact),
     output:
-        json=inference_run_path(
+        json=paths.inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}"
         ),
-        npz=inference_run_path(
+        npz=paths.inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "npz"
         ),
     log:
-        run=inference_run_path(
+        run=paths.inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "log"
         ),
-        engine=inference_run_path(
+        engine=paths.inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "engine.log"
         ),
     benchmark:
-        inference_run_path(
+        paths.inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}", "benchmark.tsv"
         )
     wildcard_constraints:
-        chain=CONVERTED_CHAIN,
+        chain=plan.CONVERTED_CHAIN_PATTERN,
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
     resources:
-        gpu=gpu_count,
+        gpu=jobs.gpu_count,
     params:
-        engine=engine_name,
+        engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
-        fingerprint=INFERENCE_RUN_FINGERPRINT,
+        fingerprint=J.code("infer.py", J.inferred_formats),
     script:
         "../scripts/infer.py"
 
 
 use rule infer as infer_source with:
     output:
-        json=inference_run_path("{model}", "", SOURCE_CHAIN, "{engine}", "{backend}"),
-        npz=inference_run_path(
+        json=paths.inference_run_path(
+            "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}"
+        ),
+        npz=paths.inference_run_path(
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "npz"
         ),
     log:
-        run=inference_run_path(
+        run=paths.inference_run_path(
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "log"
         ),
-        engine=inference_run_path(
+        engine=paths.inference_run_path(
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "engine.log"
         ),
     benchmark:
-        inference_run_path(
+        paths.inference_run_path(
             "{model}", "", SOURCE_CHAIN, "{engine}", "{backend}", "benchmark.tsv"
         )
 
 
 rule infer_reference:
     input:
-        unpack(encoded_artifact),
+        unpack(J.encoded_artifact),
     output:
-        json=reference_run_path("{model}", "{variant}", "{hop}"),
-        npz=reference_run_path("{model}", "{variant}", "{hop}", "npz"),
+        json=paths.reference_run_path("{model}", "{variant}", "{hop}"),
+        npz=paths.reference_run_path("{model}", "{variant}", "{hop}", "npz"),
     log:
-        run=reference_run_path("{model}", "{variant}", "{hop}", "log"),
-        engine=reference_run_path("{model}", "{variant}", "{hop}", "engine.log"),
+        run=paths.reference_run_path("{model}", "{variant}", "{hop}", "log"),
+        engine=paths.reference_run_path("{model}", "{variant}", "{hop}", "engine.log"),
     benchmark:
-        reference_run_path("{model}", "{variant}", "{hop}", "benchmark.tsv")
+        paths.reference_run_path("{model}", "{variant}", "{hop}", "benchmark.tsv")
     wildcard_constraints:
-        hop="st-(?:st|gguf|apr)",
+        hop=plan.FIRST_HOP_PATTERN,
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
     params:
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
-        fingerprint=INFERENCE_RUN_FINGERPRINT,
+        fingerprint=J.code("infer_reference.py", J.reference_formats),
     script:
         "../scripts/infer_reference.py"
 
 
 rule serve_check:
     input:
-        unpack(inferred_artifact),
+        unpack(J.inferred_artifact),
     output:
-        json=serve_path("{model}", "{variant}", "{chain}", "{engine}"),
+        json=paths.serve_path("{model}", "{variant}", "{chain}", "{engine}"),
     log:
-        serve=serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(
-            ".json", ".log"
+        serve=paths.log_beside(
+            paths.serve_path("{model}", "{variant}", "{chain}", "{engine}")
         ),
-        server=serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(
-            ".json", ".server.log"
+        server=paths.log_beside(
+            paths.serve_path("{model}", "{variant}", "{chain}", "{engine}"),
+            ".server.log",
         ),
     benchmark:
-        serve_path("{model}", "{variant}", "{chain}", "{engine}").replace(
-            ".json", ".benchmark.tsv"
+        paths.log_beside(
+            paths.serve_path("{model}", "{variant}", "{chain}", "{engine}"),
+            ".benchmark.tsv",
         )
     wildcard_constraints:
-        chain=CONVERTED_CHAIN,
+        chain=plan.CONVERTED_CHAIN_PATTERN,
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
     params:
-        engine=engine_name,
+        engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],
-        fingerprint=INFERENCE_RUN_FINGERPRINT,
+        fingerprint=J.code("serve_check.py", J.inferred_formats),
     script:
         "../scripts/serve_check.py"
 
 
 use rule serve_check as serve_check_source with:
     output:
-        json=serve_path("{model}", "", SOURCE_CHAIN, "{engine}"),
+        json=paths.serve_path("{model}", "", SOURCE_CHAIN, "{engine}"),
     log:
-        serve=serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(
-            ".json", ".log"
+        serve=paths.log_beside(
+            paths.serve_path("{model}", "", SOURCE_CHAIN, "{engine}")
         ),
-        server=serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(
-            ".json", ".server.log"
+        server=paths.log_beside(
+            paths.serve_path("{model}", "", SOURCE_CHAIN, "{engine}"), ".server.log"
         ),
     benchmark:
-        serve_path("{model}", "", SOURCE_CHAIN, "{engine}").replace(
-            ".json", ".benchmark.tsv"
+        paths.log_beside(
+            paths.serve_path("{model}", "", SOURCE_CHAIN, "{engine}"), ".benchmark.tsv"
         )
 
 
 rule inference_gates:
     input:
-        inference_gate_inputs,
+        J.inference_gate_inputs,
     output:
-        gates=inference_gates_path("{model}", "{variant}", "{tier}"),
-        extra=inference_extra_path("{model}", "{variant}", "{tier}"),
+        gates=paths.inference_gates_path("{model}", "{variant}", "{tier}"),
+        extra=paths.inference_extra_path("{model}", "{variant}", "{tier}"),
     log:
-        "results/{model}/{variant}/gates/{tier}/inference.log",
+        paths.log_beside(paths.inference_gates_path("{model}", "{variant}", "{tier}")),
     conda:
         "../envs/convert.yaml"
     threads: 1
     params:
-        inputs=inference_gate_params,
-        tolerances=inference_tolerances,
-        reference_tolerances=reference_tolerances,
+        inputs=J.inference_gate_params,
+        tolerances=J.inference_tolerances,
+        reference_tolerances=J.reference_tolerances,
         modalities=INFERENCE["modalities"],
-        fingerprint=INFERENCE_GATES_FINGERPRINT,
+        fingerprint=J.code("inference_gates.py"),
     script:
         "../scripts/inference_gates.py"

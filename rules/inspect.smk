@@ -4,35 +4,35 @@
 
 rule inspect_source:
     input:
-        artifact=source_dir("{model}"),
+        artifact=paths.source_dir("{model}"),
     output:
-        manifest=source_manifest_path("{model}"),
+        manifest=paths.source_manifest_path("{model}"),
     log:
-        "results/{model}/logs/inspect-source.log",
+        paths.step_log("{model}", "", SOURCE_CHAIN, "inspect"),
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
         mem_mb=2000,
     params:
-        fingerprint=inspection_fingerprint("safetensors"),
+        fingerprint=J.code("inspect.py", ["safetensors"]),
     script:
         "../scripts/inspect.py"
 
 
 rule inspect_artifact:
     input:
-        artifact=inspected_artifact,
+        artifact=J.inspected_artifact,
     output:
-        manifest=manifest_path("{model}", "{variant}", "{chain}"),
+        manifest=paths.manifest_path("{model}", "{variant}", "{chain}"),
     log:
-        log_path("{model}", "{variant}", "{chain}", "inspect"),
+        paths.step_log("{model}", "{variant}", "{chain}", "inspect"),
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
         mem_mb=2000,
     params:
-        fingerprint=inspection_code_fingerprint,
+        fingerprint=J.code("inspect.py", J.chain_formats),
     script:
         "../scripts/inspect.py"

@@ -4,58 +4,58 @@
 
 rule report:
     input:
-        report_inputs,
-        inference_report_inputs,
+        J.report_inputs,
+        J.inference_report_inputs,
     output:
         evidence=report(
-            report_path("{model}", "{tier}", "qualification.json"),
+            paths.report_path("{model}", "{tier}", "qualification.json"),
             category="Qualification",
             subcategory="{model}",
             labels={"model": "{model}", "tier": "{tier}", "file": "evidence (JSON)"},
         ),
-        markdown=report_path("{model}", "{tier}", "report.md"),
+        markdown=paths.report_path("{model}", "{tier}", "report.md"),
         html=report(
-            report_path("{model}", "{tier}", "report.html"),
+            paths.report_path("{model}", "{tier}", "report.html"),
             category="Qualification",
             subcategory="{model}",
             labels={"model": "{model}", "tier": "{tier}", "file": "report (HTML)"},
         ),
-        junit=report_path("{model}", "{tier}", "junit.xml"),
+        junit=paths.report_path("{model}", "{tier}", "junit.xml"),
     log:
-        "results/{model}/logs/report-{tier}.log",
+        paths.model_log("{model}", "report-{tier}.log"),
     localrule: True
     conda:
         "../envs/report.yaml"
     threads: 1
     params:
-        inputs=report_params,
-        inference=inference_report_params,
-        fingerprint=REPORT_FINGERPRINT,
+        inputs=J.report_params,
+        inference=J.inference_report_params,
+        fingerprint=J.code("report.py"),
     script:
         "../scripts/report.py"
 
 
 rule summary:
     input:
-        evidence=expand(
-            report_path("{model}", "{{tier}}", "qualification.json"), model=MODELS
-        ),
+        evidence=J.summary_inputs(),
     output:
         json=report(
-            summary_path("{tier}", "summary.json"),
+            paths.summary_path("{tier}", "summary.json"),
             category="Summary",
             labels={"tier": "{tier}", "file": "summary (JSON)"},
         ),
         markdown=report(
-            summary_path("{tier}", "summary.md"),
+            paths.summary_path("{tier}", "summary.md"),
             category="Summary",
             labels={"tier": "{tier}", "file": "summary (Markdown)"},
         ),
     log:
-        "results/summary/{tier}/summary.log",
+        paths.log_beside(paths.summary_path("{tier}", "summary.json")),
     localrule: True
     conda:
         "../envs/report.yaml"
     threads: 1
+    params:
+        fingerprint=J.code("summary.py"),
     script:
         "../scripts/summary.py"

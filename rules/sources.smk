@@ -4,21 +4,21 @@
 
 rule prepare_source:
     input:
-        source_inputs,
+        J.source_inputs,
     output:
-        model=directory(source_dir("{model}")),
-        sidecar=source_sidecar_path("{model}"),
+        model=directory(paths.source_dir("{model}")),
+        sidecar=paths.source_sidecar_path("{model}"),
     log:
-        "results/{model}/logs/prepare-source.log",
+        paths.model_log("{model}", "prepare-source.log"),
     benchmark:
-        "results/{model}/logs/prepare-source.benchmark.tsv"
+        paths.model_log("{model}", "prepare-source.benchmark.tsv")
     conda:
         "../envs/sources.yaml"
     threads: 1
     resources:
         mem_mb=4000,
     params:
-        spec=source_spec,
-        fingerprint=source_code_fingerprint,
+        spec=J.source_spec,
+        fingerprint=J.code("prepare_source.py", J.source_formats, J.source_exclude),
     script:
         "../scripts/prepare_source.py"

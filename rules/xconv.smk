@@ -14,90 +14,102 @@
 # place is a job error, as on the primary path (convqa.convert.runner's output-path contract).
 
 
-include: "xconv_common.smk"
-
-
 rule xconv_convert:
     input:
-        artifact=side_conversion_input,
+        artifact=J.conversion_input,
     output:
         artifact=maybe_temp(
             directory(
-                side_artifact_dir("{model}", "{variant}", "{converter}", "{chain}")
+                paths.side_artifact_dir(
+                    "{model}", "{variant}", "{converter}", "{chain}"
+                )
             )
         ),
-        sidecar=side_sidecar_path("{model}", "{variant}", "{converter}", "{chain}"),
+        sidecar=paths.side_sidecar_path(
+            "{model}", "{variant}", "{converter}", "{chain}"
+        ),
     log:
-        f"{side_dir('{model}', '{variant}', '{converter}', '{chain}')}/convert.log",
+        paths.side_log("{model}", "{variant}", "{converter}", "{chain}", "convert"),
     benchmark:
-        f"{side_dir('{model}', '{variant}', '{converter}', '{chain}')}/benchmark.tsv"
+        paths.side_benchmark_path("{model}", "{variant}", "{converter}", "{chain}")
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
-        mem_mb=conversion_mem_mb,
+        mem_mb=jobs.conversion_mem_mb,
     params:
-        format=side_format,
-        quant=conversion_quant,
-        command=side_command,
-        json_record=side_json_record,
-        env=side_env,
-        fingerprint=side_fingerprint,
+        format=J.converter("format"),
+        quant=J.converter("quant"),
+        command=J.converter("command"),
+        json_record=J.converter("json_record"),
+        env=J.converter("env"),
+        fingerprint=J.converter("fingerprint"),
+        code=J.code("xconv_convert.py", J.edge_formats),
     script:
         "../scripts/xconv_convert.py"
 
 
 rule xconv_inspect:
     input:
-        artifact=side_artifact_dir("{model}", "{variant}", "{converter}", "{chain}"),
-        sidecar=side_sidecar_path("{model}", "{variant}", "{converter}", "{chain}"),
+        artifact=paths.side_artifact_dir(
+            "{model}", "{variant}", "{converter}", "{chain}"
+        ),
+        sidecar=paths.side_sidecar_path(
+            "{model}", "{variant}", "{converter}", "{chain}"
+        ),
     output:
-        manifest=side_manifest_path("{model}", "{variant}", "{converter}", "{chain}"),
+        manifest=paths.side_manifest_path(
+            "{model}", "{variant}", "{converter}", "{chain}"
+        ),
     log:
-        f"{side_dir('{model}', '{variant}', '{converter}', '{chain}')}/inspect.log",
+        paths.side_log("{model}", "{variant}", "{converter}", "{chain}", "inspect"),
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
         mem_mb=2000,
     params:
-        fingerprint=inspection_code_fingerprint,
+        fingerprint=J.code("xconv_inspect.py", J.chain_formats),
     script:
         "../scripts/xconv_inspect.py"
 
 
 rule xconv_compare:
     input:
-        unpack(side_compared),
+        unpack(J.side_compared),
     output:
-        comparison=side_comparison_path(
+        comparison=paths.side_comparison_path(
             "{model}", "{variant}", "{converter}", "{chain}", "{against}"
         ),
     log:
-        f"{side_dir('{model}', '{variant}', '{converter}', '{chain}')}/compare/{{against}}.log",
+        paths.log_beside(
+            paths.side_comparison_path(
+                "{model}", "{variant}", "{converter}", "{chain}", "{against}"
+            )
+        ),
     conda:
         "../envs/convert.yaml"
     threads: 1
     resources:
         mem_mb=2000,
     params:
-        fingerprint=side_comparison_fingerprint,
+        fingerprint=J.code("xconv_compare.py", J.side_compared_formats),
     script:
         "../scripts/xconv_compare.py"
 
 
 rule xconv_gates:
     input:
-        xconv_gate_inputs,
+        J.xconv_gate_inputs,
     output:
-        gates=xconv_gates_path("{model}", "{variant}", "{tier}"),
+        gates=paths.xconv_gates_path("{model}", "{variant}", "{tier}"),
     log:
-        "results/{model}/{variant}/gates/{tier}/xconv.log",
+        paths.log_beside(paths.xconv_gates_path("{model}", "{variant}", "{tier}")),
     conda:
         "../envs/convert.yaml"
     threads: 1
     params:
-        slots=xconv_gate_params,
-        fingerprint=XCONV_GATES_FINGERPRINT,
+        slots=J.xconv_gate_params,
+        fingerprint=J.code("xconv_gates.py"),
     script:
         "../scripts/xconv_gates.py"

@@ -2,43 +2,38 @@
 the output path, and write the artifact's sidecar. A converter that fails leaves a placeholder
 (convqa.formats.no_artifact) that the gates judge, so the job succeeds and the report is written."""
 
-import traceback
-
 from convqa.workflow import plan
 from convqa.convert.runner import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command
 from convqa.files import write_json
+from convqa.workflow.joblog import job_log
 
 params, wildcards = snakemake.params, snakemake.wildcards
-with open(snakemake.log[0], "w") as log:
-    try:
-        argv = expand_command(
-            params.command,
-            input=snakemake.input.artifact,
-            output=snakemake.output.artifact,
-            format=params.format,
-            quant=params.quant,
-        )
-        result, failure = convert_or_leave_placeholder(
-            argv, snakemake.input.artifact, snakemake.output.artifact, log, chain=wildcards.chain,
-            directory=params.format == "safetensors", env=params.env, converter=params.converter,
-        )
-        sidecar = artifact_sidecar(
-            snakemake.output.artifact,
-            converter=params.converter,
-            fingerprint=params.fingerprint,
-            command=result,
-            record=converter_record(result.stdout) if result and params.json_record else None,
-            extra={
-                "model": wildcards.model,
-                "variant": wildcards.variant,
-                "chain": wildcards.chain,
-                "parent": plan.parent(wildcards.chain),
-                "input": snakemake.input.artifact,
-                "quant": params.quant,
-                "conversion_failed": failure,
-            },
-        )
-        write_json(snakemake.output.sidecar, sidecar)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+with job_log(snakemake.log[0]) as log:
+    argv = expand_command(
+        params.command,
+        input=snakemake.input.artifact,
+        output=snakemake.output.artifact,
+        format=params.format,
+        quant=params.quant,
+    )
+    result, failure = convert_or_leave_placeholder(
+        argv, snakemake.input.artifact, snakemake.output.artifact, log, chain=wildcards.chain,
+        directory=params.format == "safetensors", env=params.env, converter=params.converter,
+    )
+    sidecar = artifact_sidecar(
+        snakemake.output.artifact,
+        converter=params.converter,
+        fingerprint=params.fingerprint,
+        command=result,
+        record=converter_record(result.stdout) if result and params.json_record else None,
+        extra={
+            "model": wildcards.model,
+            "variant": wildcards.variant,
+            "chain": wildcards.chain,
+            "parent": plan.parent(wildcards.chain),
+            "input": snakemake.input.artifact,
+            "quant": params.quant,
+            "conversion_failed": failure,
+        },
+    )
+    write_json(snakemake.output.sidecar, sidecar)

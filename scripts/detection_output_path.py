@@ -1,19 +1,14 @@
 """Rule detection_output_path: the output-path contract of one mutant, and of the correct
 converter on the same input, each run in a scratch directory (convqa.detection.matrix)."""
 
-import traceback
-
 from convqa.detection import matrix as detection
 from convqa.files import write_json
+from convqa.workflow.joblog import job_log
 
 mutant = snakemake.wildcards.mutant
 entry = next(e for e in detection.entries(snakemake.config["detection"]) if e.mutant == mutant)
-with open(snakemake.log[0], "w") as log:
-    try:
-        rows = detection.output_path_check(entry, snakemake.input.artifact, snakemake.params.quant)
-        write_json(snakemake.output.json, {"mutant": mutant, "rows": rows})
-        for row in rows:
-            print(f"{row['converter']}: {row['status']} {row['reason']}", file=log)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+with job_log(snakemake.log[0]) as log:
+    rows = detection.output_path_check(entry, snakemake.input.artifact, snakemake.params.quant)
+    write_json(snakemake.output.json, {"mutant": mutant, "rows": rows})
+    for row in rows:
+        print(f"{row['converter']}: {row['status']} {row['reason']}", file=log)

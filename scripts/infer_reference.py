@@ -2,23 +2,18 @@
 encodings of the first-hop artifact) under transformers on cpu, in a child process; JSON record
 + .npz of logits."""
 
-import traceback
-
 from convqa.infer.run import run_reference_isolated
+from convqa.workflow.joblog import job_log
 
-with open(snakemake.log.run, "w") as log:
-    try:
-        record = run_reference_isolated(
-            snakemake.input.source,
-            snakemake.input.encoded,
-            snakemake.params.max_new_tokens,
-            snakemake.threads,
-            snakemake.output.json,
-            snakemake.output.npz,
-            timeout_s=snakemake.params.timeout_s,
-            engine_log=snakemake.log.engine,
-        )
-        print(f"{record['artifact']}: {record['error'] or record.get('reference', {}).get('encodings')}", file=log)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+with job_log(snakemake.log.run) as log:
+    record = run_reference_isolated(
+        snakemake.input.source,
+        snakemake.input.encoded,
+        snakemake.params.max_new_tokens,
+        snakemake.threads,
+        snakemake.output.json,
+        snakemake.output.npz,
+        timeout_s=snakemake.params.timeout_s,
+        engine_log=snakemake.log.engine,
+    )
+    print(f"{record['artifact']}: {record['error'] or record.get('reference', {}).get('encodings')}", file=log)

@@ -1,10 +1,10 @@
 """Rule report: a model's qualification.json, report.md, report.html and junit.xml."""
 
 import json
-import traceback
 from pathlib import Path
 
 from convqa.report.build import write_report
+from convqa.workflow.joblog import job_log
 
 inputs = snakemake.params.inputs
 inference = snakemake.params.inference
@@ -21,19 +21,15 @@ def inference_extra(paths):
     return merged
 
 
-with open(snakemake.log[0], "w") as log:
-    try:
-        outputs = write_report(
-            snakemake.wildcards.model,
-            inputs["gate_tsvs"] + inference["gate_tsvs"],
-            inputs["manifests"],
-            inputs["sidecars"],
-            inputs["comparisons"],
-            Path(snakemake.output.evidence).parent,
-            extra={"tier": snakemake.wildcards.tier, **inference_extra(inference["extras"])},
-        )
-        for name, path in outputs.items():
-            print(f"{name}: {path}", file=log)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+with job_log(snakemake.log[0]) as log:
+    outputs = write_report(
+        snakemake.wildcards.model,
+        inputs["gate_tsvs"] + inference["gate_tsvs"],
+        inputs["manifests"],
+        inputs["sidecars"],
+        inputs["comparisons"],
+        Path(snakemake.output.evidence).parent,
+        extra={"tier": snakemake.wildcards.tier, **inference_extra(inference["extras"])},
+    )
+    for name, path in outputs.items():
+        print(f"{name}: {path}", file=log)

@@ -4,26 +4,21 @@ ServerProcess runs the server in its own process group and kills the group when 
 ends, fails or is terminated by Snakemake, so no server outlives the job.
 """
 
-import traceback
-
 from convqa.infer.run import serve_prompts
 from convqa.infer.prompts import DEFAULT_PROMPTS
 from convqa.files import write_json
+from convqa.workflow.joblog import job_log
 
-with open(snakemake.log.serve, "w") as log:
-    try:
-        record = serve_prompts(
-            snakemake.input.artifact,
-            snakemake.input.source,
-            snakemake.params.engine,
-            list(DEFAULT_PROMPTS),
-            snakemake.params.max_new_tokens,
-            snakemake.threads,
-            log_path=snakemake.log.server,
-        )
-        write_json(snakemake.output.json, record)
-        state = record["skipped"] or record["error"] or f"{len(record['answers'])} answers"
-        print(f"{snakemake.params.engine} serve {snakemake.input.artifact}: {state}", file=log)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+with job_log(snakemake.log.serve) as log:
+    record = serve_prompts(
+        snakemake.input.artifact,
+        snakemake.input.source,
+        snakemake.params.engine,
+        list(DEFAULT_PROMPTS),
+        snakemake.params.max_new_tokens,
+        snakemake.threads,
+        log_path=snakemake.log.server,
+    )
+    write_json(snakemake.output.json, record)
+    state = record["skipped"] or record["error"] or f"{len(record['answers'])} answers"
+    print(f"{snakemake.params.engine} serve {snakemake.input.artifact}: {state}", file=log)

@@ -8,7 +8,6 @@ into `fail` rows, so the report shows the failure next to the other converters' 
 """
 
 import shutil
-import traceback
 from pathlib import Path
 
 from convqa.formats import ARTIFACT_NAME, no_artifact
@@ -25,6 +24,7 @@ from convqa.convert.runner import (
 )
 from convqa.files import write_json
 from convqa.versions import CONVERSION_TOOLS, tool_versions
+from convqa.workflow.joblog import job_log
 
 
 class UpstreamFailed(Exception):
@@ -44,54 +44,50 @@ extra = {
     "quant": params.quant,
     "env": params.env,
 }
-with open(snakemake.log[0], "w") as log:
+with job_log(snakemake.log[0]) as log:
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    argv = expand_command(
+        params.command,
+        input=snakemake.input.artifact,
+        output=str(artifact),
+        format=params.format,
+        quant=params.quant,
+    )
+    upstream = no_artifact.read(snakemake.input.artifact)
     try:
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-        argv = expand_command(
-            params.command,
-            input=snakemake.input.artifact,
-            output=str(artifact),
-            format=params.format,
-            quant=params.quant,
+        if upstream is not None:  # the primary chain failed before this edge: nothing to convert
+            raise UpstreamFailed(no_artifact.describe(upstream))
+        result = run_converter(argv, snakemake.input.artifact, str(artifact), log,
+                               env=params.env, converter=wildcards.converter)
+    except UpstreamFailed as not_run:
+        print(f"not converted: {not_run}", file=log)
+        sidecar = {"status": "not_run", "reason": str(not_run), "converter": wildcards.converter,
+                   "fingerprint": params.fingerprint, "argv": argv, "tool_versions": tool_versions(CONVERSION_TOOLS), **extra}
+    except (ConverterExitError, OutputPathError) as failure:
+        print(f"{type(failure).__name__}: {failure}", file=log)
+        # Nothing half-written may be mistaken for the converter's output.
+        shutil.rmtree(artifact_dir)
+        artifact_dir.mkdir()
+        exited = isinstance(failure, ConverterExitError)
+        sidecar = {
+            "status": "failed",
+            "converter": wildcards.converter,
+            "fingerprint": params.fingerprint,
+            "argv": failure.cmd if exited else argv,
+            "returncode": failure.returncode if exited else 0,
+            "stderr_tail": failure.stderr_tail if exited else "",
+            "output_path_error": None if exited else str(failure),
+            "stray": [] if exited else [str(p) for p in failure.strays],
+            "tool_versions": tool_versions(CONVERSION_TOOLS),
+            **extra,
+        }
+    else:
+        sidecar = artifact_sidecar(
+            artifact,
+            converter=wildcards.converter,
+            fingerprint=params.fingerprint,
+            command=result,
+            record=converter_record(result.stdout) if params.json_record else None,
+            extra={"status": "ok", **extra},
         )
-        upstream = no_artifact.read(snakemake.input.artifact)
-        try:
-            if upstream is not None:  # the primary chain failed before this edge: nothing to convert
-                raise UpstreamFailed(no_artifact.describe(upstream))
-            result = run_converter(argv, snakemake.input.artifact, str(artifact), log,
-                                   env=params.env, converter=wildcards.converter)
-        except UpstreamFailed as not_run:
-            print(f"not converted: {not_run}", file=log)
-            sidecar = {"status": "not_run", "reason": str(not_run), "converter": wildcards.converter,
-                       "fingerprint": params.fingerprint, "argv": argv, "tool_versions": tool_versions(CONVERSION_TOOLS), **extra}
-        except (ConverterExitError, OutputPathError) as failure:
-            print(f"{type(failure).__name__}: {failure}", file=log)
-            # Nothing half-written may be mistaken for the converter's output.
-            shutil.rmtree(artifact_dir)
-            artifact_dir.mkdir()
-            exited = isinstance(failure, ConverterExitError)
-            sidecar = {
-                "status": "failed",
-                "converter": wildcards.converter,
-                "fingerprint": params.fingerprint,
-                "argv": failure.cmd if exited else argv,
-                "returncode": failure.returncode if exited else 0,
-                "stderr_tail": failure.stderr_tail if exited else "",
-                "output_path_error": None if exited else str(failure),
-                "stray": [] if exited else [str(p) for p in failure.strays],
-                "tool_versions": tool_versions(CONVERSION_TOOLS),
-                **extra,
-            }
-        else:
-            sidecar = artifact_sidecar(
-                artifact,
-                converter=wildcards.converter,
-                fingerprint=params.fingerprint,
-                command=result,
-                record=converter_record(result.stdout) if params.json_record else None,
-                extra={"status": "ok", **extra},
-            )
-        write_json(snakemake.output.sidecar, sidecar)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+    write_json(snakemake.output.sidecar, sidecar)

@@ -118,7 +118,7 @@ def test_unproduced_input_is_a_dag_error(tmp_path):
         fh.write(
             "\n\nrule broken_consumer:\n"
             "    input:\n"
-            '        artifact_path("qwen2-tiny", "native", "st-gguf").replace(".gguf", ".ggfu"),\n'
+            '        paths.artifact_path("qwen2-tiny", "native", "st-gguf").replace(".gguf", ".ggfu"),\n'
             "    output:\n"
             '        "results/broken.txt",\n'
             "    log:\n"

@@ -148,17 +148,24 @@ def conversion_fingerprint(source_format: str, target_format: str) -> str:
     return fingerprint(("convqa.convert.builtin",), (source_format, target_format), leaves=("convqa.cli",))
 
 
-def inspection_fingerprint(fmt: str) -> str:
-    """What building one artifact's manifest runs."""
-    return fingerprint(("convqa.inspect.manifest",), (fmt,))
+def script_imports(script: str | Path) -> tuple[str, ...]:
+    """convqa modules named by the import statements of a workflow script (a file outside the
+    package, as a rule's `script:` names it), anywhere in the file, sorted."""
+    path = Path(script)
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return tuple(sorted(m for m in found if module_file(m) is not None))
 
 
-def comparison_fingerprint(subject_format: str, reference_format: str) -> str:
-    """What comparing two artifacts tensor by tensor runs."""
-    return fingerprint(("convqa.compare.tensors",), (subject_format, reference_format))
-
-
-def source_fingerprint(formats: tuple[str, ...], exclude: tuple[str, ...] = ()) -> str:
-    """What preparing a source runs (`convqa.sources.prepare` plus the formats it reads and writes,
-    minus the modules only other source kinds use)."""
-    return fingerprint(("convqa.sources.prepare",), formats, exclude=exclude)
+@functools.lru_cache(maxsize=None)
+def script_fingerprint(script: str, formats: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> str:
+    """Fingerprint of the code a rule's `script:` runs: the convqa modules the script imports and
+    their closure, with the format modules cut to `formats` (those the job reads or writes) and
+    minus `exclude` (see `fingerprint`)."""
+    return fingerprint(script_imports(script), tuple(formats), exclude=tuple(exclude))

@@ -12,7 +12,6 @@ import re
 from dataclasses import dataclass
 
 HOP_FORMAT = {"st": "safetensors", "gguf": "gguf", "apr": "apr"}
-FORMAT_HOP = {v: k for k, v in HOP_FORMAT.items()}
 EDGE_GATE = {
     ("st", "gguf"): "F-CONV-S-G",
     ("st", "apr"): "F-CONV-S-A",
@@ -21,7 +20,18 @@ EDGE_GATE = {
     ("gguf", "st"): "F-CONV-G-S",
     ("apr", "st"): "F-CONV-A-S",
 }
-CHAIN_RE = re.compile(r"^st(-(st|gguf|apr))*(\.run[0-9]+)?$")
+# Chain names as regular expressions (unanchored, for Snakemake's wildcard constraints).
+_HOP = "(?:" + "|".join(HOP_FORMAT) + ")"
+_RUN = r"(?:\.run[0-9]+)?"
+CHAIN_PATTERN = rf"st(?:-{_HOP})*{_RUN}"  # any chain, the source `st` included
+CONVERTED_CHAIN_PATTERN = rf"st(?:-{_HOP})+{_RUN}"  # every chain but the source
+FIRST_HOP_PATTERN = rf"st-{_HOP}"  # a first hop out of S, no re-run suffix
+CHAIN_RE = re.compile(f"^{CHAIN_PATTERN}$")
+
+
+def chain_pattern(last_hop: str) -> str:
+    """Chains whose last hop is `last_hop` (`gguf`: st-gguf, st-apr-gguf.run2, ...)."""
+    return rf"st(?:-{_HOP})*-{last_hop}{_RUN}"
 
 
 @dataclass(frozen=True)

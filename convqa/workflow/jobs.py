@@ -1,0 +1,546 @@
+"""The workflow's jobs for one config: wildcard constraints, input functions, params, resources.
+
+The Snakefile and rules/*.smk hold the rules; everything a rule computes from the config or its
+wildcards is a method of `Jobs` (input functions and params take the job's `wildcards`), so it
+is plain Python with unit tests (tests/test_workflow_paths.py). Every path comes from
+convqa.workflow.paths.
+
+Code fingerprints (`code`) are derived from what a rule's `script:` imports
+(convqa.workflow.fingerprint.script_fingerprint), cut to the formats the job reads or writes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+from convqa.convert import converters
+from convqa.detection import matrix as detection
+from convqa.encodings import QUANT_TARGETS
+from convqa.files import path_size
+from convqa.gates.rows import label
+from convqa.sources.prepare import input_files, kind_fingerprint_args
+from convqa.workflow import paths, plan
+from convqa.workflow.fingerprint import script_fingerprint
+from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
+
+INFERENCE_ENGINE_FILE = {"transformers": "transformers", "llama.cpp": "llamacpp"}
+INFERENCE_ENGINE_NAME = {v: k for k, v in INFERENCE_ENGINE_FILE.items()}
+SLOT_PATH_KEYS = ("sidecar", "manifest", "vs_primary", "vs_parent")
+
+
+def variant_quant(variant, fmt):
+    """The quantization a variant applies on the first hop from S to `fmt`.
+
+    None keeps the source dtypes: for `native`, and where the format has no encoding for the
+    variant (APR holds no GGML Q8_0 blocks; `apr import` without --quantize keeps F32 too).
+    """
+    if variant == "native" or fmt not in QUANT_TARGETS[variant]:
+        return None
+    return variant
+
+
+def edge_quant(variant, chain):
+    """Quantize on the first hop out of S only; later hops keep what they receive."""
+    if plan.is_first_hop(chain):
+        return variant_quant(variant, plan.target_format(chain))
+    return None
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names)
+
+
+def _flatten(mapping):
+    found = []
+    for value in mapping.values():
+        found.extend(value.values() if isinstance(value, dict) else value)
+    return sorted(set(found))
+
+
+# ---------------------------------------------------------------- resources
+
+
+def path_size_mb(path):
+    return path_size(path) / 2**20
+
+
+def conversion_mem_mb(wildcards, input, attempt):
+    # One tensor in memory at a time plus the interpreter; 3x the input covers a
+    # dequantized copy of the largest tensor with room to spare. Doubles on retry.
+    return int((3 * path_size_mb(input.artifact) + 500) * attempt)
+
+
+def comparison_mem_mb(wildcards, input, attempt):
+    size = path_size_mb(input.subject) + path_size_mb(input.reference)
+    return int((2 * size + 500) * attempt)
+
+
+def gpu_count(wildcards):
+    return 1 if wildcards.backend == "gpu" else 0
+
+
+def engine_name(wildcards):
+    return INFERENCE_ENGINE_NAME[wildcards.engine]
+
+
+class Jobs:
+    """Input functions and params of the workflow's rules for `config`; `scripts` is the
+    directory of the rules' `script:` files (their imports give the code fingerprints)."""
+
+    def __init__(self, config: dict, scripts: str | Path):
+        self.config = config
+        self.scripts = Path(scripts)
+        self.models = list(config["models"])
+        self.variants = list(config["variants"])
+        # Every variant some model runs: what the wildcards accept and the checks cover.
+        self.all_variants = sorted({v for m in self.models for v in self.model_variants(m)})
+        self.tier = config["tier"]
+        self.tiers = list(plan.TIER_CHECKS)
+        self.inference = config["inference"]
+        self.detection = config.get("detection") or {}
+        self.detection_entries = detection.entries(self.detection) if self.detection else []
+        self.output_path_entries = {
+            e.mutant: e for e in self.detection_entries if e.check == detection.OUTPUT_PATH
+        }
+        self._check_routing()
+        self._check_variants()
+
+    # ------------------------------------------------------------ config checks
+
+    def _check_routing(self):
+        edges = {converters.edge_name(c) for tier in self.tiers for c in plan.artifact_chains(tier, "native")}
+        try:
+            converters.check_routing(self.config, edges)
+        except converters.ConverterConfigError as exc:
+            raise WorkflowError(str(exc))
+
+    def _check_variants(self):
+        first_hop_formats = {
+            plan.target_format(c)
+            for tier in self.tiers
+            for c in plan.artifact_chains(tier, "native")
+            if plan.is_first_hop(c)
+        }
+        for variant in self.all_variants:
+            if variant == "native":
+                continue
+            if variant not in QUANT_TARGETS:
+                raise WorkflowError(
+                    f"config: unknown variant {variant!r}; known: native, {', '.join(QUANT_TARGETS)}"
+                )
+            if not any(f in QUANT_TARGETS[variant] for f in first_hop_formats):
+                raise WorkflowError(
+                    f"config: variant {variant!r} applies to none of the formats the qualification "
+                    f"converts S to ({', '.join(sorted(first_hop_formats))}); pick another variant"
+                )
+
+    def constraint(self, wildcard):
+        """The global constraint of a wildcard (the `wildcard_constraints:` in common.smk)."""
+        return {
+            "model": lambda: _alternatives(self.models),
+            "variant": lambda: _alternatives(self.all_variants),
+            "chain": lambda: plan.CHAIN_PATTERN,
+            "subject": lambda: plan.CHAIN_PATTERN,
+            "reference": lambda: plan.CHAIN_PATTERN,
+            "tier": lambda: "|".join(self.tiers),
+            "engine": lambda: "|".join(INFERENCE_ENGINE_FILE.values()),
+            "backend": lambda: "cpu|gpu",
+            "converter": lambda: _alternatives(self.config["converters"]),
+            "against": lambda: "primary|parent",
+            "mutant": lambda: _alternatives(self.output_path_entries) or "(?!)",
+        }[wildcard]()
+
+    def model_variants(self, model):
+        """The model's own `variants:` when it names some, else the config's."""
+        return list(self.config["models"][model].get("variants") or self.variants)
+
+    def tier_targets(self, tier):
+        return paths.tier_targets(self.models, tier)
+
+    # ------------------------------------------------------------ code fingerprints
+
+    def code(self, script, formats=(), exclude=()):
+        """The `fingerprint` param of a rule running `scripts/<script>`: a string, or a function
+        of the wildcards where `formats`/`exclude` are (the formats the job reads or writes)."""
+        path = str(self.scripts / script)
+        if not callable(formats) and not callable(exclude):
+            return script_fingerprint(path, tuple(sorted(formats)), tuple(exclude))
+
+        def fingerprint(wildcards):
+            f = formats(wildcards) if callable(formats) else formats
+            x = exclude(wildcards) if callable(exclude) else exclude
+            return script_fingerprint(path, tuple(sorted(set(f))), tuple(x))
+
+        return fingerprint
+
+    @staticmethod
+    def chain_formats(wildcards):
+        return (artifact_format(wildcards.chain),)
+
+    @staticmethod
+    def edge_formats(wildcards):
+        return (artifact_format(plan.parent(wildcards.chain)), artifact_format(wildcards.chain))
+
+    @staticmethod
+    def compared_formats(wildcards):
+        return (artifact_format(wildcards.subject), artifact_format(wildcards.reference))
+
+    @staticmethod
+    def side_compared_formats(wildcards):
+        other = wildcards.chain if wildcards.against == "primary" else plan.parent(wildcards.chain)
+        return (artifact_format(wildcards.chain), artifact_format(other))
+
+    @staticmethod
+    def inferred_formats(wildcards):
+        """The artifact's format and the source's (the tokenizer and config come from it)."""
+        return (artifact_format(getattr(wildcards, "chain", SOURCE_CHAIN)), "safetensors")
+
+    @staticmethod
+    def reference_formats(wildcards):
+        return ("safetensors", artifact_format(wildcards.hop))
+
+    def _source_kind(self, wildcards):
+        return kind_fingerprint_args(self.config["models"][wildcards.model]["source"]["kind"])
+
+    def source_formats(self, wildcards):
+        return self._source_kind(wildcards)[0]
+
+    def source_exclude(self, wildcards):
+        return self._source_kind(wildcards)[1]
+
+    def output_path_formats(self, wildcards):
+        chain = self.output_path_entries[wildcards.mutant].chain
+        return (artifact_format(plan.parent(chain)), artifact_format(chain))
+
+    # ------------------------------------------------------------ sources
+
+    def source_inputs(self, wildcards):
+        return input_files(self.config["models"][wildcards.model]["source"])
+
+    def source_spec(self, wildcards):
+        return dict(self.config["models"][wildcards.model]["source"])
+
+    # ------------------------------------------------------------ conversions, primary and side
+
+    def converter_name(self, wildcards):
+        """A side-by-side job's own converter, else the one routed first to the chain's edge."""
+        side = getattr(wildcards, "converter", None)
+        return side or converters.primary_converter(self.config, wildcards.model, wildcards.chain)
+
+    def converter(self, key):
+        """A converter param of a conversion job (primary or side): `converter`, `command`,
+        `json_record`, `env`, `fingerprint`, `format` or `quant`, as a function of the wildcards."""
+
+        def param(wildcards):
+            name = self.converter_name(wildcards)
+            entry = self.config["converters"][name]
+            if key == "converter":
+                return name
+            if key == "command":  # a function, so Snakemake does not format {input}/{output} itself
+                return entry["command"]
+            if key == "json_record":
+                return entry.get("json_record", False)
+            if key == "env":
+                return dict(entry.get("env") or {})
+            if key == "format":
+                return plan.target_format(wildcards.chain)
+            if key == "quant":
+                return edge_quant(wildcards.variant, wildcards.chain)
+            if key == "fingerprint":
+                # convqa: the code the edge runs; an external tool: its version and probe hash.
+                source_hop, target_hop = plan.edge(wildcards.chain)
+                return converters.converter_fingerprint(
+                    name, entry, plan.HOP_FORMAT[source_hop], plan.HOP_FORMAT[target_hop]
+                )
+            raise KeyError(f"no converter param {key!r}")
+
+        return param
+
+    def conversion_input(self, wildcards):
+        """The parent chain's (primary) artifact: for `st-gguf-apr`, `st-gguf/model.gguf`; a
+        side-by-side converter converts the same input."""
+        return paths.artifact_path(wildcards.model, wildcards.variant, plan.parent(wildcards.chain))
+
+    def inspected_artifact(self, wildcards):
+        return paths.artifact_path(wildcards.model, wildcards.variant, wildcards.chain)
+
+    def compared_artifacts(self, wildcards):
+        return {
+            "subject": paths.artifact_path(wildcards.model, wildcards.variant, wildcards.subject),
+            "reference": paths.artifact_path(wildcards.model, wildcards.variant, wildcards.reference),
+        }
+
+    # ------------------------------------------------------------ tensor gates and reports
+
+    def comparison_pairs(self, tier, variant):
+        """(subject, reference) of every tensor comparison: one per tensors-mode check, plus each
+        converted artifact against its parent (the report's per-edge tensor errors; the contract
+        gates compare manifest statistics). Sorted, no duplicates.
+        """
+        pairs = {(c.subject, c.reference) for c in plan.checks_for(tier, variant) if c.mode == "tensors"}
+        pairs |= {(c, plan.parent(c)) for c in plan.artifact_chains(tier, variant)}
+        return sorted(pairs)
+
+    def gate_input_map(self, model, variant, tier):
+        """What the gates script reads, by chain or pair; the same paths are the rule's inputs."""
+        chains = plan.chains_for(tier, variant)
+        return {
+            "manifests": {c: paths.manifest_path(model, variant, c) for c in chains},
+            "sidecars": {c: paths.sidecar_path(model, variant, c) for c in chains},
+            "comparisons": {
+                f"{s}~{r}": paths.comparison_path(model, variant, s, r)
+                for s, r in self.comparison_pairs(tier, variant)
+            },
+        }
+
+    def report_input_map(self, model, tier):
+        """Report inputs keyed by the labels the gate rows use (`variant/chain`), the side
+        converters' as `variant/chain@converter`."""
+        maps = {"gate_tsvs": [], "manifests": {}, "sidecars": {}, "comparisons": {}}
+        for variant in self.model_variants(model):
+            gates = self.gate_input_map(model, variant, tier)
+            maps["gate_tsvs"].append(paths.gates_path(model, variant, tier))
+            for kind in ("manifests", "sidecars", "comparisons"):
+                for key, path in gates[kind].items():
+                    maps[kind][label(variant, key)] = path
+        for variant in self.model_variants(model):
+            slots = self.xconv_gate_input_map(model, variant, tier)
+            if not slots:
+                continue
+            maps["gate_tsvs"].append(paths.xconv_gates_path(model, variant, tier))
+            for slot in slots:
+                key = label(variant, converters.side_label(slot["chain"], slot["converter"]))
+                maps["manifests"][key] = slot["manifest"]
+                maps["sidecars"][key] = slot["sidecar"]
+        return maps
+
+    def gate_inputs(self, wildcards):
+        return _flatten(self.gate_params(wildcards))
+
+    def gate_params(self, wildcards):
+        return self.gate_input_map(wildcards.model, wildcards.variant, wildcards.tier)
+
+    def report_inputs(self, wildcards):
+        return _flatten(self.report_params(wildcards))
+
+    def report_params(self, wildcards):
+        return self.report_input_map(wildcards.model, wildcards.tier)
+
+    def summary_inputs(self, tier="{tier}"):
+        return [paths.report_path(m, tier, "qualification.json") for m in self.models]
+
+    # ------------------------------------------------------------ side-by-side converters
+
+    def side_slots(self, model, variant, tier):
+        """(chain, converter) of every side-by-side conversion a tier runs."""
+        return [
+            (chain, name)
+            for chain in plan.artifact_chains(tier, variant)
+            for name in converters.side_converters(self.config, model, chain)
+        ]
+
+    def xconv_gate_input_map(self, model, variant, tier):
+        """Per slot, the paths the xconv gates read (the rule's inputs are exactly these)."""
+        slots = []
+        for chain, name in self.side_slots(model, variant, tier):
+            parent = plan.parent(chain)
+            slots.append(
+                {
+                    "chain": chain,
+                    "converter": name,
+                    "primary_converter": converters.primary_converter(self.config, model, chain),
+                    "parent": parent,
+                    "sidecar": paths.side_sidecar_path(model, variant, name, chain),
+                    "manifest": paths.side_manifest_path(model, variant, name, chain),
+                    "vs_primary": paths.side_comparison_path(model, variant, name, chain, "primary"),
+                    "vs_parent": paths.side_comparison_path(model, variant, name, chain, "parent"),
+                    "primary_manifest": paths.manifest_path(model, variant, chain),
+                    "parent_manifest": paths.manifest_path(model, variant, parent),
+                }
+            )
+        return slots
+
+    def side_compared(self, wildcards):
+        other = wildcards.chain if wildcards.against == "primary" else plan.parent(wildcards.chain)
+        side = (wildcards.model, wildcards.variant, wildcards.converter, wildcards.chain)
+        return {
+            "artifact": paths.side_artifact_dir(*side),
+            "sidecar": paths.side_sidecar_path(*side),
+            "reference": paths.artifact_path(wildcards.model, wildcards.variant, other),
+        }
+
+    def xconv_gate_inputs(self, wildcards):
+        return sorted(
+            {path for slot in self.xconv_gate_params(wildcards) for key, path in slot.items() if key.endswith(SLOT_PATH_KEYS)}
+        )
+
+    def xconv_gate_params(self, wildcards):
+        return self.xconv_gate_input_map(wildcards.model, wildcards.variant, wildcards.tier)
+
+    # ------------------------------------------------------------ inference
+
+    def inference_engines(self, chain):
+        """Engines that read the chain's artifact: llama.cpp only reads GGUF."""
+        fmt = artifact_format(chain)
+        return [e for e in self.inference["engines"] if e == "transformers" or fmt == "gguf"]
+
+    def inference_cells(self, tier):
+        """(chain, engine, backend) of every run: the ground truth plus the tier's chains."""
+        cells = {(SOURCE_CHAIN, "transformers", "cpu")}
+        for chain in self.inference["chains"][tier]:
+            for engine in self.inference_engines(chain):
+                for backend in self.inference["backends"]:
+                    cells.add((chain, engine, backend))
+        return sorted(cells)
+
+    def reference_hops(self, variant, tier):
+        """First hops whose reference-quantized model runs: those of the tier's inference chains,
+        for a variant with reference tolerances (config inference.reference_tolerances)."""
+        if variant not in self.inference["reference_tolerances"]:
+            return []
+        chains = [c for c in self.inference["chains"][tier] if c != SOURCE_CHAIN]
+        return sorted({plan.first_hop(c) for c in chains})
+
+    def served_cells(self, tier):
+        """(chain, engine) pairs served over HTTP in `tier` (config inference.serve)."""
+        if "serve" not in self.inference["modalities"]:
+            return []
+        every = {(chain, engine) for chain in self.inference["chains"][tier] for engine in self.inference_engines(chain)}
+        wanted = self.inference["serve"][tier]
+        if "all" in wanted:
+            return sorted(every)
+        pairs = {tuple(item.split(":", 1)) for item in wanted}
+        unknown = sorted(f"{c}:{e}" for c, e in pairs - every)
+        if unknown:
+            raise WorkflowError(
+                f"config: inference.serve.{tier} names {', '.join(unknown)}, which the tier does not run "
+                f"(its inference chains are {', '.join(self.inference['chains'][tier])}; llama.cpp reads only GGUF)"
+            )
+        return sorted(pairs)
+
+    def inference_input_map(self, model, variant, tier):
+        """What the inference gates read, keyed `chain|engine|backend` and `chain|engine`."""
+        files = INFERENCE_ENGINE_FILE
+        return {
+            "runs": {
+                f"{c}|{e}|{b}": {
+                    "json": paths.inference_run_path(model, variant, c, files[e], b),
+                    "npz": paths.inference_run_path(model, variant, c, files[e], b, "npz"),
+                }
+                for c, e, b in self.inference_cells(tier)
+            },
+            "serves": {f"{c}|{e}": paths.serve_path(model, variant, c, files[e]) for c, e in self.served_cells(tier)},
+            "references": {
+                hop: {
+                    "json": paths.reference_run_path(model, variant, hop),
+                    "npz": paths.reference_run_path(model, variant, hop, "npz"),
+                }
+                for hop in self.reference_hops(variant, tier)
+            },
+        }
+
+    def inference_gate_inputs(self, wildcards):
+        inputs = self.inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
+        runs = list(inputs["runs"].values()) + list(inputs["references"].values())
+        found = [p for run in runs for p in run.values()]
+        # The source's manifest says its dtypes, which pick the tolerances (select_tolerances).
+        return sorted(found + list(inputs["serves"].values())) + [paths.source_manifest_path(wildcards.model)]
+
+    def inference_gate_params(self, wildcards):
+        return {
+            **self.inference_input_map(wildcards.model, wildcards.variant, wildcards.tier),
+            "source_manifest": paths.source_manifest_path(wildcards.model),
+        }
+
+    def inference_tolerances(self, wildcards):
+        """The variant's tolerances and its per-source-dtype refinements (`native@bf16`, ...);
+        convqa.gates.inference.select_tolerances picks with the source manifest."""
+        return {
+            key: value
+            for key, value in self.inference["tolerances"].items()
+            if key == wildcards.variant or key.startswith(wildcards.variant + "@")
+        }
+
+    def reference_tolerances(self, wildcards):
+        return self.inference["reference_tolerances"].get(wildcards.variant, {})
+
+    def encoded_artifact(self, wildcards):
+        """The source, and the first-hop artifact whose encodings the reference reproduces."""
+        return {
+            "source": paths.source_dir(wildcards.model),
+            "encoded": paths.artifact_path(wildcards.model, wildcards.variant, wildcards.hop),
+        }
+
+    def inferred_artifact(self, wildcards):
+        chain = getattr(wildcards, "chain", SOURCE_CHAIN)
+        return {
+            "artifact": paths.artifact_path(wildcards.model, getattr(wildcards, "variant", ""), chain),
+            "source": paths.source_dir(wildcards.model),
+        }
+
+    def inference_report_params(self, wildcards):
+        variants = self.model_variants(wildcards.model)
+        return {
+            "gate_tsvs": [paths.inference_gates_path(wildcards.model, v, wildcards.tier) for v in variants],
+            "extras": [paths.inference_extra_path(wildcards.model, v, wildcards.tier) for v in variants],
+        }
+
+    def inference_report_inputs(self, wildcards):
+        params = self.inference_report_params(wildcards)
+        return [p for pair in zip(params["gate_tsvs"], params["extras"]) for p in pair]
+
+    # ------------------------------------------------------------ detection
+
+    def detection_reports(self, wildcards=None):
+        """qualification.json of every detection model, by model."""
+        if not self.detection:
+            raise WorkflowError(
+                "the detection target needs a `detection:` section: run it with "
+                "--configfile config/detection.yaml --replace-workflow-config (or `make detection`)"
+            )
+        return {
+            m: paths.report_path(m, tier, "qualification.json")
+            for m, tier in detection.model_tiers(self.detection).items()
+        }
+
+    def detection_logits(self, wildcards=None):
+        """By mutant: [its artifact's logits, the correct converter's on the same chain and
+        variant] (transformers on cpu), for mutants whose chain runs inference at their tier."""
+        pairs = {}
+        engine = INFERENCE_ENGINE_FILE["transformers"]
+        for entry in self.detection_entries:
+            if entry.check != detection.WORKFLOW:
+                continue
+            if entry.chain not in self.inference["chains"].get(entry.tier, []):
+                continue
+            pairs[entry.mutant] = [
+                paths.inference_run_path(entry.model, entry.variant, entry.chain, engine, "cpu", "npz"),
+                paths.inference_run_path(
+                    detection.correct_model(entry.preset), entry.variant, entry.chain, engine, "cpu", "npz"
+                ),
+            ]
+        return pairs
+
+    def detection_output_paths(self):
+        return {m: paths.detection_output_path_path(m) for m in self.output_path_entries}
+
+    def detection_matrix_inputs(self, wildcards):
+        logits = [path for pair in self.detection_logits().values() for path in pair]
+        return (
+            sorted(self.detection_reports().values())
+            + list(self.detection_output_paths().values())
+            + sorted(set(logits))
+        )
+
+    def output_path_input(self, wildcards):
+        """The correct conversion of the edge's input (the source, or the correct parent artifact)."""
+        entry = self.output_path_entries[wildcards.mutant]
+        model = detection.correct_model(entry.preset)
+        return paths.artifact_path(model, entry.variant, plan.parent(entry.chain))
+
+    def output_path_quant(self, wildcards):
+        entry = self.output_path_entries[wildcards.mutant]
+        return edge_quant(entry.variant, entry.chain)
