@@ -7,7 +7,8 @@ exactly the modules its job can execute: a change there reruns the job and its d
 touch changes nothing.
 
 Which modules a job can execute is read from the import statements (module level and inside
-functions) of the modules it starts from, followed transitively within the convqa package.
+functions) of its rule's `script:` file (`script_fingerprint`; no hand-kept list of roots),
+followed transitively within the convqa package.
 The format modules are the exception: `convqa.formats` dispatches to all three lazily, but a job
 only ever runs the readers and writers of the formats it touches, so the other format modules
 are cut out of the closure. An edit to the GGUF writer therefore reruns the GGUF edges and not
