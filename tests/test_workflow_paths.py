@@ -1,0 +1,125 @@
+"""convqa.workflow.paths and convqa.workflow.jobs without Snakemake: the result layout, log
+paths, chain patterns, converter params for primary and side converters, input maps."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from convqa.convert import converters
+from convqa.workflow import jobs, paths, plan
+from workflow_copy import REPO
+
+SCRIPTS = REPO / "scripts"
+
+
+def config(**extra) -> dict:
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    base.setdefault("route", {})
+    return {**base, **extra}
+
+
+@pytest.fixture(scope="module")
+def J() -> jobs.Jobs:
+    c = config()
+    c["converters"]["other"] = {"command": "other {input} {output}", "version": "7", "env": {"A": "1"}}
+    c["route"] = {"st-gguf": ["convqa", "other"]}
+    return jobs.Jobs(c, SCRIPTS)
+
+
+def w(**kw):
+    return SimpleNamespace(**kw)
+
+
+def test_result_layout():
+    assert paths.artifact_path("m", "native", "st") == "results/m/source"
+    assert paths.artifact_path("m", "native", "st-gguf") == "results/m/native/st-gguf/model.gguf"
+    assert paths.artifact_path("m", "q8_0", "st-gguf-st.run2") == "results/m/q8_0/st-gguf-st.run2/model"
+    assert paths.artifact_path("{model}", "{variant}", "{chain}", "apr") == "results/{model}/{variant}/{chain}/model.apr"
+    assert paths.sidecar_path("m", "v", "st") == "results/m/source.sidecar.json"
+    assert paths.manifest_path("m", "v", "st-apr") == "results/m/v/st-apr/manifest.json"
+    assert paths.comparison_path("m", "v", "st-apr", "st") == "results/m/v/compare/st-apr~st.json"
+    assert paths.inference_run_path("m", "", "st", "transformers", "cpu") == "results/m/source.infer/transformers-cpu.json"
+    assert paths.side_artifact_dir("m", "v", "c", "st-gguf") == "results/m/v/xconv/c/st-gguf/artifact"
+    assert paths.tier_targets(["a"], "mvp")[-2:] == ["results/summary/mvp/summary.json", "results/summary/mvp/summary.md"]
+
+
+def test_log_paths():
+    assert paths.step_log("m", "v", "st-gguf", "convert") == "results/m/v/st-gguf/convert.log"
+    assert paths.step_log("m", "", "st", "inspect") == "results/m/logs/inspect-source.log"
+    assert paths.log_beside(paths.gates_path("m", "v", "mvp")) == "results/m/v/gates/mvp/tensor.log"
+    assert paths.log_beside("results/m/v/compare/st-gguf.run2~st-gguf.json") == "results/m/v/compare/st-gguf.run2~st-gguf.log"
+    serve = paths.serve_path("m", "v", "st-gguf", "llamacpp")
+    assert paths.log_beside(serve, ".server.log") == "results/m/v/st-gguf/infer/serve-llamacpp.server.log"
+    run = paths.inference_run_path("m", "v", "st-gguf", "llamacpp", "cpu")
+    assert paths.log_beside(run, ".engine.log") == paths.inference_run_path("m", "v", "st-gguf", "llamacpp", "cpu", "engine.log")
+
+
+@pytest.mark.parametrize("chain", ["st", "st-gguf", "st-apr-gguf.run2", "st-gguf-st", "st-x", "gguf", "st-gguf.", "st.run2"])
+def test_chain_patterns_agree_with_the_plan(chain):
+    valid = bool(plan.CHAIN_RE.match(chain))
+    assert bool(re.fullmatch(plan.CHAIN_PATTERN, chain)) == valid
+    assert bool(re.fullmatch(plan.CONVERTED_CHAIN_PATTERN, chain)) == (valid and "-" in chain)
+    for hop, fmt in plan.HOP_FORMAT.items():
+        ends = valid and "-" in chain and plan.target_format(chain) == fmt
+        assert bool(re.fullmatch(plan.chain_pattern(hop), chain)) == ends
+
+
+def test_converter_params_primary_and_side(J):
+    primary = w(model="qwen2-tiny", variant="q8_0", chain="st-gguf")
+    side = w(model="qwen2-tiny", variant="q8_0", chain="st-gguf", converter="other")
+    assert J.converter("converter")(primary) == "convqa"
+    assert J.converter("converter")(side) == "other"
+    assert J.converter("env")(side) == {"A": "1"} and J.converter("env")(primary) == {}
+    assert J.converter("json_record")(primary) is True and J.converter("json_record")(side) is False
+    assert J.converter("format")(primary) == "gguf"
+    assert J.converter("quant")(primary) == "q8_0"
+    assert J.converter("quant")(w(model="qwen2-tiny", variant="q8_0", chain="st-gguf-apr")) is None
+    entry = J.config["converters"]["convqa"]
+    assert J.converter("fingerprint")(primary) == converters.converter_fingerprint("convqa", entry, "safetensors", "gguf")
+    assert J.converter("fingerprint")(side) == "other:7"
+    with pytest.raises(KeyError):
+        J.converter("nope")(primary)
+
+
+def test_code_fingerprints_follow_the_formats(J):
+    assert isinstance(J.code("gates.py"), str)
+    inspect = J.code("inspect.py", J.chain_formats)
+    assert inspect(w(chain="st-gguf")) == inspect(w(chain="st-apr-gguf.run2")) != inspect(w(chain="st-apr"))
+    assert J.code("inspect.py", ["safetensors"]) == inspect(w(chain="st-gguf-st"))
+    assert J.edge_formats(w(chain="st-gguf-apr")) == ("gguf", "apr")
+    assert J.inferred_formats(w(model="m", engine="transformers", backend="cpu")) == ("safetensors", "safetensors")
+
+
+def test_input_maps(J):
+    gates = J.gate_input_map("qwen2-tiny", "native", "smoke")
+    assert set(gates["manifests"]) == {"st", "st-gguf", "st-apr"}
+    assert set(gates["comparisons"]) == {"st-gguf~st", "st-apr~st"}
+    slots = J.xconv_gate_input_map("qwen2-tiny", "native", "smoke")
+    assert [(s["chain"], s["converter"], s["primary_converter"]) for s in slots] == [("st-gguf", "other", "convqa")]
+    report = J.report_input_map("qwen2-tiny", "smoke")
+    assert "native/st-gguf@other" in report["manifests"]
+    assert paths.xconv_gates_path("qwen2-tiny", "native", "smoke") in report["gate_tsvs"]
+    assert J.conversion_input(w(model="m", variant="v", chain="st-gguf-apr")) == "results/m/v/st-gguf/model.gguf"
+    assert J.side_compared(w(model="m", variant="v", converter="other", chain="st-gguf", against="parent"))["reference"] == "results/m/source"
+
+
+def test_config_errors():
+    c = config(variants=["native", "q9_9"])
+    with pytest.raises(Exception, match="unknown variant 'q9_9'"):
+        jobs.Jobs(c, SCRIPTS)
+    c = config(route={"st-gguf": ["missing"]})
+    with pytest.raises(Exception, match="not defined under `converters:`"):
+        jobs.Jobs(c, SCRIPTS)
+    with pytest.raises(Exception, match="needs a `detection:` section"):
+        jobs.Jobs(config(), SCRIPTS).detection_reports()
+
+
+def test_wildcard_constraints(J):
+    assert re.fullmatch(J.constraint("model"), "qwen2-tiny")
+    assert not re.fullmatch(J.constraint("model"), "qwen2-tinyX")
+    assert J.constraint("mutant") == "(?!)"  # no detection section: matches nothing
+    assert re.fullmatch(J.constraint("converter"), "other")
