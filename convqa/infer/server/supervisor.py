@@ -92,9 +92,12 @@ class ServerProcess:
         stop_ids: set[int] | None = None,
         log_path: str | os.PathLike | None = None,
     ) -> "ServerProcess":
+        # Imported (not only spawned) so the job's code fingerprint covers the app it serves with.
+        from convqa.infer.server import app
+
         port = free_port()
         argv = [
-            sys.executable, "-m", "convqa.infer.server", os.fspath(artifact_path),
+            sys.executable, "-m", app.__package__, os.fspath(artifact_path),  # python -m convqa.infer.server
             "--tokenizer", os.fspath(tokenizer_dir), "--host", HOST, "--port", str(port),
             "--backend", backend, "--threads", str(threads), "--max-context", str(max_context),
         ]  # fmt: skip
