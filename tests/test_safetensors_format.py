@@ -16,14 +16,11 @@ from convqa.arch import expected_tensors
 from convqa.arch.hf_config import config_from_hf, hf_config_from
 from convqa.errors import ConversionError, FormatError
 from convqa.formats.safetensors import INDEX_FILE, read_header, read_safetensors, write_safetensors
-from convqa.model import LazyTensor, ModelConfig, WritePlan
+from convqa.model import LazyTensor, WritePlan
 from convqa.sources.synthetic import build_preset
+from tinymodel import tiny_config, tiny_plan, tiny_values
 
-CONFIG = ModelConfig(
-    architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-    num_kv_heads=1, head_dim=16, max_position_embeddings=128, rope_theta=1e6, rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)  # fmt: skip
+CONFIG = tiny_config("qwen2", preset="q8-narrow", layers=1, rope_theta=1e6, rms_norm_eps=1e-6)
 
 
 def _file(tmp_path, header: dict, data: bytes = b"", *, raw_header: bytes | None = None, name="x.safetensors"):
@@ -119,13 +116,8 @@ def test_truncated_data_region_reports_offset(tmp_path):
 
 
 def _plan(encoding, seed=0, config=CONFIG):
-    rng = np.random.default_rng(seed)
-    tensors = []
-    for name, shape in expected_tensors(config).items():
-        values = rng.standard_normal(shape).astype(np.float32)
-        raw = encoding.encode(values).copy()
-        tensors.append(LazyTensor(name, shape, encoding, (lambda r=raw: r)))
-    return WritePlan(config=config, tokenizer=None, tensors=tensors, metadata={"converter": "test", "n": 1})
+    values = tiny_values(config, np.random.default_rng(seed))
+    return tiny_plan(config, values, encoding, metadata={"converter": "test", "n": 1})
 
 
 @pytest.mark.parametrize("encoding", [encodings.F32, encodings.F16, encodings.BF16])
