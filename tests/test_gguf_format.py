@@ -19,78 +19,22 @@ from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.errors import ConversionError
 from convqa.formats import open_model
 from convqa.formats.gguf import read_gguf, write_gguf
-from convqa.model import LazyTensor, ModelConfig, TokenizerSpec, WritePlan, WriterQuirks
+from convqa.model import LazyTensor, ModelConfig, WritePlan, WriterQuirks
+from tinymodel import const_tensor, tiny_config, tiny_plan, tiny_tokenizer, tiny_values, weights_in
 
 ENCODINGS = [encodings.F32, encodings.F16, encodings.BF16, encodings.Q8_0]
 POSITION_ENCODED = ("model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight")
 
 
-def tiny_config(arch: str, *, tie: bool = True) -> ModelConfig:
-    return ModelConfig(
-        architecture=arch,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rope_theta=1000000.0 if arch == "qwen2" else 100000.0,
-        rms_norm_eps=1e-06,
-        tie_word_embeddings=tie,
-    )
-
-
-def tiny_tokenizer() -> TokenizerSpec:
-    """A small byte-level BPE vocabulary, deliberately shorter than the 96 embedding rows."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    chars = [chr(c) for c in range(ord("!"), ord("!") + 80)]
-    merged = ["ab", "abc"]
-    tokens = specials + chars + merged
-    return TokenizerSpec(
-        model="gpt2",
-        pre="qwen2",
-        tokens=tokens,
-        token_types=[3] * len(specials) + [1] * (len(chars) + len(merged)),
-        merges=["a b", "ab c"],
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=0,
-        add_bos_token=False,
-        chat_template="{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",
-    )
-
-
-def const_tensor(name: str, values: np.ndarray, encoding: encodings.Encoding) -> LazyTensor:
-    stored = encoding.encode(values)
-    return LazyTensor(name, values.shape, encoding, lambda: stored)
-
-
-def tiny_values(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    values = {}
-    for name, shape in expected_tensors(config).items():
-        if name in POSITION_ENCODED:
-            rows, cols = np.indices(shape)
-            values[name] = (1000 * rows + cols).astype(np.float32)
-        else:
-            values[name] = rng.normal(0, 0.2, size=shape).astype(np.float32)
-    return values
-
-
-def tiny_plan(
+def gguf_plan(
     config: ModelConfig, encoding: encodings.Encoding = encodings.F32, *, quirks=WriterQuirks(), tokenizer="default"
 ):
     """2-D weights in `encoding`, norms and biases F32 (as llama.cpp's convert does). The
     position-encoded tensors stay F32: their integer values only survive an exact encoding."""
-    values = tiny_values(config)
-    tensors = [
-        const_tensor(n, v, encoding if v.ndim == 2 and n not in POSITION_ENCODED else encodings.F32)
-        for n, v in values.items()
-    ]
-    spec = tiny_tokenizer() if tokenizer == "default" else tokenizer
-    return WritePlan(config, spec, tensors, metadata={"converter": "test"}, quirks=quirks), values
+    values = tiny_values(config, np.random.default_rng(0), std=0.2, position=POSITION_ENCODED)
+    spec = tiny_tokenizer("bpe") if tokenizer == "default" else tokenizer
+    plan = tiny_plan(config, values, weights_in(encoding, keep_f32=POSITION_ENCODED), tokenizer=spec, quirks=quirks)
+    return plan, values
 
 
 def written(tmp_path: Path, plan: WritePlan, name: str = "model.gguf") -> Path:
@@ -115,8 +59,8 @@ def reader_bytes(tensor) -> np.ndarray:
 @pytest.mark.parametrize("encoding", ENCODINGS, ids=lambda e: e.name)
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_round_trip_bit_exact(tmp_path, arch, encoding, tie):
-    config = tiny_config(arch, tie=tie)
-    plan, _ = tiny_plan(config, encoding)
+    config = tiny_config(arch, preset="q8", tied=tie)
+    plan, _ = gguf_plan(config, encoding)
     path = written(tmp_path, plan)
     with read_gguf(path) as model:
         assert model.format == "gguf"
@@ -145,7 +89,7 @@ def test_round_trip_bit_exact(tmp_path, arch, encoding, tie):
 
 def test_position_encoded_tensors_keep_their_values(tmp_path):
     """W[i, j] = 1000 i + j on non-square tensors: a transposed or reinterpreted layout shows up."""
-    plan, values = tiny_plan(tiny_config("qwen2"))
+    plan, values = gguf_plan(tiny_config("qwen2", preset="q8", tied=True))
     path = written(tmp_path, plan)
     by_name = {t.name: t for t in raw_reader(path).tensors}
     with read_gguf(path) as model:
@@ -159,8 +103,8 @@ def test_position_encoded_tensors_keep_their_values(tmp_path):
 
 @pytest.mark.parametrize("encoding", [encodings.F32, encodings.Q8_0], ids=lambda e: e.name)
 def test_llama_qk_rows_are_permuted_in_the_file(tmp_path, encoding):
-    config = tiny_config("llama")
-    plan, _ = tiny_plan(config, encoding)
+    config = tiny_config("llama", preset="q8", tied=True)
+    plan, _ = gguf_plan(config, encoding)
     path = written(tmp_path, plan)
     by_name = {t.name: t for t in raw_reader(path).tensors}
     with read_gguf(path) as model:
@@ -175,7 +119,7 @@ def test_llama_qk_rows_are_permuted_in_the_file(tmp_path, encoding):
 
 
 def test_qwen2_qk_rows_and_biases_are_not_permuted(tmp_path):
-    plan, values = tiny_plan(tiny_config("qwen2"))
+    plan, values = gguf_plan(tiny_config("qwen2", preset="q8", tied=True))
     by_name = {t.name: t for t in raw_reader(written(tmp_path, plan)).tensors}
     for suffix in ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.bias"):
         name = f"model.layers.1.self_attn.{suffix}"
@@ -183,7 +127,7 @@ def test_qwen2_qk_rows_and_biases_are_not_permuted(tmp_path):
 
 
 def test_quirk_dims_not_reversed_writes_numpy_shape_as_ne(tmp_path):
-    plan, _ = tiny_plan(tiny_config("qwen2"), quirks=WriterQuirks(gguf_reverse_dims=False))
+    plan, _ = gguf_plan(tiny_config("qwen2", preset="q8", tied=True), quirks=WriterQuirks(gguf_reverse_dims=False))
     reader = raw_reader(written(tmp_path, plan))
     for t in reader.tensors:
         source = next(s for s in plan.tensors if hf_to_gguf(s.name) == t.name)
@@ -192,7 +136,7 @@ def test_quirk_dims_not_reversed_writes_numpy_shape_as_ne(tmp_path):
 
 
 def test_quirk_llama_unpermuted_leaves_rows_in_hf_order(tmp_path):
-    plan, values = tiny_plan(tiny_config("llama"), quirks=WriterQuirks(llama_permute_qk=False))
+    plan, values = gguf_plan(tiny_config("llama", preset="q8", tied=True), quirks=WriterQuirks(llama_permute_qk=False))
     path = written(tmp_path, plan)
     by_name = {t.name: t for t in raw_reader(path).tensors}
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -202,7 +146,7 @@ def test_quirk_llama_unpermuted_leaves_rows_in_hf_order(tmp_path):
 
 
 def test_kv_types_are_what_llama_cpp_requires(tmp_path):
-    plan, _ = tiny_plan(tiny_config("llama"), encodings.Q8_0)
+    plan, _ = gguf_plan(tiny_config("llama", preset="q8", tied=True), encodings.Q8_0)
     fields = raw_reader(written(tmp_path, plan)).fields
     T = GGUFValueType
 
@@ -242,15 +186,15 @@ def test_kv_types_are_what_llama_cpp_requires(tmp_path):
 
 def test_file_type_follows_the_dominant_weight_encoding(tmp_path):
     for encoding, file_type in ((encodings.F32, 0), (encodings.F16, 1), (encodings.BF16, 32)):
-        plan, _ = tiny_plan(tiny_config("qwen2"), encoding)
+        plan, _ = gguf_plan(tiny_config("qwen2", preset="q8", tied=True), encoding)
         fields = raw_reader(written(tmp_path, plan, f"{encoding.name}.gguf")).fields
         assert fields["general.file_type"].contents() == file_type
         assert "general.quantization_version" not in fields
 
 
 def test_key_length_written_when_head_dim_is_not_hidden_over_heads(tmp_path):
-    config = tiny_config("qwen2").replace(head_dim=32)  # q rows 128 != hidden 64
-    plan, _ = tiny_plan(config)
+    config = tiny_config("qwen2", preset="q8", tied=True).replace(head_dim=32)  # q rows 128 != hidden 64
+    plan, _ = gguf_plan(config)
     path = written(tmp_path, plan)
     fields = raw_reader(path).fields
     assert fields["qwen2.attention.key_length"].contents() == 32
@@ -260,7 +204,7 @@ def test_key_length_written_when_head_dim_is_not_hidden_over_heads(tmp_path):
 
 
 def test_no_tokenizer_writes_llama_cpp_none_model(tmp_path):
-    plan, _ = tiny_plan(tiny_config("qwen2"), tokenizer=None)
+    plan, _ = gguf_plan(tiny_config("qwen2", preset="q8", tied=True), tokenizer=None)
     path = written(tmp_path, plan)
     assert raw_reader(path).fields["tokenizer.ggml.model"].contents() == "none"
     with open_model(path) as model:
@@ -269,8 +213,8 @@ def test_no_tokenizer_writes_llama_cpp_none_model(tmp_path):
 
 
 def test_writer_refuses_what_it_cannot_write_faithfully(tmp_path):
-    config = tiny_config("qwen2")
-    plan, _ = tiny_plan(config)
+    config = tiny_config("qwen2", preset="q8", tied=True)
+    plan, _ = gguf_plan(config)
     with pytest.raises(ConversionError, match="rope_theta"):
         write_gguf(tmp_path / "a.gguf", WritePlan(config.replace(rope_theta=None), plan.tokenizer, plan.tensors))
     stray = LazyTensor("model.layers.0.mlp.experts.weight", (4,), encodings.F32, lambda: np.zeros(4, np.float32))
@@ -291,7 +235,7 @@ def test_writer_refuses_what_it_cannot_write_faithfully(tmp_path):
 
 def test_writer_streams_one_tensor_at_a_time(tmp_path):
     """Tensor data is loaded only after all infos are declared, and each loader runs exactly once."""
-    plan, _ = tiny_plan(tiny_config("qwen2"))
+    plan, _ = gguf_plan(tiny_config("qwen2", preset="q8", tied=True))
     calls = []
 
     def tracking(tensor):
@@ -304,7 +248,7 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path):
 
 
 def test_missing_rope_theta_falls_back_like_llama_cpp_and_says_so(tmp_path):
-    plan, _ = tiny_plan(tiny_config("llama"))
+    plan, _ = gguf_plan(tiny_config("llama", preset="q8", tied=True))
     source = written(tmp_path, plan)
     target = tmp_path / "no-rope.gguf"
     rewrite_gguf(source, target, drop={"llama.rope.freq_base"})
@@ -462,7 +406,7 @@ def tiny_hf_model_as_gguf(path, arch: str, tie: bool, rope_theta: float):
     names = expected_tensors(config)
     assert set(names) == set(state) - ({"lm_head.weight"} if tie else set())
     tensors = [const_tensor(name, state[name].numpy(), encodings.F32) for name in names]
-    write_gguf(path, WritePlan(config, tiny_tokenizer(), tensors))
+    write_gguf(path, WritePlan(config, tiny_tokenizer("bpe"), tensors))
     return original
 
 
@@ -519,8 +463,8 @@ def test_llama_cpp_loads_our_gguf_and_agrees_with_transformers(tmp_path, arch):
 
 def test_llama_qk_biases_are_permuted_too(tmp_path):
     """llama checkpoints with attention_bias carry q/k biases, permuted like their weights' rows."""
-    config = tiny_config("llama")
-    plan, _ = tiny_plan(config)
+    config = tiny_config("llama", preset="q8", tied=True)
+    plan, _ = gguf_plan(config)
     rng = np.random.default_rng(7)
     rows = {"q_proj": config.num_heads * config.head_dim, "k_proj": config.num_kv_heads * config.head_dim}
     biases = {

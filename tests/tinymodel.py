@@ -186,7 +186,9 @@ def tiny_values(
 EncodingChoice = encodings.Encoding | Callable[[str, tuple], encodings.Encoding]
 
 
-def weights_in(encoding: encodings.Encoding, *, keep_f32: Iterable[str] = ()) -> Callable[[str, tuple], encodings.Encoding]:
+def weights_in(
+    encoding: encodings.Encoding, *, keep_f32: Iterable[str] = ()
+) -> Callable[[str, tuple], encodings.Encoding]:
     """2-D weights in `encoding`, norms and biases (and the names in keep_f32) F32, as llama.cpp's convert does."""
     keep_f32 = set(keep_f32)
     return lambda name, shape: encoding if len(shape) == 2 and name not in keep_f32 else encodings.F32
