@@ -28,67 +28,20 @@ from convqa.formats.apr import (
     read_apr,
     write_apr,
 )
-from convqa.model import LazyTensor, ModelConfig, TokenizerSpec, WritePlan, WriterQuirks
+from convqa.model import LazyTensor, ModelConfig, WritePlan, WriterQuirks
+from tinymodel import position_tensor, position_values, random_tensor, tiny_config, tiny_plan, tiny_tokenizer
 
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def make_config(architecture="llama", tied=False, layers=2, **changes) -> ModelConfig:
-    config = ModelConfig(
-        architecture=architecture,
-        vocab_size=16,
-        hidden_size=8,
-        intermediate_size=12,
-        num_layers=layers,
-        num_heads=2,
-        num_kv_heads=1,
-        head_dim=4,
-        max_position_embeddings=64,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tied,
-    )
-    return config.replace(**changes)
-
-
-def make_tokenizer() -> TokenizerSpec:
-    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "é", "Ġhello", '"q\\/', "\n"] + [
-        f"t{i}" for i in range(7)
-    ]
-    return TokenizerSpec(
-        model="gpt2",
-        pre="smollm",
-        tokens=tokens,
-        token_types=[2, 3, 3, 3, 3] + [1] * (len(tokens) - 5),
-        merges=["Ġ h", "h e", "é é"],
-        bos_token_id=1,
-        eos_token_id=2,
-        unk_token_id=0,
-        pad_token_id=2,
-        add_bos_token=True,
-        add_eos_token=False,
-        chat_template="{% for m in messages %}<|im_start|>{{ m['role'] }}\n\"{{ m.content }}\"<|im_end|>{% endfor %}",
-    )
-
-
-def const_tensor(name, shape, encoding, raw: np.ndarray) -> LazyTensor:
-    raw = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
-    assert raw.size == encoding.nbytes(shape)
-    return LazyTensor(name=name, shape=shape, encoding=encoding, load_raw=lambda: raw)
-
-
-def random_tensor(name, shape, encoding, rng) -> LazyTensor:
-    """Random stored bytes: every bit pattern (NaN payloads included) must survive unchanged."""
-    return const_tensor(name, shape, encoding, rng.integers(0, 256, encoding.nbytes(shape), dtype=np.uint8))
-
-
-def make_plan(config: ModelConfig, rng, encoding=encodings.F32, tokenizer="default", metadata=None) -> WritePlan:
-    tensors = [random_tensor(name, shape, encoding, rng) for name, shape in expected_tensors(config).items()]
-    return WritePlan(
-        config=config,
-        tokenizer=make_tokenizer() if tokenizer == "default" else tokenizer,
-        tensors=tensors,
-        metadata={"converter": "test", "source_format": "safetensors"} if metadata is None else metadata,
+def make_plan(config: ModelConfig, rng, encoding=encodings.F32, tokenizer="default") -> WritePlan:
+    """Random stored bytes in `encoding`, the JSON-escapes tokenizer, the provenance of an S->A conversion."""
+    return tiny_plan(
+        config,
+        rng,
+        encoding,
+        tokenizer=tiny_tokenizer("json-escapes") if tokenizer == "default" else tokenizer,
+        metadata={"converter": "test", "source_format": "safetensors"},
     )
 
 
@@ -207,7 +160,7 @@ def test_format_f32_refuses_what_f32_cannot_hold(value):
 def written(tmp_path):
     """An 11-layer llama plan (so `layers.10.` and `layers.2.` both exist), written untied."""
     rng = np.random.default_rng(0)
-    config = make_config(layers=11, rms_norm_eps=1e-6, rope_theta=1e6)
+    config = tiny_config(layers=11, rms_norm_eps=1e-6, rope_theta=1e6)
     plan = make_plan(config, rng)
     path = tmp_path / "model.apr"
     write_apr(path, plan)
@@ -304,7 +257,7 @@ def test_metadata_keys_order_f32_text_and_no_aliases(written):
 
 
 def test_qwen2_gets_neox_rope_type(tmp_path):
-    plan = make_plan(make_config("qwen2"), np.random.default_rng(1))
+    plan = make_plan(tiny_config("qwen2"), np.random.default_rng(1))
     write_apr(tmp_path / "q.apr", plan)
     meta = json.loads(parse_file((tmp_path / "q.apr").read_bytes())["metadata_json"])
     assert meta["rope_type"] == 2 and meta["hf_architecture"] == "Qwen2ForCausalLM"
@@ -312,7 +265,7 @@ def test_qwen2_gets_neox_rope_type(tmp_path):
 
 def test_dtype_bytes(tmp_path):
     rng = np.random.default_rng(2)
-    config = make_config()
+    config = tiny_config()
     plan = make_plan(config, rng)
     cases = {
         "extra.f32": (encodings.F32, (2, 3), 0),
@@ -340,7 +293,7 @@ def test_dtype_bytes(tmp_path):
 
 
 def test_encoding_without_apr_dtype_is_refused(tmp_path):
-    plan = make_plan(make_config(), np.random.default_rng(3))
+    plan = make_plan(tiny_config(), np.random.default_rng(3))
     plan.tensors.append(random_tensor("extra.q8_0", (4, 32), encodings.Q8_0, np.random.default_rng(3)))
     with pytest.raises(ConversionError, match="Q8_0"):
         write_apr(tmp_path / "bad.apr", plan)
@@ -350,7 +303,7 @@ def test_encoding_without_apr_dtype_is_refused(tmp_path):
 def test_dtype_override_quirk_writes_byte_8_and_strict_reader_rejects_it(tmp_path):
     """The Q8_0-as-byte-8 mutant: bytes and size as given, which APR readers decode as APR Q4."""
     rng = np.random.default_rng(4)
-    plan = make_plan(make_config(), rng)
+    plan = make_plan(tiny_config(), rng)
     q8 = random_tensor("extra.q8_0", (4, 32), encodings.Q8_0, rng)
     plan.tensors.append(q8)
     plan.quirks = WriterQuirks(apr_dtype_override={"extra.q8_0": 8})
@@ -368,7 +321,7 @@ def test_dtype_override_quirk_writes_byte_8_and_strict_reader_rejects_it(tmp_pat
 
 
 def test_failed_write_leaves_nothing(tmp_path):
-    plan = make_plan(make_config(), np.random.default_rng(5))
+    plan = make_plan(tiny_config(), np.random.default_rng(5))
 
     def broken():
         raise RuntimeError("source vanished")
@@ -390,7 +343,7 @@ def test_writer_checks_declared_sizes(tmp_path):
 
 
 def test_writing_twice_is_byte_identical(tmp_path):
-    plan = make_plan(make_config(tied=True), np.random.default_rng(6))
+    plan = make_plan(tiny_config(tied=True), np.random.default_rng(6))
     write_apr(tmp_path / "a.apr", plan)
     write_apr(tmp_path / "b.apr", plan)
     assert (tmp_path / "a.apr").read_bytes() == (tmp_path / "b.apr").read_bytes()
@@ -399,17 +352,11 @@ def test_writing_twice_is_byte_identical(tmp_path):
 # --- round trips ------------------------------------------------------------------------------
 
 
-def position_tensor(name, rows, cols) -> LazyTensor:
-    """W[i, j] = 1000*i + j: any transpose, reshape or row shuffle changes some value."""
-    values = (1000 * np.arange(rows)[:, None] + np.arange(cols)[None, :]).astype("<f4")
-    return const_tensor(name, (rows, cols), encodings.F32, values.view(np.uint8))
-
-
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("encoding", [encodings.F32, encodings.F16, encodings.BF16], ids=lambda e: e.name)
 def test_round_trip_is_bit_exact(tmp_path, tied, encoding):
     rng = np.random.default_rng(7)
-    config = make_config("qwen2", tied=tied, rms_norm_eps=1e-6, rope_theta=1e6)
+    config = tiny_config("qwen2", tied=tied, rms_norm_eps=1e-6, rope_theta=1e6)
     plan = make_plan(config, rng, encoding=encoding)
     plan.tensors.append(position_tensor("extra.position", 3, 5))
     path = tmp_path / "rt.apr"
@@ -434,7 +381,7 @@ def test_round_trip_is_bit_exact(tmp_path, tied, encoding):
 
 
 def test_tied_embedding_is_materialised_as_lm_head(tmp_path):
-    plan = make_plan(make_config(tied=True), np.random.default_rng(8))
+    plan = make_plan(tiny_config(tied=True), np.random.default_rng(8))
     path = tmp_path / "tied.apr"
     write_apr(path, plan)
     data = path.read_bytes()
@@ -453,7 +400,7 @@ def test_tied_embedding_is_materialised_as_lm_head(tmp_path):
 
 
 def test_untied_without_lm_head_is_not_invented(tmp_path):
-    plan = make_plan(make_config(), np.random.default_rng(9))
+    plan = make_plan(tiny_config(), np.random.default_rng(9))
     plan.tensors = [t for t in plan.tensors if t.name != "lm_head.weight"]
     write_apr(tmp_path / "nohead.apr", plan)
     with read_apr(tmp_path / "nohead.apr") as artifact:
@@ -462,7 +409,7 @@ def test_untied_without_lm_head_is_not_invented(tmp_path):
 
 
 def test_no_tokenizer_round_trips_as_none(tmp_path):
-    plan = make_plan(make_config(), np.random.default_rng(10), tokenizer=None)
+    plan = make_plan(tiny_config(), np.random.default_rng(10), tokenizer=None)
     write_apr(tmp_path / "notok.apr", plan)
     with read_apr(tmp_path / "notok.apr") as artifact:
         assert artifact.tokenizer is None
@@ -488,13 +435,12 @@ def gguf_rows_from_hf(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def test_gguf_style_llama_names_are_mapped_and_qk_unpermuted(tmp_path):
     """What `apr import model.gguf` writes for llama: GGUF names, shapes reversed, Q/K rows permuted."""
-    config = make_config("llama", tied=True, num_heads=2, num_kv_heads=1, head_dim=4)
+    config = tiny_config("llama", tied=True, num_heads=2, num_kv_heads=1, head_dim=4)
     rng = np.random.default_rng(11)
     hf_tensors = {}
     for name, shape in expected_tensors(config).items():
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            rows, cols = shape
-            hf_tensors[name] = (1000 * np.arange(rows)[:, None] + np.arange(cols)[None, :]).astype("<f4")
+            hf_tensors[name] = position_values(shape)
         else:
             hf_tensors[name] = rng.standard_normal(shape).astype("<f4")
     names_hf_to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
@@ -562,7 +508,7 @@ def test_gguf_style_llama_names_are_mapped_and_qk_unpermuted(tmp_path):
 
 def test_hf_named_llama_file_is_not_unpermuted(tmp_path):
     """HF names mean HF row order: a reader that always un-permuted llama would scramble these."""
-    config = make_config("llama")
+    config = tiny_config("llama")
     plan = make_plan(config, np.random.default_rng(12))
     plan.tensors = [position_tensor(t.name, *t.shape) if t.name.endswith("q_proj.weight") else t for t in plan.tensors]
     write_apr(tmp_path / "hf.apr", plan)
