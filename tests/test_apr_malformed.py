@@ -18,46 +18,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convqa import encodings
-from convqa.arch import expected_tensors
 from convqa.errors import FormatError
 from convqa.formats import open_model
 from convqa.formats.apr import AprWriter, read_apr, write_apr
-from convqa.model import LazyTensor, ModelConfig, TokenizerSpec, WritePlan
+from convqa.model import LazyTensor, ModelConfig, WritePlan
+from tinymodel import random_tensor, tiny_config, tiny_plan, tiny_tokenizer, tiny_values
 
-CONFIG = ModelConfig(
-    architecture="llama",
-    vocab_size=16,
-    hidden_size=8,
-    intermediate_size=12,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=4,
-    max_position_embeddings=64,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-)
-TOKENIZER = TokenizerSpec(
-    model="gpt2",
-    pre="smollm",
-    tokens=["<s>", "</s>"] + [f"t{i}" for i in range(14)],
-    token_types=[3, 3] + [1] * 14,
-    merges=["t 1"],
-    bos_token_id=0,
-    eos_token_id=1,
-)
+CONFIG = tiny_config(layers=1)
 
 
 def _plan(config: ModelConfig = CONFIG) -> WritePlan:
+    """Standard-normal F32 weights plus an extra Q4_K tensor of random bytes (one rng, seed 0).
+    The tests below break fields of exactly this file."""
     rng = np.random.default_rng(0)
-    tensors = []
-    for name, shape in expected_tensors(config).items():
-        raw = rng.standard_normal(shape).astype("<f4").view(np.uint8).reshape(-1)
-        tensors.append(LazyTensor(name=name, shape=shape, encoding=encodings.F32, load_raw=lambda raw=raw: raw))
-    q4k = rng.integers(0, 256, encodings.Q4_K.nbytes((2, 256)), dtype=np.uint8)
-    tensors.append(LazyTensor("extra.q4_k", (2, 256), encodings.Q4_K, lambda: q4k))
-    return WritePlan(config=config, tokenizer=TOKENIZER, tensors=tensors, metadata={"converter": "test"})
+    plan = tiny_plan(config, tiny_values(config, rng), tokenizer=tiny_tokenizer("plain"))
+    plan.tensors.append(random_tensor("extra.q4_k", (2, 256), encodings.Q4_K, rng))
+    return plan
 
 
 @pytest.fixture(scope="module")
