@@ -14,40 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from convqa import encodings
-from convqa.arch import expected_tensors
 from convqa.errors import FormatError
 from convqa.formats import open_model
 from convqa.formats.gguf import read_gguf, write_gguf
-from convqa.model import LazyTensor, ModelConfig, TokenizerSpec, WritePlan
+from tinymodel import tiny_config, tiny_plan, tiny_tokenizer, tiny_values
 
-CONFIG = ModelConfig(
-    architecture="llama",
-    vocab_size=8,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=16,
-    max_position_embeddings=64,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-05,
-    tie_word_embeddings=True,
-)
-TOKENIZER = TokenizerSpec(
-    model="gpt2",
-    pre="smollm",
-    tokens=["<s>", "a", "b", "ab", "c", "abc"],
-    token_types=[3, 1, 1, 1, 1, 1],
-    merges=["a b", "ab c"],
-    bos_token_id=0,
-    eos_token_id=0,
-    chat_template="{{ messages }}",
-)
+CONFIG = tiny_config(preset="q8-narrow", layers=1, tied=True, vocab_size=8, max_position_embeddings=64)
+TOKENIZER = tiny_tokenizer("merges")
 
 
-def _encoding_for(name: str, ndim: int) -> encodings.Encoding:
-    if ndim == 1:
+def _encoding_for(name: str, shape: tuple) -> encodings.Encoding:
+    if len(shape) == 1:
         return encodings.F32
     return encodings.F16 if name == "model.embed_tokens.weight" else encodings.Q8_0
 
@@ -55,13 +32,9 @@ def _encoding_for(name: str, ndim: int) -> encodings.Encoding:
 @pytest.fixture(scope="module")
 def valid_bytes(tmp_path_factory) -> bytes:
     """A small llama GGUF: F32 norms, F16 embedding, Q8_0 projections, padded tokenizer."""
-    rng = np.random.default_rng(0)
-    tensors = []
-    for name, shape in expected_tensors(CONFIG).items():
-        stored = _encoding_for(name, len(shape)).encode(rng.normal(0, 0.5, size=shape).astype(np.float32))
-        tensors.append(LazyTensor(name, shape, _encoding_for(name, len(shape)), lambda stored=stored: stored))
+    values = tiny_values(CONFIG, np.random.default_rng(0), std=0.5)
     path = tmp_path_factory.mktemp("valid") / "tiny.gguf"
-    write_gguf(path, WritePlan(CONFIG, TOKENIZER, tensors, metadata={"test": True}))
+    write_gguf(path, tiny_plan(CONFIG, values, _encoding_for, tokenizer=TOKENIZER, metadata={"test": True}))
     return path.read_bytes()
 
 
