@@ -11,7 +11,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 
@@ -39,12 +38,12 @@ def position_encode(model_dir: Path, names: list[str]) -> None:
     leaves a value in the wrong place that a test can point at.
     """
     from safetensors.numpy import load_file, save_file
+    from tinymodel import position_values
 
     path = model_dir / "model.safetensors"
     tensors = load_file(path)
     for name in names:
-        rows, cols = tensors[name].shape
-        tensors[name] = (1000.0 * np.arange(rows)[:, None] + np.arange(cols)[None, :]).astype(tensors[name].dtype)
+        tensors[name] = position_values(tensors[name].shape).astype(tensors[name].dtype)
     save_file(tensors, path, metadata={"format": "pt"})
 
 
