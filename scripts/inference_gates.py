@@ -1,25 +1,21 @@
 """Rule inference_gates: F-INF, F-INF-REF, F-ENGINE-001 and F-SERVE-001 rows of one (model, variant, tier),
 plus the throughput table and per-prompt details the report shows."""
 
-import traceback
 from collections import Counter
 
+from convqa.files import write_json
 from convqa.gates.inference_table import inference_gate_rows
 from convqa.gates.rows import write_rows_tsv
-from convqa.files import write_json
+from convqa.workflow.joblog import job_log
 
 model, variant = snakemake.wildcards.model, snakemake.wildcards.variant
-with open(snakemake.log[0], "w") as log:
-    try:
-        key, rows, extra = inference_gate_rows(
-            model, variant, snakemake.params.inputs, dict(snakemake.params.tolerances),
-            dict(snakemake.params.reference_tolerances), tuple(snakemake.params.modalities),
-        )
-        print(f"tolerances: inference.tolerances.{key}", file=log)
-        write_rows_tsv(rows, snakemake.output.gates)
-        write_json(snakemake.output.extra, extra)
-        statuses = dict(Counter(row.status for row in rows))
-        print(f"{model} {variant}: {len(rows)} inference gate rows {statuses}", file=log)
-    except Exception:
-        traceback.print_exc(file=log)
-        raise
+with job_log(snakemake.log[0]) as log:
+    key, rows, extra = inference_gate_rows(
+        model, variant, snakemake.params.inputs, dict(snakemake.params.tolerances),
+        dict(snakemake.params.reference_tolerances), tuple(snakemake.params.modalities),
+    )
+    print(f"tolerances: inference.tolerances.{key}", file=log)
+    write_rows_tsv(rows, snakemake.output.gates)
+    write_json(snakemake.output.extra, extra)
+    statuses = dict(Counter(row.status for row in rows))
+    print(f"{model} {variant}: {len(rows)} inference gate rows {statuses}", file=log)

@@ -58,7 +58,7 @@ class SourceError(RuntimeError):
 
 
 def kind_fingerprint_args(kind: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(formats, excluded modules) for `convqa.workflow.fingerprint.source_fingerprint`."""
+    """(formats, excluded modules) of the source job's code fingerprint (`convqa.workflow.jobs.Jobs.code`)."""
     if kind not in KIND_FORMATS:
         raise SourceError(f"unknown source kind {kind!r}; expected one of {', '.join(KIND_FORMATS)}")
     exclude = tuple(m for m, kinds in KIND_ONLY_MODULES.items() if kind not in kinds)

@@ -130,7 +130,7 @@ TIER_CHECKS = {"smoke": _SMOKE_CHECKS, "mvp": _MVP_CHECKS, "full": _FULL_CHECKS,
 
 def checks_for(tier: str, variant: str) -> list[Check]:
     """Checks for one variant. Quantized variants lose bit-exactness only on the first hop, so all
-    later hops are still held to exact equality by the gates (see convqa.gates)."""
+    later hops are still held to exact equality by the gates (convqa.gates.edges)."""
     try:
         return list(TIER_CHECKS[tier])
     except KeyError:
