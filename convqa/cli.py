@@ -63,11 +63,15 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_diff(args) -> int:
+    from convqa.compare.blocks import describe as describe_blocks
     from convqa.compare.tensors import compare_models
     from convqa.formats import open_model
 
     with open_model(args.a) as a, open_model(args.b) as b:
         result = compare_models(a, b, tolerance=args.tolerance)
+    # Within tolerance is not the same when a quantized tensor is not what the reference
+    # quantizer writes for the source: that is a quantizer bug hiding in the error band.
+    agree = result.ok and not result.reference_mismatches
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -76,13 +80,21 @@ def _cmd_diff(args) -> int:
                 continue
             err = f" max|d|={row.max_abs:.3g} norm={row.normalized_max_abs:.3g} tol={row.tolerance:g}" if row.max_abs is not None else ""
             print(f"{row.status:<22} {row.name}{err} {row.diagnosis}".rstrip())
+        for row in result.reference_mismatches:
+            finding = row.reference_blocks
+            print(f"reference quantizer    {describe_blocks(row.name, finding)}")
+            if finding.get("map"):
+                print(f"  blocks [{finding['map']}] ('#' = a differing block in that stretch)")
         for field, (ra, rb) in result.config_differences.items():
             print(f"config {field}: {ra!r} -> {rb!r}")
         for field, detail in result.tokenizer_differences.items():
             print(f"tokenizer {field}: {detail}")
         s = result.summary()
-        print(f"{'SAME' if result.ok else 'DIFFERENT'}: {s['tensors']} tensors {s['by_status']}")
-    return 0 if result.ok else EXIT_DIFFERENT
+        quantizer = s.get("reference_quantizer")
+        blocks = (f"; {quantizer['differing']} of {quantizer['tensors']} quantized tensors differ from the reference "
+                  "quantizer" if quantizer else "")
+        print(f"{'SAME' if agree else 'DIFFERENT'}: {s['tensors']} tensors {s['by_status']}{blocks}")
+    return 0 if agree else EXIT_DIFFERENT
 
 
 def _cmd_serve(args) -> int:

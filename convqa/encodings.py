@@ -180,8 +180,11 @@ QUANT_TARGETS = {
 
 # Normalised max error (max |a - b| / max |a|) allowed when one side is stored in this encoding.
 # Each value is the encoding's worst-case rounding error relative to the block/tensor maximum,
-# with headroom: Q8_0 rounds to amax_block/127 steps (error <= 0.4%), Q4_0 to amax/8 (<= 6.3%),
-# Q4_1 to (max-min)/15 (<= 6.7% of amax), APR Q4 to amax/7 (<= 7.2%), F16 2^-11, BF16 2^-8.
+# with headroom: Q8_0 rounds to amax_block/127 steps (error <= 0.4%), Q4_1 to (max-min)/15
+# (<= 6.7% of amax), APR Q4 to amax/7 (<= 7.2%), F16 2^-11, BF16 2^-8. Q4_0 and Q5_0 scale by the
+# signed extreme m (d = m/-8, m/-16) and clip the other end: a value near -m stores 7d (15d), an
+# error of |m|/8 = 12.5% (|m|/16 = 6.25%); measured 9.9% and 4.6% on qwen2-tiny, where the
+# earlier 8% / 4% failed correct conversions.
 ENCODING_TOLERANCE = {
     "F32": 0.0,
     "F64": 0.0,
@@ -190,11 +193,11 @@ ENCODING_TOLERANCE = {
     "Q8_0": 5e-3,
     "APR_Q8": 5e-3,
     "Q6_K": 2e-2,
-    "Q5_0": 4e-2,
+    "Q5_0": 7e-2,
     "Q5_1": 4e-2,
     "Q5_K": 4e-2,
     "Q4_K": 8e-2,
-    "Q4_0": 8e-2,
+    "Q4_0": 0.13,
     "Q4_1": 8e-2,
     "APR_Q4": 8e-2,
     "Q3_K": 0.15,

@@ -37,7 +37,8 @@ def test_expansion_adds_one_model_per_mutant_and_a_correct_model_per_preset():
     models = config["models"]
     assert models["det-skip-qk-permute"]["route"] == {"st-gguf": "mutant-skip-qk-permute"}
     assert models["det-q8_0-as-apr-dtype-8"]["variants"] == ["q8_0"]
-    assert models["det-correct-qwen2-tiny"]["variants"] == ["native", "q8_0", "bf16"]
+    assert models["det-correct-qwen2-tiny"]["variants"] == ["native", "q8_0", "bf16", "q4_0"]
+    assert models["det-correct-qwen2.5-tiny-bf16"]["variants"] == ["native", "q8_0"]
     assert models["det-correct-llama-tiny"]["variants"] == ["native"]
     assert "det-write-beside-input" not in models, "an output-path mutant fails its job by design: its own rule"
     entry = config["converters"]["mutant-bf16-truncate"]
@@ -86,7 +87,8 @@ def test_a_cell_shows_the_worst_row_and_how_loudly_it_failed():
 
 # ---------------------------------------------------------------- a real detection run
 
-SUBSET = ("dims-not-reversed", "q8_0-as-apr-dtype-8", "nondeterministic", "write-beside-input", "bf16-truncate")
+SUBSET = ("dims-not-reversed", "q8_0-as-apr-dtype-8", "nondeterministic", "write-beside-input", "bf16-truncate",
+          "q8_0-scale-off")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,9 @@ def test_detection_run_catches_every_mutant_of_the_subset(subset_matrix):
     assert sorted(truncate["inference_failed"]) == ["F-INF-REF-gguf-cpu-chat", "F-INF-REF-gguf-cpu-run"]
     assert truncate["cells"]["F-INF-gguf-cpu-run"]["status"] == "pass"
     assert float(truncate["cells"]["F-INF-REF-gguf-cpu-run"]["value"]) > 0
+    scale = by_name["q8_0-scale-off"]  # inside the tensor tolerance: the reference quantizer names the block
+    assert scale["first"]["gate"] == "F-QUANT-001" and "stored scale" in scale["first"]["reason"]
+    assert scale["cells"]["F-CONV-S-G"]["status"] == "pass"
     beside = by_name["write-beside-input"]
     assert beside["first"]["gate"] == output_contract.OUTPUT_CONTRACT_GATE
     assert "model.converted.gguf" in beside["first"]["reason"] and output_contract.SCRATCH in beside["first"]["reason"]

@@ -160,7 +160,9 @@ def test_nan_weight_poisons_one_value(synthetic_dir, tmp_path, fmt, ext):
 def test_every_mutant_is_documented_and_tested():
     tested = {"dims-not-reversed", "transpose-2d", "skip-qk-permute", "drop-qkv-bias", "drop-tokenizer", "drop-chat-template",
               "shift-special-token", "lose-rope-theta", "change-rms-eps", "q8_0-as-apr-dtype-8", "drop-lm-head",
-              "write-beside-input", "nondeterministic", "bf16-truncate", "bf16-norms-in-gguf", "nan-weight"}
+              "write-beside-input", "nondeterministic", "bf16-truncate", "bf16-norms-in-gguf", "nan-weight",
+              # tests/test_quantizer_gate.py
+              "q8_0-scale-off", "q8_0-round-half-down", "q4_0-nibble-swap"}
     assert set(MUTANTS) == tested
     for m in MUTANTS.values():
         assert m.bug and m.origin and m.targets

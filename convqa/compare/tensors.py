@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
+from convqa.compare.blocks import is_quantization, reference_blocks
 from convqa.encodings import ENCODING_TOLERANCE
 from convqa.model import ModelArtifact, ModelConfig, TokenizerSpec
 
@@ -36,6 +37,9 @@ class TensorComparison:
     # correct BF16 of an F32 is exact, so a truncating converter shows here even where its error
     # stays inside the BF16 tolerance.
     rounding_mismatches: int | None = None
+    # A tensor quantized out of a plain-float reference: its stored blocks against the reference
+    # quantizer's (convqa.compare.blocks, gate F-QUANT-001). None when no quantization happened.
+    reference_blocks: dict | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,7 +70,18 @@ class ModelComparison:
         for t in self.tensors:
             counts[t.status] = counts.get(t.status, 0) + 1
         worst = max((t.normalized_max_abs or 0.0 for t in self.tensors), default=0.0)
-        return {"tensors": len(self.tensors), "by_status": counts, "worst_normalized_max_abs": worst}
+        summary = {"tensors": len(self.tensors), "by_status": counts, "worst_normalized_max_abs": worst}
+        checked = [t for t in self.tensors if t.reference_blocks and t.reference_blocks.get("byte_exact_demanded")]
+        if checked:
+            summary["reference_quantizer"] = {"tensors": len(checked),
+                                              "differing": sum(1 for t in checked if t.reference_blocks.get("differing_blocks") != 0)}
+        return summary
+
+    @property
+    def reference_mismatches(self) -> list[TensorComparison]:
+        """Tensors whose stored blocks are not the reference quantizer's."""
+        return [t for t in self.tensors if t.reference_blocks and t.reference_blocks.get("byte_exact_demanded")
+                and t.reference_blocks.get("differing_blocks") != 0]
 
 
 def tolerance_for(ref_encoding: str, cand_encoding: str) -> float:
@@ -109,6 +124,8 @@ def compare_tensor(a, b, config: ModelConfig | None = None, tolerance: float | N
     va = a.to_float32().astype(np.float32, copy=False)
     vb = b.to_float32().astype(np.float32, copy=False)
     _fill_errors(row, va, vb)
+    if is_quantization(a.encoding, b.encoding):
+        row.reference_blocks = reference_blocks(va, b)
     if a.encoding.name == "F32" and b.encoding.name == "BF16":
         expected = np.frombuffer(b.encoding.encode(va).tobytes(), dtype="<u2")
         row.rounding_mismatches = int(np.count_nonzero(expected != b.raw().view("<u2").reshape(-1)))

@@ -184,6 +184,82 @@ def nan_weight(plan, source, src, dst):
     return _map_tensors(plan, poisoned), dst
 
 
+# The tensor whose block a scale mutant shifts: a real converter bug hits one tensor's blocks
+# somewhere in the middle, which the worst-case Q8_0 error band (0.4% of the block maximum) hides.
+SCALE_OFF_TENSOR = "model.layers.0.mlp.down_proj.weight"
+SCALE_OFF_FACTOR = 1.01
+
+
+def _restored(t: LazyTensor, transform: Callable[[np.ndarray], np.ndarray]) -> LazyTensor:
+    """`t` with its stored bytes passed through `transform` (a copy of the uint8 array)."""
+    def load() -> np.ndarray:
+        return transform(np.array(t.raw(), dtype=np.uint8))
+
+    return LazyTensor(t.name, t.shape, t.encoding, load)
+
+
+def q8_0_scale_off(plan, source, src, dst):
+    def shifted(raw: np.ndarray) -> np.ndarray:
+        blocks = raw.reshape(-1, encodings.Q8_0.block_bytes)
+        scales = blocks[:, :2].copy().view("<f2").reshape(-1)
+        # The quietest block (smallest nonzero scale): its error, up to 1.4% of the block's
+        # largest value, stays inside the tensor gates' band (0.5% of the tensor's largest value)
+        # when that block is 3x quieter than the loudest, as the bug does in the field.
+        magnitude = np.where(scales != 0, np.abs(scales.astype(np.float32)), np.inf)
+        if not np.isfinite(magnitude).any():
+            raise ConversionError(f"q8_0-scale-off: {SCALE_OFF_TENSOR} has no nonzero block scale")
+        block = int(np.argmin(magnitude))
+        blocks[block, :2] = np.array([scales[block] * SCALE_OFF_FACTOR], dtype="<f2").view(np.uint8)
+        return blocks.reshape(-1)
+
+    target = next((t for t in plan.tensors if t.name == SCALE_OFF_TENSOR), None)
+    if target is None or target.encoding != encodings.Q8_0:
+        raise ConversionError(f"q8_0-scale-off needs {SCALE_OFF_TENSOR} stored as Q8_0 (--quant q8_0)")
+    return _map_tensors(plan, lambda t: _restored(t, shifted) if t.name == SCALE_OFF_TENSOR else t), dst
+
+
+def q8_0_round_half_down(plan, source, src, dst):
+    # The correct Q8_0 (gguf-py's, as llama.cpp's quantize_row_q8_0_ref) rounds half away from
+    # zero; this one rounds exact ties down. Ties are rare in F32 data (1 in ~10^5 values) and
+    # common in BF16 checkpoints (1 in ~500), whose 8-bit mantissas often land on k + 0.5.
+    def rounded_down(t: LazyTensor) -> LazyTensor:
+        if t.encoding != encodings.Q8_0:
+            return t
+        original = source.tensors[t.name]
+
+        def fix(raw: np.ndarray) -> np.ndarray:
+            blocks = raw.reshape(-1, encodings.Q8_0.block_bytes)
+            values = original.to_float32().reshape(-1, encodings.Q8_0.block_elems).astype(np.float32)
+            d = np.abs(values).max(axis=1, keepdims=True) / np.float32(127)
+            with np.errstate(divide="ignore"):
+                inverse = np.where(d == 0, np.float32(0), np.float32(1) / d).astype(np.float32)
+            scaled = (values * inverse).astype(np.float32)
+            ties = (scaled > 0) & (scaled - np.floor(scaled) == np.float32(0.5))
+            quants = blocks[:, 2:].view(np.int8)
+            quants[ties] -= 1
+            return blocks.reshape(-1)
+
+        return _restored(t, fix)
+
+    if not any(t.encoding == encodings.Q8_0 for t in plan.tensors):
+        raise ConversionError("q8_0-round-half-down needs a q8_0 conversion (--quant q8_0)")
+    return _map_tensors(plan, rounded_down), dst
+
+
+def q4_0_nibble_swap(plan, source, src, dst):
+    # ggml packs element j of a Q4_0 block in the low nibble of byte j and element j + 16 in its
+    # high nibble; this writer swaps them (the packing-order bug class of hand-written kernels).
+    def swapped(raw: np.ndarray) -> np.ndarray:
+        blocks = raw.reshape(-1, encodings.Q4_0.block_bytes)
+        packed = blocks[:, 2:]
+        blocks[:, 2:] = (packed >> 4) | (packed << 4)
+        return blocks.reshape(-1)
+
+    if not any(t.encoding == encodings.Q4_0 for t in plan.tensors):
+        raise ConversionError("q4_0-nibble-swap needs a q4_0 conversion (--quant q4_0)")
+    return _map_tensors(plan, lambda t: _restored(t, swapped) if t.encoding == encodings.Q4_0 else t), dst
+
+
 MUTANTS = {
     m.name: m
     for m in [
@@ -204,6 +280,9 @@ MUTANTS = {
         Mutant("bf16-truncate", "F32 -> BF16 by truncating the mantissa instead of rounding to nearest even", "ggml_compute_fp32_to_bf16 rounds", ("gguf", "apr", "safetensors"), True, bf16_truncate),
         # Same values, so transformers computes the same function; llama.cpp cannot run the file at all.
         Mutant("bf16-norms-in-gguf", "a BF16 checkpoint's norms and biases stored in BF16 in GGUF; llama.cpp aborts on the first forward pass (binary_op: unsupported types)", "convqa's GGUF writer before issue 10; convert_hf_to_gguf.py keeps 1-D tensors F32", ("gguf",), False, bf16_norms_in_gguf),
+        Mutant("q8_0-scale-off", "one Q8_0 block scale of one ffn_down tensor 1% too large: inside the Q8_0 error band", "aprender Q3_K read 6-bit scales as 4-bit; scale bugs pass all-zero-block tests", ("gguf",), True, q8_0_scale_off),
+        Mutant("q8_0-round-half-down", "Q8_0 rounds exact ties down instead of half away from zero (llama.cpp's roundf)", "quantizer rounding bugs; ties are common in BF16 checkpoints", ("gguf",), True, q8_0_round_half_down),
+        Mutant("q4_0-nibble-swap", "Q4_0 nibbles packed in the wrong order within each block (element j+16 in the low nibble)", "aprender Q2_K: 185 of 256 elements wrong", ("gguf",), True, q4_0_nibble_swap),
         Mutant("nan-weight", "one weight value written as NaN (an F16 overflow, an uninitialised buffer)", "F16 export overflow (|x| > 65504 becomes inf, inf - inf NaN)", ("gguf", "apr", "safetensors"), True, nan_weight),
     ]
 }

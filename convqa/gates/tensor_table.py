@@ -1,7 +1,8 @@
 """The tensor-level gate table of one (model, variant, tier): rule tensor_gates (scripts/gates.py).
 
 Reads the manifests, sidecars and comparisons the workflow wrote (JSON) and evaluates, in this
-order: the per-artifact gates of every chain, every planned comparison check, and the contract
+order: the per-artifact gates of every chain, every planned comparison check (a first hop's
+with its F-QUANT-001 row in lossy variants), and the contract
 gates of every converted artifact against its parent.
 """
 
@@ -13,6 +14,8 @@ from convqa.gates.artifact import artifact_rows
 from convqa.gates.contracts import contract_rows
 from convqa.gates.edges import check_rows
 from convqa.gates.output_contract import conversion_failure_rows
+from convqa.gates.quantizer import applies as quantizer_applies
+from convqa.gates.quantizer import quantizer_rows
 from convqa.gates.rows import GateRow
 from convqa.workflow import plan
 
@@ -41,6 +44,8 @@ def tensor_gate_rows(model: str, variant: str, tier: str, inputs: dict) -> list[
         else:
             check_inputs = {"comparison": comparisons[f"{check.subject}~{check.reference}"]}
         rows += check_rows(check, check_inputs, model, variant)
+        if variant != "native" and quantizer_applies(check):
+            rows += quantizer_rows(check, check_inputs["comparison"], model, variant)
     for chain in plan.artifact_chains(tier, variant):
         parent = plan.parent(chain)
         contract_inputs = {

@@ -208,6 +208,22 @@ def _encoding_counts(tensors: list[dict]) -> dict:
     return dict(sorted(counts.items()))
 
 
+def reference_blocks_text(finding: dict | None) -> str:
+    """A quantized tensor's blocks against the reference quantizer (F-QUANT-001), for the tensor
+    table: empty when they are byte-identical or no quantization happened."""
+    if not finding or not finding.get("byte_exact_demanded") or finding.get("differing_blocks") == 0:
+        return ""
+    if finding.get("differing_blocks") is None:
+        return str(finding.get("reason", ""))
+    first = finding.get("first") or {}
+    cols = first.get("cols") or ["?", "?"]
+    text = (f"{finding['differing_blocks']} of {finding['blocks']} {finding['encoding']} blocks differ from the reference "
+            f"quantizer; first {first.get('index')} (row {first.get('row')}, cols {cols[0]}..{cols[1]})")
+    if "stored_scale" in first:
+        text += f", scale {first['stored_scale']:.6g} (expected {first['expected_scale']:.6g})"
+    return text + f" [{finding.get('map', '')}]"
+
+
 def tensor_check_evidence(label: str, comparison: dict) -> dict:
     """One tensor comparison reduced to what the plots and failure tables need."""
     tensors = []
@@ -224,7 +240,9 @@ def tensor_check_evidence(label: str, comparison: dict) -> dict:
             "ref_encoding": t.get("ref_encoding"),
             "cand_encoding": t.get("cand_encoding"),
             "diagnosis": t.get("diagnosis") or "",
+            "blocks": reference_blocks_text(t.get("reference_blocks")),
         })
+        tensors[-1]["flagged"] = not tensors[-1]["ok"] or bool(tensors[-1]["blocks"])
     return {
         "label": label,
         "ok": bool(comparison.get("ok")),

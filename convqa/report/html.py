@@ -70,12 +70,12 @@ Generated {{ ev.generated_at }}, evidence schema <code>{{ ev.schema_version }}</
 One marker per tensor role: a layout bug on one role shows as one marker apart from the rest.</p>
 {% for c in ev.tensor_checks %}<h3 id="check-{{ loop.index0 }}">{{ c.label }}</h3>
 {% if tensor_pngs[loop.index0] %}<p><img alt="per-tensor error by layer, {{ c.label }}" src="data:image/png;base64,{{ tensor_pngs[loop.index0] }}"></p>{% endif %}
-{% set bad = c.tensors | rejectattr("ok") | list %}
+{% set bad = c.tensors | selectattr("flagged") | list %}
 {% if c.config_differences %}<p>Config differences: {% for k, v in c.config_differences.items() %}<code>{{ k }}</code> {{ v[0] }} &rarr; {{ v[1] }}{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
 {% if c.tokenizer_differences %}<p>Tokenizer differences: {% for k in c.tokenizer_differences %}<code>{{ k }}</code>{% if not loop.last %}, {% endif %}{% endfor %}</p>{% endif %}
-{% if bad %}<table><tr><th>tensor</th><th>layer</th><th>kind</th><th>status</th><th>normalised max error</th><th>tolerance</th><th>diagnosis</th></tr>
-{% for t in bad %}<tr class="st-fail"><td class="mono">{{ t.name }}</td><td class="num">{{ t.layer if t.layer is not none else "" }}</td><td>{{ t.kind }}</td><td>{{ t.status }}</td><td class="num">{{ t.normalized_max_abs | num }}</td><td class="num">{{ t.tolerance | num }}</td><td>{{ t.diagnosis }}</td></tr>
-{% endfor %}</table>{% else %}<p>{{ c.tensors | length }} tensors, all within tolerance.</p>{% endif %}
+{% if bad %}<table><tr><th>tensor</th><th>layer</th><th>kind</th><th>status</th><th>normalised max error</th><th>tolerance</th><th>diagnosis</th><th>blocks vs reference quantizer</th></tr>
+{% for t in bad %}<tr class="st-fail"><td class="mono">{{ t.name }}</td><td class="num">{{ t.layer if t.layer is not none else "" }}</td><td>{{ t.kind }}</td><td>{{ t.status }}</td><td class="num">{{ t.normalized_max_abs | num }}</td><td class="num">{{ t.tolerance | num }}</td><td>{{ t.diagnosis }}</td><td class="mono">{{ t.blocks }}</td></tr>
+{% endfor %}</table>{% else %}<p>{{ c.tensors | length }} tensors, all within tolerance{% if c.summary.get("reference_quantizer") %}, {{ c.summary["reference_quantizer"]["tensors"] }} quantized tensors byte-identical to the reference quantizer{% endif %}.</p>{% endif %}
 {% endfor %}{% endif %}
 
 {% if inference_section %}<h2>Inference</h2>

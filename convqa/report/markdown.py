@@ -113,12 +113,14 @@ def _tensor_checks(evidence: dict) -> list[str]:
     out += table(["check", "result", "tensors", "out of tolerance", "worst normalised error", "config differences",
                   "tokenizer differences"], rows)
     for c in checks:
-        bad = [t for t in c["tensors"] if not t["ok"]]
+        bad = [t for t in c["tensors"] if not t["ok"] or t.get("blocks")]
         if bad:
-            out += [f"### {cell(c['label'])}: tensors out of tolerance ({len(bad)})", ""]
-            out += table(["tensor", "layer", "kind", "status", "normalised max error", "tolerance", "diagnosis"],
+            out += [f"### {cell(c['label'])}: tensors out of tolerance or off the reference quantizer ({len(bad)})", ""]
+            out += table(["tensor", "layer", "kind", "status", "normalised max error", "tolerance", "diagnosis",
+                          "blocks vs reference quantizer"],
                          [[t["name"], "" if t["layer"] is None else t["layer"], t["kind"], t["status"],
-                           display_number(t["normalized_max_abs"]), display_number(t["tolerance"]), t["diagnosis"]]
+                           display_number(t["normalized_max_abs"]), display_number(t["tolerance"]), t["diagnosis"],
+                           t.get("blocks", "")]
                           for t in bad])
     return out
 
