@@ -339,7 +339,7 @@ class _RowCollector(HTMLParser):
         if tag == "tr" and "data-gate" in a:
             self.rows.append((a["data-gate"], a["data-subject"], a["data-reference"]))
         if tag == "img":
-            self.imgs.append(a["src"])
+            self.imgs.append((a["alt"], a["src"]))
 
 
 def test_markdown_rows_are_in_evidence(report):
@@ -365,9 +365,11 @@ def test_html_rows_are_in_evidence_and_page_is_self_contained(report):
         assert forbidden not in page, forbidden
     assert "script" not in parser.tags and "link" not in parser.tags
     assert "&lt;script&gt;alert" in page and "&lt;b&gt;prompt 0&lt;/b&gt;" in page
-    # matrix + one plot per tensor check + KL per position; all inline PNGs
-    assert len(parser.imgs) == 1 + len(report["evidence"]["tensor_checks"]) + 1
-    for src in parser.imgs:
+    # matrix + one heatmap over all tensor checks + a detail plot for the failing check only (the
+    # bit-exact one gets none) + KL per position; all inline PNGs
+    assert [alt for alt, _ in parser.imgs] == ["gate matrix", "tensor error against tolerance, every comparison",
+                                               "per-tensor error by layer, F-CONV-S-G q8_0/st-gguf", "KL per position"]
+    for _, src in parser.imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     assert "NOT QUALIFIED" in page and "Throughput" in page and "812.5" in page
