@@ -13,6 +13,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
@@ -425,10 +426,79 @@ def test_summary_across_models(report, tmp_path):
 
 # --- the page in a real browser -----------------------------------------------------------------
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium on this machine")
-def test_html_renders_in_headless_chromium(report, tmp_path):
+# Runs in the page once it has loaded (a copy of the page: report.html itself holds no script) and
+# writes what the browser laid out into <pre id="probe">, which --dump-dom then prints.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const box = el => { if (!el) return null; const r = el.getBoundingClientRect(), st = getComputedStyle(el);
+    return {top: r.top, width: r.width, height: r.height, visible: st.display !== "none" && st.visibility !== "hidden"}; };
+  const imgs = [...document.images].map(i => ({alt: i.alt, complete: i.complete, natural: i.naturalWidth,
+                                               width: i.getBoundingClientRect().width}));
+  const out = {viewport: innerHeight, graph: box(document.getElementById("conversion-graph")),
+               heatmap: box(document.getElementById("tensor-heatmap")), imgs: imgs,
+               edges: [...document.querySelectorAll("#conversion-graph .edge")].map(e => e.dataset.status),
+               failing_labels: [...document.querySelectorAll("#conversion-graph text.failing-label")].map(
+                 t => [...t.childNodes].filter(n => n.nodeName !== "title").map(n => n.textContent).join(""))};
+  const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def chromium_probe(page: Path, tmp_path: Path, screenshot: Path | None = None) -> dict:
+    """Load `page` in headless Chromium (1280x1000) and return what PROBE saw; optionally
+    screenshot the first screen of the page itself."""
+    probed = tmp_path / f"probe-{page.parent.name}.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1000",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()], check=True,
+                         timeout=120, capture_output=True, text=True).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, "the probe did not run: " + dom[-500:]
+    if screenshot is not None:
+        subprocess.run(flags + [f"--screenshot={screenshot}", page.as_uri()], check=True, timeout=120, capture_output=True)
+    return json.loads(html.unescape(found.group(1)))
+
+
+def _assert_laid_out(probe: dict):
+    graph, heatmap = probe["graph"], probe["heatmap"]
+    assert graph and graph["visible"] and graph["width"] > 300 and graph["height"] > 200
+    assert graph["top"] < probe["viewport"], "the conversion graph is not on the first screen"
+    assert heatmap and heatmap["visible"] and heatmap["width"] > 200 and heatmap["height"] > 100
+    broken = [i["alt"] for i in probe["imgs"] if not (i["complete"] and i["natural"] > 0 and i["width"] > 0)]
+    assert probe["imgs"] and not broken, f"broken images: {broken}"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    if not CHROMIUM.exists():
+        if os.environ.get("CONVQA_REQUIRE_CHROMIUM"):
+            pytest.fail("CONVQA_REQUIRE_CHROMIUM is set but /usr/bin/chromium is missing")
+        pytest.skip("no /usr/bin/chromium on this machine (apt-get install chromium)")
+    return CHROMIUM
+
+
+def test_failing_page_in_headless_chromium(chromium, report, tmp_path):
     shot = tmp_path / "report.png"
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,4000",
-                    f"--screenshot={shot}", report["paths"]["html"].as_uri()], check=True, timeout=60,
-                   capture_output=True)
+    probe = chromium_probe(report["paths"]["html"], tmp_path, screenshot=shot)
+    _assert_laid_out(probe)
+    assert "fail" in probe["edges"] and "pass" in probe["edges"]
+    # the failing S->G edge is labelled with its most specific gate and the diagnosis
+    assert any("S\u2192G F-LAYOUT-001" in t and "permuted Q/K" in t for t in probe["failing_labels"]), probe["failing_labels"]
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+
+
+def test_passing_page_in_headless_chromium(chromium, inputs, tmp_path):
+    rows = [_row("G0-INTEGRITY", "native/st", "pass"), _row("G0-INTEGRITY", "native/st-apr", "pass"),
+            _row("F-CONV-S-A", "native/st-apr", "pass", reference="native/st", metric="normalized_max_abs", value=0,
+                 threshold=0),
+            _row("F-INF-apr-gpu-run", "native/st-apr", "skipped", reason="no CUDA device")]
+    comparisons = {k: v for k, v in inputs["comparisons"].items() if k == "F-CONV-S-A native/st-apr"}
+    paths = write_report(MODEL, [_write_tsv(tmp_path / "g.tsv", rows)], inputs["manifests"], inputs["sidecars"],
+                         comparisons, tmp_path / "passing")
+    page = paths["html"].read_text()
+    assert "gpu: 1 row skipped, no CUDA device" in page and "Nothing failed and nothing was left unevaluated" in page
+    probe = chromium_probe(paths["html"], tmp_path)
+    _assert_laid_out(probe)
+    assert set(probe["edges"]) == {"pass", "none"} and probe["failing_labels"] == []

@@ -206,8 +206,9 @@ def _panel_svg(variant: str, p: dict, x0: int) -> list[str]:
         labels.append((len(labels) + 1, "other", p["other"].label(), _color(p["other"].status)))
     y = 282
     for n, where, text, color in labels[:4]:
-        out.append(f'<text x="10" y="{y}" font-size="11" fill="{color}"><title>{escape(where + ": " + text)}</title>'
-                   f'<tspan font-weight="bold">{n} {escape(where)}</tspan> {escape(_shorten(text, 52))}</text>')
+        out.append(f'<text class="failing-label" x="10" y="{y}" font-size="11" fill="{color}">'
+                   f'<tspan font-weight="bold">{n} {escape(where)}</tspan> {escape(_shorten(text, 60))}'
+                   f'<title>{escape(where + ": " + text)}</title></text>')
         y += 14
     if len(labels) > 4:
         out.append(f'<text x="10" y="{y}" font-size="11" fill="#616161">and {len(labels) - 4} more below</text>')
