@@ -502,3 +502,54 @@ def test_passing_page_in_headless_chromium(chromium, inputs, tmp_path):
     probe = chromium_probe(paths["html"], tmp_path)
     _assert_laid_out(probe)
     assert set(probe["edges"]) == {"pass", "none"} and probe["failing_labels"] == []
+
+
+# --- page size at SmolLM2 scale -----------------------------------------------------------------
+
+def _smollm2_scale_evidence(base: dict) -> dict:
+    """A passing evidence the size of the SmolLM2-135M mvp run: 30 layers (272 tensors), 44
+    comparisons (40 bit-exact, 4 quantized at half their tolerance), 278 gate rows."""
+    import copy
+    roles = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{r}.weight" for i in range(30) for r in roles]
+    from convqa.report.evidence import tensor_kind
+    from convqa.arch import layer_index
+    from convqa.gates.registry import family_of
+    ev = copy.deepcopy(base)
+    checks = []
+    for j in range(44):
+        lossy = j >= 40
+        checks.append({"label": f"{'q8_0' if lossy else 'native'}/st-chain-{j}~st", "ok": True, "summary": {},
+                       "config_differences": {}, "tokenizer_differences": {}, "tensors": [
+                           {"name": n, "layer": layer_index(n), "kind": tensor_kind(n), "status": "within_tolerance",
+                            "ok": True, "flagged": False, "blocks": "", "diagnosis": "", "max_abs": 0.0,
+                            "normalized_max_abs": 0.0025 * (1 + (k % 7) / 10) if lossy and "norm" not in n else 0.0,
+                            "tolerance": 0.005 if lossy else 0.0, "ref_encoding": "F32", "cand_encoding": "F32"}
+                           for k, n in enumerate(names)]})
+    ev["tensor_checks"] = checks
+    rows = []
+    for i in range(278):
+        gate = ("G0-INTEGRITY", "G0-VALIDATE", "F-LAYOUT-001", "F-CONTRACT-I2", "F-CONV-S-G", "F-CONV-RT-001")[i % 6]
+        rows.append({"gate": gate, "family": family_of(gate),
+                     "subject": f"{'q8_0' if i % 2 else 'native'}/st-gguf-{i}", "reference": "native/st",
+                     "metric": "m", "value": 0, "threshold": 0, "status": "pass", "reason": "", "model": "smollm2",
+                     "variant": "native", "details": None, "source_table": "t.tsv", "source_line": i + 2})
+    ev["gates"], ev["summary"] = rows, summarize(rows)
+    return ev
+
+
+def test_page_stays_under_a_megabyte_at_smollm2_scale(report, capsys):
+    from convqa.report.html import render_html
+    page = render_html(_smollm2_scale_evidence(report["evidence"]))
+    size = len(page.encode("utf-8"))
+    with capsys.disabled():
+        print(f"\nreport.html at SmolLM2 scale: {size / 1e6:.2f} MB")
+    assert size < 1_000_000
+    parser = _RowCollector()
+    parser.feed(page)
+    alts = [alt for alt, _ in parser.imgs]
+    # one heatmap for 44 comparisons; detail plots only for the 4 that come within 10x of tolerance
+    assert alts.count("tensor error against tolerance, every comparison") == 1
+    assert len([a for a in alts if a.startswith("per-tensor error by layer")]) == 4
