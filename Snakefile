@@ -22,6 +22,10 @@ min_version("9.11")
 configfile: "config/config.yaml"
 
 
+# The description `snakemake --report` opens with; rules/report.smk attaches the outputs.
+report: "rules/captions/workflow.rst"
+
+
 # A `detection:` section (config/detection.yaml) adds one model per converter mutant and the
 # mutant converters before anything reads the model list (rules/detection.smk).
 from convqa.detection import matrix as convqa_detection

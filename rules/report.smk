@@ -1,5 +1,6 @@
 # Per model: qualification.json (the evidence) and report.md, report.html, junit.xml rendered
-# from it. Across models: the summary.
+# from it. Across models: the summary. Every output is attached to `snakemake --report` with a
+# caption (rules/captions/; the workflow description is rules/captions/workflow.rst).
 
 
 rule report:
@@ -9,18 +10,32 @@ rule report:
     output:
         evidence=report(
             paths.report_path("{model}", "{tier}", "qualification.json"),
+            caption="captions/evidence.rst",
             category="Qualification",
             subcategory="{model}",
             labels={"model": "{model}", "tier": "{tier}", "file": "evidence (JSON)"},
         ),
-        markdown=paths.report_path("{model}", "{tier}", "report.md"),
+        markdown=report(
+            paths.report_path("{model}", "{tier}", "report.md"),
+            caption="captions/report_md.rst",
+            category="Qualification",
+            subcategory="{model}",
+            labels={"model": "{model}", "tier": "{tier}", "file": "report (Markdown)"},
+        ),
         html=report(
             paths.report_path("{model}", "{tier}", "report.html"),
+            caption="captions/report_html.rst",
             category="Qualification",
             subcategory="{model}",
             labels={"model": "{model}", "tier": "{tier}", "file": "report (HTML)"},
         ),
-        junit=paths.report_path("{model}", "{tier}", "junit.xml"),
+        junit=report(
+            paths.report_path("{model}", "{tier}", "junit.xml"),
+            caption="captions/junit.rst",
+            category="Qualification",
+            subcategory="{model}",
+            labels={"model": "{model}", "tier": "{tier}", "file": "JUnit XML"},
+        ),
     log:
         paths.model_log("{model}", "report-{tier}.log"),
     localrule: True
@@ -41,11 +56,13 @@ rule summary:
     output:
         json=report(
             paths.summary_path("{tier}", "summary.json"),
+            caption="captions/summary.rst",
             category="Summary",
             labels={"tier": "{tier}", "file": "summary (JSON)"},
         ),
         markdown=report(
             paths.summary_path("{tier}", "summary.md"),
+            caption="captions/summary.rst",
             category="Summary",
             labels={"tier": "{tier}", "file": "summary (Markdown)"},
         ),

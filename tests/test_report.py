@@ -13,6 +13,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
@@ -339,7 +340,7 @@ class _RowCollector(HTMLParser):
         if tag == "tr" and "data-gate" in a:
             self.rows.append((a["data-gate"], a["data-subject"], a["data-reference"]))
         if tag == "img":
-            self.imgs.append(a["src"])
+            self.imgs.append((a["alt"], a["src"]))
 
 
 def test_markdown_rows_are_in_evidence(report):
@@ -365,9 +366,11 @@ def test_html_rows_are_in_evidence_and_page_is_self_contained(report):
         assert forbidden not in page, forbidden
     assert "script" not in parser.tags and "link" not in parser.tags
     assert "&lt;script&gt;alert" in page and "&lt;b&gt;prompt 0&lt;/b&gt;" in page
-    # matrix + one plot per tensor check + KL per position; all inline PNGs
-    assert len(parser.imgs) == 1 + len(report["evidence"]["tensor_checks"]) + 1
-    for src in parser.imgs:
+    # matrix + one heatmap over all tensor checks + a detail plot for the failing check only (the
+    # bit-exact one gets none) + KL per position; all inline PNGs
+    assert [alt for alt, _ in parser.imgs] == ["gate matrix", "tensor error against tolerance, every comparison",
+                                               "per-tensor error by layer, F-CONV-S-G q8_0/st-gguf", "KL per position"]
+    for _, src in parser.imgs:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG\r\n\x1a\n")
     assert "NOT QUALIFIED" in page and "Throughput" in page and "812.5" in page
@@ -423,10 +426,130 @@ def test_summary_across_models(report, tmp_path):
 
 # --- the page in a real browser -----------------------------------------------------------------
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium on this machine")
-def test_html_renders_in_headless_chromium(report, tmp_path):
+# Runs in the page once it has loaded (a copy of the page: report.html itself holds no script) and
+# writes what the browser laid out into <pre id="probe">, which --dump-dom then prints.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const box = el => { if (!el) return null; const r = el.getBoundingClientRect(), st = getComputedStyle(el);
+    return {top: r.top, width: r.width, height: r.height, visible: st.display !== "none" && st.visibility !== "hidden"}; };
+  const imgs = [...document.images].map(i => ({alt: i.alt, complete: i.complete, natural: i.naturalWidth,
+                                               width: i.getBoundingClientRect().width}));
+  const out = {viewport: innerHeight, graph: box(document.getElementById("conversion-graph")),
+               heatmap: box(document.getElementById("tensor-heatmap")), imgs: imgs,
+               edges: [...document.querySelectorAll("#conversion-graph .edge")].map(e => e.dataset.status),
+               failing_labels: [...document.querySelectorAll("#conversion-graph text.failing-label")].map(
+                 t => [...t.childNodes].filter(n => n.nodeName !== "title").map(n => n.textContent).join(""))};
+  const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def chromium_probe(page: Path, tmp_path: Path, screenshot: Path | None = None) -> dict:
+    """Load `page` in headless Chromium (1280x1000) and return what PROBE saw; optionally
+    screenshot the first screen of the page itself."""
+    probed = tmp_path / f"probe-{page.parent.name}.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1000",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = subprocess.run(flags + ["--virtual-time-budget=10000", "--dump-dom", probed.as_uri()], check=True,
+                         timeout=120, capture_output=True, text=True).stdout
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found, "the probe did not run: " + dom[-500:]
+    if screenshot is not None:
+        subprocess.run(flags + [f"--screenshot={screenshot}", page.as_uri()], check=True, timeout=120, capture_output=True)
+    return json.loads(html.unescape(found.group(1)))
+
+
+def _assert_laid_out(probe: dict):
+    graph, heatmap = probe["graph"], probe["heatmap"]
+    assert graph and graph["visible"] and graph["width"] > 300 and graph["height"] > 200
+    assert graph["top"] < probe["viewport"], "the conversion graph is not on the first screen"
+    assert heatmap and heatmap["visible"] and heatmap["width"] > 200 and heatmap["height"] > 100
+    broken = [i["alt"] for i in probe["imgs"] if not (i["complete"] and i["natural"] > 0 and i["width"] > 0)]
+    assert probe["imgs"] and not broken, f"broken images: {broken}"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    if not CHROMIUM.exists():
+        if os.environ.get("CONVQA_REQUIRE_CHROMIUM"):
+            pytest.fail("CONVQA_REQUIRE_CHROMIUM is set but /usr/bin/chromium is missing")
+        pytest.skip("no /usr/bin/chromium on this machine (apt-get install chromium)")
+    return CHROMIUM
+
+
+def test_failing_page_in_headless_chromium(chromium, report, tmp_path):
     shot = tmp_path / "report.png"
-    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,4000",
-                    f"--screenshot={shot}", report["paths"]["html"].as_uri()], check=True, timeout=60,
-                   capture_output=True)
+    probe = chromium_probe(report["paths"]["html"], tmp_path, screenshot=shot)
+    _assert_laid_out(probe)
+    assert "fail" in probe["edges"] and "pass" in probe["edges"]
+    # the failing S->G edge is labelled with its most specific gate and the diagnosis
+    assert any("S\u2192G F-LAYOUT-001" in t and "permuted Q/K" in t for t in probe["failing_labels"]), probe["failing_labels"]
     assert shot.read_bytes().startswith(b"\x89PNG") and shot.stat().st_size > 10_000
+
+
+def test_passing_page_in_headless_chromium(chromium, inputs, tmp_path):
+    rows = [_row("G0-INTEGRITY", "native/st", "pass"), _row("G0-INTEGRITY", "native/st-apr", "pass"),
+            _row("F-CONV-S-A", "native/st-apr", "pass", reference="native/st", metric="normalized_max_abs", value=0,
+                 threshold=0),
+            _row("F-INF-apr-gpu-run", "native/st-apr", "skipped", reason="no CUDA device")]
+    comparisons = {k: v for k, v in inputs["comparisons"].items() if k == "F-CONV-S-A native/st-apr"}
+    paths = write_report(MODEL, [_write_tsv(tmp_path / "g.tsv", rows)], inputs["manifests"], inputs["sidecars"],
+                         comparisons, tmp_path / "passing")
+    page = paths["html"].read_text()
+    assert "gpu: 1 row skipped, no CUDA device" in page and "Nothing failed and nothing was left unevaluated" in page
+    probe = chromium_probe(paths["html"], tmp_path)
+    _assert_laid_out(probe)
+    assert set(probe["edges"]) == {"pass", "none"} and probe["failing_labels"] == []
+
+
+# --- page size at SmolLM2 scale -----------------------------------------------------------------
+
+def _smollm2_scale_evidence(base: dict) -> dict:
+    """A passing evidence the size of the SmolLM2-135M mvp run: 30 layers (272 tensors), 44
+    comparisons (40 bit-exact, 4 quantized at half their tolerance), 278 gate rows."""
+    import copy
+    roles = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + [
+        f"model.layers.{i}.{r}.weight" for i in range(30) for r in roles]
+    from convqa.report.evidence import tensor_kind
+    from convqa.arch import layer_index
+    from convqa.gates.registry import family_of
+    ev = copy.deepcopy(base)
+    checks = []
+    for j in range(44):
+        lossy = j >= 40
+        checks.append({"label": f"{'q8_0' if lossy else 'native'}/st-chain-{j}~st", "ok": True, "summary": {},
+                       "config_differences": {}, "tokenizer_differences": {}, "tensors": [
+                           {"name": n, "layer": layer_index(n), "kind": tensor_kind(n), "status": "within_tolerance",
+                            "ok": True, "flagged": False, "blocks": "", "diagnosis": "", "max_abs": 0.0,
+                            "normalized_max_abs": 0.0025 * (1 + (k % 7) / 10) if lossy and "norm" not in n else 0.0,
+                            "tolerance": 0.005 if lossy else 0.0, "ref_encoding": "F32", "cand_encoding": "F32"}
+                           for k, n in enumerate(names)]})
+    ev["tensor_checks"] = checks
+    rows = []
+    for i in range(278):
+        gate = ("G0-INTEGRITY", "G0-VALIDATE", "F-LAYOUT-001", "F-CONTRACT-I2", "F-CONV-S-G", "F-CONV-RT-001")[i % 6]
+        rows.append({"gate": gate, "family": family_of(gate),
+                     "subject": f"{'q8_0' if i % 2 else 'native'}/st-gguf-{i}", "reference": "native/st",
+                     "metric": "m", "value": 0, "threshold": 0, "status": "pass", "reason": "", "model": "smollm2",
+                     "variant": "native", "details": None, "source_table": "t.tsv", "source_line": i + 2})
+    ev["gates"], ev["summary"] = rows, summarize(rows)
+    return ev
+
+
+def test_page_stays_under_a_megabyte_at_smollm2_scale(report, capsys):
+    from convqa.report.html import render_html
+    page = render_html(_smollm2_scale_evidence(report["evidence"]))
+    size = len(page.encode("utf-8"))
+    with capsys.disabled():
+        print(f"\nreport.html at SmolLM2 scale: {size / 1e6:.2f} MB")
+    assert size < 1_000_000
+    parser = _RowCollector()
+    parser.feed(page)
+    alts = [alt for alt, _ in parser.imgs]
+    # one heatmap for 44 comparisons; detail plots only for the 4 that come within 10x of tolerance
+    assert alts.count("tensor error against tolerance, every comparison") == 1
+    assert len([a for a in alts if a.startswith("per-tensor error by layer")]) == 4

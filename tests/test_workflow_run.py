@@ -261,3 +261,15 @@ def test_snakemake_report(built, tmp_path):
     wf.run("mvp", "--report", "snakemake-report.html")
     html = wf.path("snakemake-report.html").read_text(errors="replace")
     assert "Qualification" in html and MODEL in html
+    # every report output attached with its caption, and the workflow description (rules/captions/)
+    for caption in ("self-contained page", "for a pull request or a terminal", "JUnit", "Qualification evidence of", "across every model",
+                    "qualifies model-format converters"):
+        assert caption in html, caption
+    for name in ("report.html", "report.md", "junit.xml", "qualification.json", "summary.json"):
+        assert name in html, name
+    zipped = wf.run("mvp", "--report", "snakemake-report.zip", check=False)
+    assert zipped.returncode == 0, zipped.stderr[-2000:]
+    import zipfile
+    names = zipfile.ZipFile(wf.path("snakemake-report.zip")).namelist()
+    attached = sorted(n.rsplit("/", 1)[1] for n in names if "/data/raw/" in n)
+    assert attached == ["junit.xml", "qualification.json", "report.html", "report.md", "summary.json", "summary.md"], names

@@ -18,11 +18,12 @@ import json
 import math
 import os
 import platform
+import re
 from pathlib import Path
 
 from convqa.arch import layer_index
 from convqa.errors import FormatError
-from convqa.gates.registry import family_of, family_sort_key, is_inference_family
+from convqa.gates.registry import family_of, family_sort_key, is_inference_family, specificity
 from convqa.versions import tool_versions
 
 SCHEMA_VERSION = "convqa.qualification/1"
@@ -426,3 +427,40 @@ def display_size(n) -> str:
 
 def display_hash(h: str | None, n: int = 12) -> str:
     return (h or "")[:n]
+
+
+def blocking_rows(evidence: dict) -> list[dict]:
+    """What keeps a run from QUALIFIED: failed rows, then not-evaluated ones, each most specific
+    gate first (registry specificity), so the row that names the bug class leads."""
+    order = {"fail": 0, "not_evaluated": 1}
+    return sorted((r for r in evidence["gates"] if r["status"] in order),
+                  key=lambda r: (order[r["status"]], specificity(r["gate"]), r["subject"], r["reference"] or ""))
+
+
+_CAPABILITY = re.compile(r"-(cpu|gpu)-")
+
+
+def skip_capability(row: dict) -> str:
+    """The absent capability a skipped row stands for: the backend of an inference gate
+    (`F-INF-gguf-gpu-run` -> gpu), else the gate's family."""
+    found = _CAPABILITY.search(row["gate"])
+    return found.group(1) if found else row["family"]
+
+
+def skip_groups(evidence: dict) -> list[dict]:
+    """Skipped rows collapsed by absent capability: one line each, most rows first, with the
+    reasons given (most frequent first) and their counts."""
+    groups: dict[str, list[dict]] = {}
+    for r in evidence["gates"]:
+        if r["status"] == "skipped":
+            groups.setdefault(skip_capability(r), []).append(r)
+    out = []
+    for cap, rows in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        reasons: dict[str, int] = {}
+        for r in rows:
+            reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
+        reasons = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        text = ", ".join(reason if len(reasons) == 1 else f"{reason} ({n})" for reason, n in reasons.items())
+        out.append({"capability": cap, "rows": rows, "reasons": reasons, "line": f"{cap}: {len(rows)} row"
+                    f"{'s' if len(rows) != 1 else ''} skipped, {text}", "gates": sorted({r["gate"] for r in rows})})
+    return out

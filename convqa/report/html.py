@@ -1,4 +1,10 @@
-"""report.html: one self-contained page (inline CSS, plots as base64 PNG, no scripts, no fetches).
+"""report.html: one self-contained page (inline CSS and SVG, plots as base64 PNG, no scripts, no fetches).
+
+The first screen answers "can I ship this conversion?": the verdict, the conversion graph
+(convqa.report.graph, inline SVG), then only what failed or was not evaluated (most specific
+gate first) and the skipped rows collapsed into one line per absent capability. Tensor checks
+are one heatmap over every comparison; per-layer plots only for comparisons that fail or come
+within 10x of a tolerance.
 
 Rendered from the evidence dict only, through a jinja2 template with autoescaping on, so a
 reason or tensor name containing markup is shown as text.
@@ -11,9 +17,9 @@ import base64
 import jinja2
 from markupsafe import Markup
 
-from convqa.report import plots
-from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
-                                    inference_rows, row_comparison, row_diagnosis)
+from convqa.report import graph, plots
+from convqa.report.evidence import (blocking_rows, display_hash, display_number, display_percent, display_size,
+                                    inference_rows, row_comparison, row_diagnosis, skip_groups)
 from convqa.report.markdown import prompt_columns
 
 VERDICT_COLORS = {"QUALIFIED": "#2e7d32", "NOT QUALIFIED": "#c62828", "INCOMPLETE": "#ef6c00"}
@@ -46,19 +52,37 @@ code, .mono { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 
 img { max-width: 100%; background: #fff; border: 1px solid #e0e0e0; }
 .note { color: #616161; font-size: .85em; }
 details > summary { cursor: pointer; margin: .5em 0; }
+.graph { overflow-x: auto; background: #fff; border: 1px solid #e0e0e0; }
+.swatch { display: inline-block; width: .9em; height: .9em; vertical-align: middle; margin: 0 .2em 0 .4em; border-radius: 2px; }
+ul.skips { padding-left: 1.2em; } ul.skips details > summary { margin: .2em 0; }
+h3.bad { color: #c62828; }
 </style>
 </head>
 <body>
 <div class="banner"><h1>{{ ev.model }}: {{ s.verdict }}</h1><p>{{ s.verdict_reason }}.</p></div>
 <main>
+<section id="first-screen">
+<h2>Can I ship this conversion?</h2>
+{% if graph_svg %}<div class="graph">{{ graph_svg }}</div>
+<p class="note">Nodes S (SafeTensors), G (GGUF), A (APR) per variant; an edge holds every row on the artifacts its hop produced,
+a node the rows on the source, a badge the round trip, idempotency, commutativity and cross-converter checks.
+Colour = worst status:
+{% for st, color in status_colors.items() %}<span class="swatch" style="background: {{ color }}"></span>{{ st }} {% endfor %}
+<span class="swatch" style="background: {{ no_rows_color }}"></span>no rows (dashed).
+A numbered failing edge or check names its most specific failing gate and diagnosis; hover for the counts.</p>
+{% endif %}
+<h3>What failed or was not evaluated</h3>
+{% if blocking %}<p class="note">{{ blocking | length }} row(s), most specific gate first.</p>{{ gate_table(blocking) }}
+{% else %}<p>Nothing failed and nothing was left unevaluated.</p>{% endif %}
+{% if skips %}<ul class="skips">{% for g in skips %}<li><details><summary class="skip-line">{{ g.line }}</summary>
+<span class="mono">{{ g.gates | join(", ") }}</span></details></li>
+{% endfor %}</ul>{% endif %}
+</section>
 <div class="cards">
 {% for label, value in cards %}<div class="card">{{ label }}<b>{{ value }}</b></div>
 {% endfor %}</div>
 <p class="note">pass rate = pass / (pass + fail); coverage = (pass + fail) / (rows &minus; skipped).
 Generated {{ ev.generated_at }}, evidence schema <code>{{ ev.schema_version }}</code>.</p>
-
-<h2>Rows needing attention</h2>
-{% if attention %}{{ gate_table(attention) }}{% else %}<p>None.</p>{% endif %}
 
 <h2>Gate &times; artifact matrix</h2>
 {% if ev.gates %}{{ matrix(conversion_rows) }}
@@ -66,9 +90,11 @@ Generated {{ ev.generated_at }}, evidence schema <code>{{ ev.schema_version }}</
 {% else %}<p>No gate rows: nothing was evaluated.</p>{% endif %}
 
 {% if ev.tensor_checks %}<h2>Tensor checks</h2>
-<p class="note">Normalised max error = max |ref &minus; artifact| / max |ref| per tensor; bit-exact tensors lie on the dotted floor.
-One marker per tensor role: a layout bug on one role shows as one marker apart from the rest.</p>
-{% for c in ev.tensor_checks %}<h3 id="check-{{ loop.index0 }}">{{ c.label }}</h3>
+<p class="note">One row per tensor (grouped by role, layers top to bottom), one column per comparison; colour = normalised max error
+(max |ref &minus; artifact| / max |ref|) against the tensor's tolerance, bit-exact on the floor colour, out of tolerance dark red.
+A comparison gets its own per-layer plot only when it fails or comes within 10&times; of a tolerance ({{ detail_count }} of {{ ev.tensor_checks | length }}).</p>
+{% if heatmap_png %}<p><img id="tensor-heatmap" alt="tensor error against tolerance, every comparison" src="data:image/png;base64,{{ heatmap_png }}"></p>{% endif %}
+{% for c in ev.tensor_checks %}<h3 id="check-{{ loop.index0 }}" class="{{ '' if c.ok else 'bad' }}">{{ c.label }}</h3>
 {% if tensor_pngs[loop.index0] %}<p><img alt="per-tensor error by layer, {{ c.label }}" src="data:image/png;base64,{{ tensor_pngs[loop.index0] }}"></p>{% endif %}
 {% set bad = c.tensors | selectattr("flagged") | list %}
 {% if c.config_differences %}<p>Config differences: {% for k, v in c.config_differences.items() %}<code>{{ k }}</code> {{ v[0] }} &rarr; {{ v[1] }}{% if not loop.last %}; {% endif %}{% endfor %}</p>{% endif %}
@@ -161,9 +187,13 @@ def render_html(evidence: dict) -> str:
         cards=[("verdict", s["verdict"]), ("pass", s["pass"]), ("fail", s["fail"]), ("skipped", s["skipped"]),
                ("not evaluated", s["not_evaluated"]), ("pass rate", display_percent(s["pass_rate"])),
                ("coverage", display_percent(s["coverage"]))],
-        attention=attention_rows(evidence), conversion_rows=conversion_rows or evidence["gates"],
+        graph_svg=Markup(graph.conversion_graph_svg(evidence["gates"])), status_colors=graph.STATUS_COLORS,
+        no_rows_color=graph.NO_ROWS_COLOR, blocking=blocking_rows(evidence), skips=skip_groups(evidence),
+        conversion_rows=conversion_rows or evidence["gates"],
         matrix_png=_b64(plots.gate_matrix_png(conversion_rows or evidence["gates"], f"{evidence['model']}: gates")),
-        tensor_pngs=[_b64(plots.tensor_error_png(c)) for c in evidence["tensor_checks"]],
+        heatmap_png=_b64(plots.tensor_heatmap_png(evidence["tensor_checks"], f"{evidence['model']}: tensor error / tolerance")),
+        tensor_pngs=[_b64(plots.tensor_error_png(c)) if plots.needs_detail(c) else None for c in evidence["tensor_checks"]],
+        detail_count=sum(1 for c in evidence["tensor_checks"] if plots.needs_detail(c)),
         inference_section=bool(inf_rows or inference["throughput"] or inference["details"]),
         inf_rows=inf_rows, kl_png=_b64(plots.kl_per_position_png(inference["details"])),
         gate_table=gate_table, matrix=matrix, prompt_cols=prompt_columns,

@@ -59,10 +59,17 @@ def gate_matrix(rows: list[dict]) -> tuple[list[str], list[str], dict]:
 
 
 def _png(fig) -> bytes:
+    """The figure as PNG with a 256-colour palette: the plots are flat colours and text, so the
+    palette costs nothing visible and keeps the page a third of the RGBA size."""
+    from PIL import Image  # matplotlib's own dependency
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return buf.getvalue()
+    buf.seek(0)
+    out = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def gate_matrix_png(rows: list[dict], title: str) -> bytes | None:
@@ -177,4 +184,89 @@ def kl_per_position_png(details: list[dict], worst: int = 5) -> bytes | None:
     ax.grid(color="#eeeeee")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
     ax.set_title(f"KL per position, {min(worst, len(series))} worst prompt(s)", fontsize=9)
+    return _png(fig)
+
+
+# --- one heatmap for all tensor checks ------------------------------------------------------
+
+# error / tolerance: below HEATMAP_FLOOR (bit-exact included) is the floor colour, at and above 1
+# out of tolerance. A check whose worst tensor reaches DETAIL_WITHIN of its tolerance (10x) gets
+# its own per-layer plot.
+HEATMAP_FLOOR = 1e-4
+DETAIL_WITHIN = 0.1
+
+
+def tolerance_ratio(tensor: dict) -> float:
+    """A tensor's normalised error against its tolerance: 0 when bit-exact, inf when it has no
+    finite value, exceeds a zero tolerance, or its check flagged it (out of tolerance, missing,
+    shape mismatch, blocks differing from the reference quantizer)."""
+    if not tensor["ok"] or tensor.get("flagged"):
+        return float("inf")
+    err, tol = as_float(tensor["normalized_max_abs"]), as_float(tensor["tolerance"])
+    if err is None or err == 0:
+        return 0.0
+    if err != err or err == float("inf"):
+        return float("inf")
+    if tol is None or tol <= 0:
+        return float("inf")
+    return err / tol
+
+
+def needs_detail(check: dict) -> bool:
+    """A check gets its own per-layer plot when it fails or comes within 10x of a tolerance."""
+    return not check["ok"] or any(tolerance_ratio(t) >= DETAIL_WITHIN for t in check["tensors"])
+
+
+def _heatmap_row_key(t: dict, last_layer: int) -> tuple:
+    kinds = list(KIND_STYLES)
+    layer = t["layer"] if t["layer"] is not None else (-1 if t["kind"] == "embed" else last_layer + 1)
+    return (kinds.index(t["kind"]) if t["kind"] in kinds else len(kinds), layer, t["name"])
+
+
+def tensor_heatmap_png(checks: list[dict], title: str = "tensor error / tolerance") -> bytes | None:
+    """Rows: tensors grouped by role, layer 0 at the top of each group; columns: the checks.
+    Colour: normalised max error / tolerance on a log scale; bit-exact on the floor colour,
+    out of tolerance (>= 1, or no value) dark red, a tensor a check does not hold white."""
+    import numpy as np
+    from matplotlib.colors import LinearSegmentedColormap, LogNorm
+
+    checks = [c for c in checks if c["tensors"]]
+    if not checks:
+        return None
+    meta: dict[str, dict] = {}
+    for c in checks:
+        for t in c["tensors"]:
+            meta.setdefault(t["name"], t)
+    layers = [t["layer"] for t in meta.values() if t["layer"] is not None]
+    last = max(layers) if layers else -1
+    names = sorted(meta, key=lambda n: _heatmap_row_key(meta[n], last))
+    index = {n: i for i, n in enumerate(names)}
+    grid = np.full((len(names), len(checks)), np.nan)
+    for j, c in enumerate(checks):
+        for t in c["tensors"]:
+            ratio = tolerance_ratio(t)
+            grid[index[t["name"]], j] = HEATMAP_FLOOR / 10 if ratio == 0 else ratio
+    cmap = LinearSegmentedColormap.from_list("tolerance", ["#c8e6c9", "#fff59d", "#ff9800", "#e65100"]).with_extremes(
+        under="#eef7ee", over="#b71c1c", bad="#ffffff")
+    grid = np.where(np.isinf(grid), 1e6, grid)  # LogNorm masks inf; draw it as "over"
+    fig, ax = plt.subplots(figsize=(min(2.8 + 0.16 * len(checks), 14), min(1.8 + 0.022 * len(names), 9)))
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=LogNorm(vmin=HEATMAP_FLOOR, vmax=1.0, clip=False),
+                      aspect="auto", interpolation="nearest")
+    # One y label per role, at the middle of its block; lines between the blocks.
+    kinds = [meta[n]["kind"] for n in names]
+    starts = [i for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+    ends = starts[1:] + [len(names)]
+    ax.set_yticks([(s + e - 1) / 2 for s, e in zip(starts, ends)], [kinds[s] for s in starts], fontsize=7)
+    for s in starts[1:]:
+        ax.axhline(s - 0.5, color="#424242", linewidth=0.6)
+    ax.set_xticks(range(len(checks)), [c["label"] for c in checks], rotation=90, fontsize=6)
+    for tick, c in zip(ax.get_xticklabels(), checks):
+        if not c["ok"]:
+            tick.set_color("#c62828")
+            tick.set_fontweight("bold")
+    ax.set_ylabel("tensor role (layers top to bottom)", fontsize=8)
+    bar = fig.colorbar(image, ax=ax, extend="both", fraction=0.04, pad=0.02)
+    bar.set_label("normalised max error / tolerance\n(below: bit-exact; above 1: out of tolerance)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    ax.set_title(title, fontsize=9)
     return _png(fig)
