@@ -120,7 +120,8 @@ def llama_cpp_vocab_job(artifact: str, texts: list[str], json_path: str) -> None
     both modes; record its chat template and bos/eos text as llama-cpp-python reads them."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=artifact, vocab_only=True, verbose=False)
+    # verbose: llama.cpp's own account of a refused file ("error loading model: ...") goes to the log.
+    llm = Llama(model_path=artifact, vocab_only=True, verbose=True)
     try:
         def text_of(token_id: int) -> str:
             return llm._model.token_get_text(token_id) if token_id >= 0 else ""
@@ -155,7 +156,9 @@ def llama_cpp_vocab_isolated(artifact: str, texts: list[str], json_path: str, *,
         Path(json_path).unlink(missing_ok=True)
     how = outcome.describe() or "exited 0 without writing its record"
     last = outcome.last_words()
-    return {"error": f"llama.cpp process {how}" + (f"; last stderr line: {last[-1][-400:]}" if last else ""),
+    said = [line.strip() for line in outcome.stderr_tail.splitlines() if "error loading model" in line]
+    return {"error": f"llama.cpp process {how}" + (f"; last stderr line: {last[-1][-400:]}" if last else "")
+            + (f"; llama.cpp: {said[0][-400:]}" if said else ""),
             "exit": outcome.as_dict()}
 
 
