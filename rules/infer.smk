@@ -7,6 +7,8 @@
 # results/{model}/{variant}/{chain}/infer/{engine}-{backend}.json|.npz
 # results/{model}/{variant}/{chain}/infer/serve-{engine}.json
 # results/{model}/{variant}/reference/{hop}/transformers-cpu.json|.npz   reference-quantized model
+# results/{model}/{variant}/{chain}/infer/parity.json     tokenizer and chat-template parity
+#   (results/{model}/source.infer/parity.json for the source)
 # results/{model}/{variant}/gates/{tier}/inference.tsv, inference-extra.json
 
 
@@ -136,6 +138,46 @@ use rule serve_check as serve_check_source with:
     benchmark:
         paths.log_beside(
             paths.serve_path("{model}", "", SOURCE_CHAIN, "{engine}"), ".benchmark.tsv"
+        )
+
+
+rule parity:
+    input:
+        unpack(J.inferred_artifact),
+    output:
+        json=paths.parity_path("{model}", "{variant}", "{chain}"),
+    log:
+        run=paths.log_beside(paths.parity_path("{model}", "{variant}", "{chain}")),
+        engine=paths.log_beside(
+            paths.parity_path("{model}", "{variant}", "{chain}"), ".engine.log"
+        ),
+    benchmark:
+        paths.log_beside(
+            paths.parity_path("{model}", "{variant}", "{chain}"), ".benchmark.tsv"
+        )
+    wildcard_constraints:
+        chain=plan.CONVERTED_CHAIN_PATTERN,
+    conda:
+        "../envs/convert.yaml"
+    threads: 1
+    params:
+        timeout_s=INFERENCE["timeout_s"],
+        fingerprint=J.code("parity.py", J.inferred_formats),
+    script:
+        "../scripts/parity.py"
+
+
+use rule parity as parity_source with:
+    output:
+        json=paths.parity_path("{model}", "", SOURCE_CHAIN),
+    log:
+        run=paths.log_beside(paths.parity_path("{model}", "", SOURCE_CHAIN)),
+        engine=paths.log_beside(
+            paths.parity_path("{model}", "", SOURCE_CHAIN), ".engine.log"
+        ),
+    benchmark:
+        paths.log_beside(
+            paths.parity_path("{model}", "", SOURCE_CHAIN), ".benchmark.tsv"
         )
 
 

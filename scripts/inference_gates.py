@@ -1,5 +1,5 @@
-"""Rule inference_gates: F-INF, F-INF-REF, F-ENGINE-001 and F-SERVE-001 rows of one (model, variant, tier),
-plus the throughput table and per-prompt details the report shows."""
+"""Rule inference_gates: F-INF, F-INF-REF, F-ENGINE-001, F-SERVE-001, F-TOK-001 and F-CHAT-001 rows of
+one (model, variant, tier), plus the throughput table and per-prompt details the report shows."""
 
 from collections import Counter
 

@@ -49,6 +49,11 @@ def test_inference_gates_pass_for_correct_conversions(workdir):
             ("F-ENGINE-001", f"{variant}/st-gguf/llama.cpp"),
             ("F-SERVE-001", f"{variant}/st-gguf/llama.cpp"),
             ("F-SERVE-001", f"{variant}/st-apr/transformers"),
+            ("F-TOK-001", f"{variant}/st-gguf/llama.cpp"),
+            ("F-CHAT-001", f"{variant}/st/transformers"),
+            ("F-CHAT-001", f"{variant}/st-gguf/transformers"),
+            ("F-CHAT-001", f"{variant}/st-gguf/llama.cpp"),
+            ("F-CHAT-001", f"{variant}/st-apr/transformers"),
         }
         assert expected_cpu <= set(rows)
         for key in expected_cpu:
@@ -72,6 +77,11 @@ def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_ho
                         for p in (workdir / f"results/{MODEL}").glob("*/reference/*/transformers-cpu.npz"))
     assert references == ["q8_0/reference/st-apr/transformers-cpu.npz", "q8_0/reference/st-gguf/transformers-cpu.npz"]
     assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
+    # Parity once per artifact: the source's once per model, each conversion's per variant.
+    parities = sorted(p.relative_to(workdir / f"results/{MODEL}").as_posix()
+                      for p in (workdir / f"results/{MODEL}").rglob("parity.json"))
+    assert parities == ["native/st-apr/infer/parity.json", "native/st-gguf/infer/parity.json",
+                        "q8_0/st-apr/infer/parity.json", "q8_0/st-gguf/infer/parity.json", "source.infer/parity.json"]
     served = list((workdir / f"results/{MODEL}").rglob("serve-*.json"))
     assert len(served) == 4  # config inference.serve: st-apr (transformers), st-gguf (llama.cpp) per variant
     for path in served:
@@ -83,7 +93,7 @@ def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_ho
 def test_report_shows_inference_rows_throughput_and_details(workdir):
     evidence = json.loads((workdir / f"results/{MODEL}/report/smoke/qualification.json").read_text())
     families = {r["family"] for r in evidence["gates"]}
-    assert {"F-INF", "F-ENGINE", "F-SERVE"} <= families
+    assert {"F-INF", "F-ENGINE", "F-SERVE", "F-TOK", "F-CHAT"} <= families
     throughput = evidence["inference"]["throughput"]
     assert {(t["format"], t["engine"]) for t in throughput} >= {("gguf", "llama.cpp"), ("apr", "transformers")}
     assert all(t["prefill_tps"] > 0 for t in throughput)

@@ -1,13 +1,16 @@
 """The inference gate table of one (model, variant, tier): rule inference_gates
 (scripts/inference_gates.py). Loads the recorded runs, served answers and reference runs, picks
-the tolerances for the source's dtypes and evaluates them (convqa.gates.inference)."""
+the tolerances for the source's dtypes and evaluates them (convqa.gates.inference); the parity
+records (rule parity) give the F-TOK-001 and F-CHAT-001 rows (convqa.gates.parity)."""
 
 from __future__ import annotations
 
 import json
 
 from convqa.gates.inference import evaluate, select_tolerances
+from convqa.gates.parity import parity_rows
 from convqa.gates.rows import GateRow
+from convqa.infer.parity import load_parity
 from convqa.infer.run import load_run
 
 
@@ -15,7 +18,8 @@ def inference_gate_rows(model: str, variant: str, inputs: dict, tolerances: dict
                         modalities: tuple) -> tuple[str, list[GateRow], dict]:
     """(the config key of the tolerances used, gate rows, the report's extra: throughput and
     per-prompt details). inputs: `runs` ("chain|engine|backend" -> {json, npz}), `serves`
-    ("chain|engine" -> JSON path), `references` (first hop -> {json, npz}), `source_manifest`."""
+    ("chain|engine" -> JSON path), `references` (first hop -> {json, npz}), `parities` (chain -> JSON
+    path; absent: no parity rows), `source_manifest`."""
     runs = {tuple(key.split("|")): load_run(paths["json"], paths["npz"]) for key, paths in inputs["runs"].items()}
     serves = {}
     for key, path in inputs["serves"].items():
@@ -28,4 +32,5 @@ def inference_gate_rows(model: str, variant: str, inputs: dict, tolerances: dict
         model, variant, runs, serves, selected, modalities,
         references=references, reference_tolerances=reference_tolerances,
     )
+    rows += parity_rows(model, variant, {chain: load_parity(path) for chain, path in inputs.get("parities", {}).items()})
     return key, rows, {"throughput": throughput, "inference_details": details}

@@ -114,6 +114,17 @@ GATES = (
          _INFERENCE + "engine_rows", inference=True),
     Gate("F-SERVE-001", "F-SERVE", "each served artifact", "the HTTP answer equals the run answer token for token",
          _INFERENCE + "serve_rows", inference=True),
+    Gate("F-TOK-001", "F-TOK", "each GGUF (inference chains)",
+         "llama.cpp's tokenizer built from the file encodes the fixed corpus (English, code, digits, whitespace runs, "
+         "CJK, emoji, accents, every added token, special-token lookalikes) to the source HF tokenizer's ids, "
+         "with specials parsed, without and with the specials each side adds",
+         "convqa.gates.parity.tokenizer_rows", inference=True),
+    Gate("F-CHAT-001", "F-CHAT", "each artifact (inference chains) x renderer",
+         "the artifact's chat template renders every fixed conversation (multi-turn, with and without the generation "
+         "prompt, a tool call where the template knows tools) to exactly the source's apply_chat_template text: "
+         "Jinja2 as transformers renders, and llama-cpp-python's Jinja2ChatFormatter for GGUF; no template where the "
+         "source has one fails, neither with one is skipped",
+         "convqa.gates.parity.chat_rows", inference=True),
 )
 REGISTRY = {g.id: g for g in GATES}
 # Report order of gate families; a family no gate is registered in follows in name order.

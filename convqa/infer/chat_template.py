@@ -15,11 +15,13 @@ def render_chat(
     bos_token: str = "",
     eos_token: str = "",
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> str:
     """Render `messages` with a Jinja chat template the way transformers does.
 
     Same sandbox and whitespace settings as `transformers.utils.chat_template_utils`
-    (trim_blocks, lstrip_blocks, `raise_exception`), so the text equals `apply_chat_template`.
+    (trim_blocks, lstrip_blocks, `raise_exception`), so the text equals `apply_chat_template`;
+    `tools` (JSON schemas) is passed as transformers passes it, None when there are none.
     """
     from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -35,7 +37,7 @@ def render_chat(
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env.from_string(chat_template).render(
-        messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
+        messages=messages, tools=tools, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt
     )
 
 

@@ -440,12 +440,18 @@ class Jobs:
                 }
                 for hop in self.reference_hops(variant, tier)
             },
+            "parities": {c: paths.parity_path(model, variant, c) for c in self.parity_chains(tier)},
         }
+
+    def parity_chains(self, tier):
+        """Chains whose tokenizer and chat template are held to the source's (rule parity): the
+        tier's inference chains, the source itself included (its template as convqa reads it)."""
+        return sorted(set(self.inference["chains"][tier]))
 
     def inference_gate_inputs(self, wildcards):
         inputs = self.inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
         runs = list(inputs["runs"].values()) + list(inputs["references"].values())
-        found = [p for run in runs for p in run.values()]
+        found = [p for run in runs for p in run.values()] + list(inputs["parities"].values())
         # The source's manifest says its dtypes, which pick the tolerances (select_tolerances).
         return sorted(found + list(inputs["serves"].values())) + [paths.source_manifest_path(wildcards.model)]
 

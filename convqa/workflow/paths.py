@@ -165,6 +165,11 @@ def serve_path(model, variant, chain, engine):
     return f"{inference_dir(model, variant, chain)}/serve-{engine}.json"
 
 
+def parity_path(model, variant, chain):
+    """Tokenizer and chat-template parity of one artifact (convqa.infer.parity)."""
+    return f"{inference_dir(model, variant, chain)}/parity.json"
+
+
 # ---------------------------------------------------------------- side-by-side converters
 
 

@@ -1,0 +1,21 @@
+"""Rule parity: the artifact's tokenizer (llama.cpp's, built from a GGUF, in a child process) and
+chat template against the source's (convqa.infer.parity); one JSON record."""
+
+from convqa.infer.parity import parity_job
+from convqa.workflow.joblog import job_log
+
+with job_log(snakemake.log.run) as log:
+    record = parity_job(
+        snakemake.input.artifact,
+        snakemake.input.source,
+        snakemake.output.json,
+        timeout_s=snakemake.params.timeout_s,
+        engine_log=snakemake.log.engine,
+    )
+    tokenized = record.get("tokenizer") or []
+    differing = sum(e["reference"] != e["candidate"] for e in tokenized)
+    chat = record.get("chat") or {}
+    print(f"{snakemake.input.artifact}: {record.get('error') or 'read'}; llama.cpp: "
+          f"{(record.get('llama_cpp') or {}).get('error') or 'ran' if 'llama_cpp' in record else 'not asked'}; "
+          f"{differing} of {len(tokenized)} encodings differ; {len(chat.get('conversations', []))} conversations",
+          file=log)
