@@ -19,6 +19,11 @@ ARTIFACT_NAME = {"safetensors": "model", "gguf": "model.gguf", "apr": "model.apr
 
 
 def detect_format(path: str | os.PathLike) -> str:
+    """The format of the artifact at `path`. A failed conversion's placeholder raises
+    NoArtifactError (naming the failed edge), as open_model does, never "unknown file type"."""
+    from convqa.formats import no_artifact
+
+    no_artifact.check(path)
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors" or path.name.endswith(".safetensors.index.json"):
         return "safetensors"
