@@ -20,7 +20,7 @@ from convqa.errors import ConversionError
 from convqa.formats import open_model
 from convqa.formats.gguf import read_gguf, write_gguf
 from convqa.model import LazyTensor, ModelConfig, WritePlan, WriterQuirks
-from tinymodel import const_tensor, tiny_config, tiny_plan, tiny_tokenizer, tiny_values, weights_in
+from tinymodel import const_tensor, rewrite_gguf, tiny_config, tiny_plan, tiny_tokenizer, tiny_values, weights_in
 
 ENCODINGS = [encodings.F32, encodings.F16, encodings.BF16, encodings.Q8_0]
 POSITION_ENCODED = ("model.embed_tokens.weight", "model.layers.0.mlp.gate_proj.weight")
@@ -255,26 +255,6 @@ def test_missing_rope_theta_falls_back_like_llama_cpp_and_says_so(tmp_path):
     with read_gguf(target) as model:
         assert model.config.rope_theta == 10000.0
         assert model.metadata["defaults_applied"] == ["rope_theta"]
-
-
-def rewrite_gguf(source: Path, target: Path, *, drop=frozenset(), retype=None) -> None:
-    """Copy a GGUF with gguf-py, dropping keys or re-typing scalar values (to build bad files)."""
-    retype = retype or {}
-    reader = raw_reader(source)
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(target, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in drop or key == "general.architecture":
-            continue
-        vtype = retype.get(key, field.types[0])
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,14 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
-from gguf.constants import GGUFValueType
 
 from convqa.convert.builtin import convert
 from convqa.gates.parity import chat_rows, parity_rows, tokenizer_rows
 from convqa.infer.parity import parity_record
+from tinymodel import rewrite_gguf
 
 TIMEOUT_S = 120
 
@@ -28,27 +26,6 @@ def record_of(artifact: Path, source: Path, tmp_path: Path) -> dict:
 
 def rows_by_subject(record: dict, chain: str) -> dict[tuple[str, str], object]:
     return {(r.gate, r.subject): r for r in parity_rows("m", "native", {chain: record})}
-
-
-def rewrite_gguf(source: Path, target: Path, replace: dict) -> None:
-    """Copy a GGUF with gguf-py, with some key's contents replaced (to build bad tokenizers)."""
-    reader = gguf.GGUFReader(source, "r")
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(target, arch)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        if key in replace and replace[key] is None:
-            continue
-        contents = replace[key](field.contents()) if key in replace else field.contents()
-        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-        writer.add_key_value(key, contents, field.types[0], sub_type=sub_type)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +94,7 @@ def _renamed(old: str, new: str):
 def test_wrong_tokenizer_metadata_fails_with_the_first_differing_text(qwen2, tmp_path, name, replace, first_text):
     source, good = qwen2
     bad = tmp_path / f"{name}.gguf"
-    rewrite_gguf(good, bad, replace)
+    rewrite_gguf(good, bad, replace=replace)
     row = tokenizer_rows("m", "native", {"st-gguf": record_of(bad, source, tmp_path)})[0]
     assert row.status == "fail" and int(row.value) > 0, row
     assert row.reason.startswith(first_text), row.reason
@@ -129,7 +106,7 @@ def test_wrong_tokenizer_metadata_fails_with_the_first_differing_text(qwen2, tmp
 def test_gguf_llama_cpp_cannot_read_is_a_failed_row_not_a_crash(qwen2, tmp_path):
     source, good = qwen2
     bad = tmp_path / "no-vocab.gguf"
-    rewrite_gguf(good, bad, {"tokenizer.ggml.pre": lambda _: "no-such-pre-tokenizer"})
+    rewrite_gguf(good, bad, replace={"tokenizer.ggml.pre": lambda _: "no-such-pre-tokenizer"})
     record = record_of(bad, source, tmp_path)
     assert record["llama_cpp"]["error"].startswith("llama.cpp process")
     assert "unknown pre-tokenizer type" in record["llama_cpp"]["error"]

@@ -227,3 +227,26 @@ def tiny_plan(
         metadata={"converter": "test"} if metadata is None else metadata,
         quirks=WriterQuirks() if quirks is None else quirks,
     )
+
+
+def rewrite_gguf(source, target, *, drop=frozenset(), retype=None, replace=None) -> None:
+    """Copy a GGUF with gguf-py, to build bad files: `drop` keys, give a scalar another value
+    type (`retype`: key -> GGUFValueType), or pass a key's contents through `replace[key]`."""
+    import gguf
+    from gguf.constants import GGUFValueType
+
+    retype, replace = retype or {}, replace or {}
+    reader = gguf.GGUFReader(source, "r")
+    writer = gguf.GGUFWriter(target, reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in drop or key == "general.architecture":
+            continue
+        contents = replace[key](field.contents()) if key in replace else field.contents()
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, contents, retype.get(key, field.types[0]), sub_type=sub_type)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
