@@ -14,7 +14,7 @@ import pytest
 from convqa.convert.builtin import convert
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED
 from convqa.gates.inference import evaluate
-from convqa.infer.run import load_run, run_prompts, serve_prompts, write_run
+from convqa.infer.run import HIDDEN_PREFIX, load_run, run_prompts, serve_prompts, write_run
 from convqa.infer.prompts import DEFAULT_PROMPTS, NO_CHAT_TEMPLATE
 
 PROMPTS = list(DEFAULT_PROMPTS)
@@ -145,7 +145,12 @@ def test_saved_runs_round_trip(qwen2, tmp_path):
     write_run(record, logits, tmp_path / "r.json", tmp_path / "r.npz")
     loaded = load_run(tmp_path / "r.json", tmp_path / "r.npz")
     assert json.loads((tmp_path / "r.json").read_text())["prompts"][0]["ids"] == truth["prompts"][0]["ids"]
-    assert all((loaded["logits"][k] == v).all() for k, v in logits.items())
+    # run_prompts' arrays are the logits by prompt id plus the hidden-state capture, which
+    # load_run keeps apart (record["hidden"]).
+    hidden = {k[len(HIDDEN_PREFIX):]: v for k, v in logits.items() if k.startswith(HIDDEN_PREFIX)}
+    assert hidden and set(loaded["hidden"]) == set(hidden)
+    assert all((loaded["hidden"][k] == v).all() for k, v in hidden.items())
+    assert all((loaded["logits"][k] == v).all() for k, v in logits.items() if not k.startswith(HIDDEN_PREFIX))
 
 
 def test_served_answers_equal_the_run_and_a_server_that_differs_fails(qwen2, tmp_path):

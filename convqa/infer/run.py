@@ -71,7 +71,9 @@ def run_prompts(
     max_new_tokens: int,
     threads: int,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """(record, logits by prompt id) of every prompt through one engine on one backend.
+    """(record, arrays) of every prompt through one engine on one backend: the logits by prompt
+    id and, under transformers, the hidden-state capture under HIDDEN_PREFIX keys (write_run
+    stores both in one .npz, load_run splits them into `logits` and `hidden`).
 
     An absent capability (no CUDA device) gives `skipped` with the reason and loads nothing.
     A prompt that cannot be rendered for this artifact (chat without a template) carries `error`.
