@@ -115,7 +115,7 @@ A comparison gets its own per-layer plot only when it fails or comes within 10&t
 {% if kl_png %}<p><img alt="KL per position" src="data:image/png;base64,{{ kl_png }}"></p>{% endif %}
 {% if divergences %}<h3>First divergent layer</h3>
 <p class="note">Failing transformers runs: the hidden state after every layer and sub-layer of one prompt against the baseline
-(the ground truth for a lossless variant, the reference-quantized model for a lossy one), as max |d| / max |baseline|; the first point beyond tolerance is where the artifact diverges.</p>
+(the ground truth for a lossless variant, the reference-quantized model for a lossy one), as max |d| / max |baseline| (bit-exact points on the 1e-9 floor); the first point beyond tolerance, ringed, is where the artifact diverges: the points after it show the error propagating.</p>
 {% for d in divergences %}<p id="divergence-{{ loop.index0 }}" class="divergence"><span class="mono">{{ d.subject }}</span> ({{ d.gate }}): {{ d.diagnosis }}</p>
 {% if divergence_pngs[loop.index0] %}<p><img alt="first divergent layer, {{ d.subject }}" src="data:image/png;base64,{{ divergence_pngs[loop.index0] }}"></p>{% endif %}
 {% endfor %}{% endif %}
