@@ -170,3 +170,31 @@ def test_served_answers_equal_the_run_and_a_server_that_differs_fails(qwen2, tmp
     rows, _, _ = evaluate("m", "native", runs, serves, TOLERANCES["native"])
     row = next(r for r in rows if r.gate == "F-SERVE-001" and r.subject.endswith("transformers"))
     assert row.status == FAIL and row.value == "1" and "ids differ" in row.reason
+
+
+def test_p99_and_top5_limits_fail_where_the_mean_and_top1_pass(qwen2, tmp_path):
+    """A mean KL within tolerance does not pass a run whose p99 is out of it (the worst few
+    positions), nor a top-1 within tolerance one whose top-5 is not."""
+    from convqa.gates.inference import compare_runs, judge
+    from convqa.gates.rows import GateRow
+
+    source, truth = qwen2
+    candidate = {**truth, "logits": dict(truth["logits"])}
+    prompt = PROMPTS[0].id
+    positions = sum(len(p["ids"]) for p in truth["prompts"] if p["modality"] == "run" and p["ids"])
+    bad = max(2, -(-3 * positions // 100))  # 3% of the positions: above the 99th percentile's reach
+    damaged = truth["logits"][prompt].copy()
+    assert bad < len(damaged)
+    damaged[-bad:] = damaged[-bad:, ::-1]  # those positions' distributions reversed, the others exact
+    candidate["logits"][prompt] = damaged
+    comparison = compare_runs(truth, candidate, "run")
+    aggregate = comparison["aggregate"]
+    assert aggregate["p99_kl"] > 10 * aggregate["mean_kl"] > 0 and aggregate["median_kl"] == 0.0
+    loose_mean = {"max_mean_kl": aggregate["mean_kl"] * 1.01, "min_top1": 0.5, "reason": "r"}
+    assert judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, loose_mean).status == PASS
+    with_p99 = {**loose_mean, "max_p99_kl": aggregate["p99_kl"] / 2}
+    row = judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, with_p99)
+    assert row.status == FAIL and "p99 KL" in row.reason and "p99 KL" in row.metric
+    with_top5 = {**loose_mean, "min_top5": 1.0}
+    row = judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, with_top5)
+    assert aggregate["top5_agreement"] < 1.0 and row.status == FAIL and "top-5 agreement" in row.reason
