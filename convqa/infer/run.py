@@ -125,7 +125,7 @@ def _run_loaded(engine, tokenizer, spec, prompts: list[Prompt], max_new_tokens: 
 def _capture_hidden(engine, record: dict) -> dict[str, np.ndarray]:
     """The hidden-state capture of the first `run` prompt, for engines that can hook their layers
     (transformers); its points go into record["hidden_states"], the arrays come back prefixed.
-    One prompt keeps it small (SmolLM2-135M: 152 points x 11 positions x 576, 4 MB); a capture
+    One prompt keeps it small (SmolLM2-135M: 152 points x 7 positions x 576 floats, 2.5 MB); a capture
     that fails is recorded, never raised: the logits are still the run's result."""
     capture = getattr(engine, "capture_hidden_states", None)
     entry = next((p for p in record["prompts"] if p["modality"] == RUN and p.get("ids")), None)
