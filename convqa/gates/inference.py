@@ -14,9 +14,10 @@
 
 A tolerance is a dict of limits, any of: max_abs_dlogit, max_rel_dlogit, max_mean_kl, max_p99_kl
 (the KL's 99th percentile over all positions), min_top1, min_top5, greedy_equal, plus the `reason`
-for the values. The aggregate carries all the logit statistics whichever limits apply. Garbage output fails only where the ground truth
-itself is not garbage: a random-weight test model babbles under every engine, and that is no
-conversion's fault.
+for the values; the aggregate carries every logit statistic whichever limits apply. Garbage
+output fails only where the ground truth itself is not garbage: a random-weight test model
+babbles under every engine, and that is no conversion's fault. A failing transformers row on cpu
+names its first divergent layer (convqa.gates.divergence).
 """
 
 from __future__ import annotations
