@@ -14,7 +14,7 @@ import pytest
 from convqa.convert.builtin import convert
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED
 from convqa.gates.inference import evaluate
-from convqa.infer.run import load_run, run_prompts, serve_prompts, write_run
+from convqa.infer.run import HIDDEN_PREFIX, load_run, run_prompts, serve_prompts, write_run
 from convqa.infer.prompts import DEFAULT_PROMPTS, NO_CHAT_TEMPLATE
 
 PROMPTS = list(DEFAULT_PROMPTS)
@@ -145,7 +145,12 @@ def test_saved_runs_round_trip(qwen2, tmp_path):
     write_run(record, logits, tmp_path / "r.json", tmp_path / "r.npz")
     loaded = load_run(tmp_path / "r.json", tmp_path / "r.npz")
     assert json.loads((tmp_path / "r.json").read_text())["prompts"][0]["ids"] == truth["prompts"][0]["ids"]
-    assert all((loaded["logits"][k] == v).all() for k, v in logits.items())
+    # run_prompts' arrays are the logits by prompt id plus the hidden-state capture, which
+    # load_run keeps apart (record["hidden"]).
+    hidden = {k[len(HIDDEN_PREFIX):]: v for k, v in logits.items() if k.startswith(HIDDEN_PREFIX)}
+    assert hidden and set(loaded["hidden"]) == set(hidden)
+    assert all((loaded["hidden"][k] == v).all() for k, v in hidden.items())
+    assert all((loaded["logits"][k] == v).all() for k, v in logits.items() if not k.startswith(HIDDEN_PREFIX))
 
 
 def test_served_answers_equal_the_run_and_a_server_that_differs_fails(qwen2, tmp_path):
@@ -165,3 +170,31 @@ def test_served_answers_equal_the_run_and_a_server_that_differs_fails(qwen2, tmp
     rows, _, _ = evaluate("m", "native", runs, serves, TOLERANCES["native"])
     row = next(r for r in rows if r.gate == "F-SERVE-001" and r.subject.endswith("transformers"))
     assert row.status == FAIL and row.value == "1" and "ids differ" in row.reason
+
+
+def test_p99_and_top5_limits_fail_where_the_mean_and_top1_pass(qwen2, tmp_path):
+    """A mean KL within tolerance does not pass a run whose p99 is out of it (the worst few
+    positions), nor a top-1 within tolerance one whose top-5 is not."""
+    from convqa.gates.inference import compare_runs, judge
+    from convqa.gates.rows import GateRow
+
+    source, truth = qwen2
+    candidate = {**truth, "logits": dict(truth["logits"])}
+    prompt = PROMPTS[0].id
+    positions = sum(len(p["ids"]) for p in truth["prompts"] if p["modality"] == "run" and p["ids"])
+    bad = max(2, -(-3 * positions // 100))  # 3% of the positions: above the 99th percentile's reach
+    damaged = truth["logits"][prompt].copy()
+    assert bad < len(damaged)
+    damaged[-bad:] = damaged[-bad:, ::-1]  # those positions' distributions reversed, the others exact
+    candidate["logits"][prompt] = damaged
+    comparison = compare_runs(truth, candidate, "run")
+    aggregate = comparison["aggregate"]
+    assert aggregate["p99_kl"] > 10 * aggregate["mean_kl"] > 0 and aggregate["median_kl"] == 0.0
+    loose_mean = {"max_mean_kl": aggregate["mean_kl"] * 1.01, "min_top1": 0.5, "reason": "r"}
+    assert judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, loose_mean).status == PASS
+    with_p99 = {**loose_mean, "max_p99_kl": aggregate["p99_kl"] / 2}
+    row = judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, with_p99)
+    assert row.status == FAIL and "p99 KL" in row.reason and "p99 KL" in row.metric
+    with_top5 = {**loose_mean, "min_top5": 1.0}
+    row = judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, with_top5)
+    assert aggregate["top5_agreement"] < 1.0 and row.status == FAIL and "top-5 agreement" in row.reason

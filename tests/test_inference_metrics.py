@@ -133,3 +133,62 @@ def test_garbage_is_detected(ids, text, reason):
 def test_normal_output_is_not_garbage(ids, text):
     verdict = detect_garbage(ids, text)
     assert not verdict.is_garbage and verdict.reasons == []
+
+
+# ---------------------------------------------------------------- KL distribution and top-5
+
+def boosted_kl(vocab: int, a: float) -> float:
+    """KL(uniform || softmax with one logit raised by a), in closed form:
+    q = e^a / Z at the raised token and 1 / Z elsewhere, Z = vocab - 1 + e^a, so
+    KL = sum_i (1/V) log((1/V) / q_i) = log Z - log V - a / V."""
+    return math.log(vocab - 1 + math.exp(a)) - math.log(vocab) - a / vocab
+
+
+def test_kl_mean_median_p99_and_max_match_the_closed_form():
+    vocab, raises = 40, np.linspace(0.0, 6.0, 100)
+    reference = np.zeros((100, vocab))
+    candidate = np.zeros((100, vocab))
+    candidate[np.arange(100), 7] = raises  # position i: token 7 raised by raises[i]
+    expected = np.array([boosted_kl(vocab, a) for a in raises])
+    parity = compare_logits(reference, candidate)
+    assert parity.kl_per_position == pytest.approx(list(expected), rel=1e-9, abs=1e-15)
+    assert parity.mean_kl == pytest.approx(expected.mean(), rel=1e-9)
+    # Even count: the median is the mean of the two middle values; KL grows with the raise.
+    assert parity.median_kl == pytest.approx((expected[49] + expected[50]) / 2, rel=1e-9)
+    # Linear interpolation at rank 0.99 * 99 = 98.01: between the two largest values.
+    assert parity.p99_kl == pytest.approx(expected[98] + 0.01 * (expected[99] - expected[98]), rel=1e-9)
+    assert parity.max_kl == pytest.approx(boosted_kl(vocab, 6.0), rel=1e-9)
+    assert parity.median_kl < parity.mean_kl < parity.p99_kl < parity.max_kl
+
+
+def test_a_few_bad_positions_show_in_p99_where_the_mean_averages_them_away():
+    vocab = 40
+    reference, candidate = np.zeros((1000, vocab)), np.zeros((1000, vocab))
+    candidate[:, 3] = 0.1
+    candidate[-20:, 3] = 8.0  # 2% of the positions go badly wrong
+    parity = compare_logits(reference, candidate)
+    small, large = boosted_kl(vocab, 0.1), boosted_kl(vocab, 8.0)
+    assert parity.median_kl == pytest.approx(small, rel=1e-9)
+    assert parity.mean_kl == pytest.approx((980 * small + 20 * large) / 1000, rel=1e-9)
+    assert parity.p99_kl == pytest.approx(large, rel=1e-9)  # rank 989.01 lies among the bad 20
+    assert parity.p99_kl / parity.mean_kl > 40 and parity.max_kl == pytest.approx(large, rel=1e-9)
+
+
+@pytest.mark.parametrize("rank, top1, top5", [(0, 1.0, 1.0), (2, 0.0, 1.0), (4, 0.0, 1.0), (5, 0.0, 0.0), (20, 0.0, 0.0)])
+def test_top5_counts_the_reference_argmax_within_the_candidates_five_largest(rank, top1, top5):
+    vocab = 30
+    reference = np.zeros((1, vocab))
+    reference[0, 0] = 10.0  # the reference's argmax is token 0
+    candidate = np.zeros((1, vocab))
+    candidate[0, 1:] = -np.arange(1, vocab)  # tokens 1, 2, ... in decreasing order
+    candidate[0, 0] = -rank - 0.5  # exactly `rank` tokens above token 0
+    parity = compare_logits(reference, candidate)
+    assert (parity.top1_agreement, parity.top5_agreement) == (top1, top5)
+
+
+def test_non_finite_candidate_makes_every_kl_statistic_infinite():
+    candidate = REFERENCE.copy()
+    candidate[2, 5] = np.nan
+    parity = compare_logits(REFERENCE, candidate)
+    assert parity.median_kl == parity.p99_kl == parity.mean_kl == parity.max_kl == float("inf")
+    assert parity.top5_agreement == pytest.approx(5 / 6)  # the NaN position ranks nowhere

@@ -4,8 +4,12 @@ Pure numpy. Logit metrics are computed per position over the whole vocabulary:
 - max |dlogit| and the same divided by max |reference logit| (scale-free across models);
 - KL(reference || candidate) from float64 log-softmax: the information lost by the candidate's
   distribution, small and smooth under quantization noise, large under a layout bug;
+- the KL's distribution over positions: mean, median, p99 and max (a mean hides one position
+  that goes badly wrong: p99 and p99/mean show it, the statistics mlx-kld reports);
 - top-1 agreement, with the disagreeing positions (argmax alone flips on near-ties, so it is
-  reported with the KL, never instead of it).
+  reported with the KL, never instead of it), and top-5 agreement: the share of positions whose
+  reference argmax is among the candidate's five most likely tokens (a near-tie flips the top-1
+  but keeps the token in the top-5; a layout bug loses it).
 Non-finite candidate logits make every distance infinite, so a threshold check can never pass
 on NaN (NaN compares false both ways).
 """
@@ -39,6 +43,9 @@ class LogitParity:
     kl_per_position: list[float]
     top1_agreement: float  # fraction of positions with the same argmax
     disagreeing_positions: list[int]
+    median_kl: float = 0.0
+    p99_kl: float = 0.0
+    top5_agreement: float = 1.0  # fraction of positions whose reference argmax is in the candidate's top 5
 
     def as_row(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,6 +88,39 @@ def kl_per_position(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return np.maximum(kl, 0.0)
 
 
+TOP_K = 5
+KL_PERCENTILE = 99
+
+
+def kl_statistics(kl) -> dict[str, float]:
+    """mean, median, p99 and max of per-position KL values (inf when any is inf or NaN).
+
+    The p99 is numpy's linear-interpolation percentile: over 40 positions it lies between the
+    largest and second-largest value, so it moves with the worst few positions, not one alone.
+    """
+    kl = np.asarray(kl, dtype=np.float64)
+    if kl.size == 0:
+        raise ValueError("no KL values")
+    if not np.isfinite(kl).all():
+        inf = float("inf")
+        return {"mean_kl": inf, "median_kl": inf, "p99_kl": inf, "max_kl": inf}
+    return {"mean_kl": float(kl.mean()), "median_kl": float(np.median(kl)),
+            "p99_kl": float(np.percentile(kl, KL_PERCENTILE)), "max_kl": float(kl.max())}
+
+
+def top_k_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Per position: whether the reference's argmax is among the candidate's k largest logits.
+
+    Ties at the k-th value count as inside (the rank is the number of strictly larger logits), so
+    the answer does not depend on how argpartition breaks them.
+    """
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    target = reference.argmax(axis=-1)
+    value = np.take_along_axis(candidate, target[:, None], axis=-1)
+    rank = (candidate > value).sum(axis=-1)
+    return rank < k
+
+
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> LogitParity:
     """Distances between two (n_positions, vocab) logit arrays for the same token ids."""
     reference = np.asarray(reference)
@@ -100,8 +140,11 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> LogitParity:
     disagreeing = [int(i) for i in np.flatnonzero(~agree)]
     if not np.isfinite(candidate).all():
         inf = float("inf")
+        # NaN logits rank nowhere: a position with any non-finite logit is outside the top 5.
+        top5 = top_k_agreement(reference, candidate) & np.isfinite(candidate).all(axis=-1)
         return LogitParity(
-            n_positions, vocab, False, inf, inf, inf, inf, [inf] * n_positions, float(agree.mean()), disagreeing
+            n_positions, vocab, False, inf, inf, inf, inf, [inf] * n_positions, float(agree.mean()), disagreeing,
+            median_kl=inf, p99_kl=inf, top5_agreement=float(top5.mean()),
         )
     max_abs = float(np.abs(reference - candidate).max())
     scale = float(np.abs(reference).max())
@@ -112,11 +155,11 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> LogitParity:
         all_finite=True,
         max_abs_dlogit=max_abs,
         max_rel_dlogit=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
-        mean_kl=float(kl.mean()),
-        max_kl=float(kl.max()),
         kl_per_position=[float(v) for v in kl],
         top1_agreement=float(agree.mean()),
         disagreeing_positions=disagreeing,
+        top5_agreement=float(top_k_agreement(reference, candidate).mean()),
+        **kl_statistics(kl),
     )
 
 

@@ -12,10 +12,12 @@
 - F-SERVE-001: the HTTP answers equal the `run` answers (ids for transformers, text for llama.cpp,
   whose server tokenizes the prompt text itself).
 
-A tolerance is a dict of limits, any of: max_abs_dlogit, max_rel_dlogit, max_mean_kl, min_top1,
-greedy_equal, plus the `reason` for the values. Garbage output fails only where the ground truth
-itself is not garbage: a random-weight test model babbles under every engine, and that is no
-conversion's fault.
+A tolerance is a dict of limits, any of: max_abs_dlogit, max_rel_dlogit, max_mean_kl, max_p99_kl
+(the KL's 99th percentile over all positions), min_top1, min_top5, greedy_equal, plus the `reason`
+for the values; the aggregate carries every logit statistic whichever limits apply. Garbage
+output fails only where the ground truth itself is not garbage: a random-weight test model
+babbles under every engine, and that is no conversion's fault. A failing transformers row on cpu
+names its first divergent layer (convqa.gates.divergence).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from collections import Counter
 import numpy as np
 
 from convqa.formats import no_artifact
-from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
+from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage, kl_statistics
+from convqa.gates.divergence import annotate_divergence
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
 from convqa.workflow.plan import first_hop, hops
 from convqa.infer.prompts import CHAT, RUN
@@ -38,7 +41,9 @@ LIMITS = {
     "max_abs_dlogit": ("max |dlogit|", "max_abs_dlogit", True),
     "max_rel_dlogit": ("max |dlogit| / max |logit|", "max_rel_dlogit", True),
     "max_mean_kl": ("mean KL", "mean_kl", True),
+    "max_p99_kl": ("p99 KL", "p99_kl", True),
     "min_top1": ("top-1 agreement", "top1_agreement", False),
+    "min_top5": ("top-5 agreement", "top5_agreement", False),
 }
 # (format, backend, modality) -> gate: the backends and modalities config/schema.yaml allows.
 INFERENCE_GATES = {
@@ -130,7 +135,7 @@ def compare_runs(reference: dict, candidate: dict, modality: str | None = None) 
     """
     refs, cands = _by_prompt(reference, modality), _by_prompt(candidate, modality)
     prompts, problems, reference_problems = [], [], []
-    abs_d, rel_d, kls, agree, positions = [], [], [], 0, 0
+    abs_d, rel_d, kls, agree, agree5, positions = [], [], [], 0, 0, 0
     for prompt_id, ref in refs.items():
         cand = cands.get(prompt_id)
         if ref.get("ids") is None:
@@ -170,6 +175,7 @@ def compare_runs(reference: dict, candidate: dict, modality: str | None = None) 
         rel_d.append(logits.max_rel_dlogit)
         kls.extend(logits.kl_per_position)
         agree += round(logits.top1_agreement * logits.n_positions)
+        agree5 += round(logits.top5_agreement * logits.n_positions)
         positions += logits.n_positions
         prompts.append({
             "prompt_id": prompt_id,
@@ -178,8 +184,11 @@ def compare_runs(reference: dict, candidate: dict, modality: str | None = None) 
             "max_abs_dlogit": logits.max_abs_dlogit,
             "max_rel_dlogit": logits.max_rel_dlogit,
             "mean_kl": logits.mean_kl,
+            "median_kl": logits.median_kl,
+            "p99_kl": logits.p99_kl,
             "max_kl": logits.max_kl,
             "top1_agreement": logits.top1_agreement,
+            "top5_agreement": logits.top5_agreement,
             "greedy_equal": greedy.ids_equal,
             "first_divergence": greedy.first_divergence,
             "garbage": "; ".join(garbage.reasons),
@@ -194,9 +203,9 @@ def compare_runs(reference: dict, candidate: dict, modality: str | None = None) 
             "prompts_compared": len(abs_d),
             "max_abs_dlogit": max(abs_d),
             "max_rel_dlogit": max(rel_d),
-            "mean_kl": float(np.mean(kls)),
-            "max_kl": float(np.max(kls)),
+            **kl_statistics(kls),  # pooled over every compared position of every prompt
             "top1_agreement": agree / positions,
+            "top5_agreement": agree5 / positions,
             "greedy_equal": all(p.get("greedy_equal") for p in prompts if "greedy_equal" in p),
         }
     return {"prompts": prompts, "aggregate": aggregate, "problems": problems, "reference_problems": reference_problems}
@@ -467,6 +476,8 @@ def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dic
     rows = inference_rows(model, variant, reference, runs, tolerances, modalities)
     if reference_tolerances:
         rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities)
+    # A failing transformers row names its first divergent layer (convqa.gates.divergence).
+    annotate_divergence(rows, variant, runs, references or {}, GROUND_TRUTH)
     rows += engine_rows(model, variant, runs, tolerances)
     if "serve" in modalities:
         rows += serve_rows(model, variant, runs, serves)

@@ -2,6 +2,10 @@
 
 `run_prompts` writes, per (artifact, engine, backend), a JSON record (per prompt: modality, ids,
 generated ids, decoded text, timings) and an .npz of teacher-forced logits keyed by prompt id.
+Under transformers the .npz also holds, for one prompt (the first `run` prompt), the hidden state
+after every layer and sub-layer (keys `hidden.<order>.<module>`, listed in the record's
+`hidden_states`), so a failing gate can name the first layer that departs from its baseline
+(convqa.compare.divergence).
 `run_reference` does the same for the reference-quantized model of a lossy first hop
 (convqa.infer.reference_model), which exists only in memory. `serve_prompts` starts the engine's
 OpenAI-compatible server under `ServerProcess` (which kills it with the job), sends the same
@@ -28,6 +32,9 @@ from convqa.infer.reference_model import reference_quantized
 
 # Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
 LLAMACPP_GREEDY = {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
+# .npz keys of the hidden-state capture; a prompt id never starts with it (load_run splits on it).
+HIDDEN_PREFIX = "hidden."
+
 
 
 def ground_truth_tokenizer(source_dir: str | os.PathLike):
@@ -64,7 +71,9 @@ def run_prompts(
     max_new_tokens: int,
     threads: int,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """(record, logits by prompt id) of every prompt through one engine on one backend.
+    """(record, arrays) of every prompt through one engine on one backend: the logits by prompt
+    id and, under transformers, the hidden-state capture under HIDDEN_PREFIX keys (write_run
+    stores both in one .npz, load_run splits them into `logits` and `hidden`).
 
     An absent capability (no CUDA device) gives `skipped` with the reason and loads nothing.
     A prompt that cannot be rendered for this artifact (chat without a template) carries `error`.
@@ -109,7 +118,26 @@ def _run_loaded(engine, tokenizer, spec, prompts: list[Prompt], max_new_tokens: 
             entry.pop("engine"), entry.pop("backend")
             logits[prompt.id] = result.logits
         record["prompts"].append(entry)
+    logits.update(_capture_hidden(engine, record))
     return logits
+
+
+def _capture_hidden(engine, record: dict) -> dict[str, np.ndarray]:
+    """The hidden-state capture of the first `run` prompt, for engines that can hook their layers
+    (transformers); its points go into record["hidden_states"], the arrays come back prefixed.
+    One prompt keeps it small (SmolLM2-135M: 152 points x 7 positions x 576 floats, 2.5 MB); a capture
+    that fails is recorded, never raised: the logits are still the run's result."""
+    capture = getattr(engine, "capture_hidden_states", None)
+    entry = next((p for p in record["prompts"] if p["modality"] == RUN and p.get("ids")), None)
+    if capture is None or entry is None:
+        return {}
+    try:
+        points, arrays = capture(entry["ids"])
+    except Exception as exc:  # a model the hooks cannot follow still has its logits compared
+        record["hidden_states"] = {"prompt_id": entry["prompt_id"], "error": f"{type(exc).__name__}: {exc}"[:500]}
+        return {}
+    record["hidden_states"] = {"prompt_id": entry["prompt_id"], "points": points}
+    return {HIDDEN_PREFIX + key: values for key, values in arrays.items()}
 
 
 def run_reference(
@@ -215,7 +243,8 @@ def write_run(record: dict, logits: dict[str, np.ndarray], json_path, npz_path) 
 
 
 def load_run(json_path, npz_path=None) -> dict:
-    """A run record with `logits` (prompt id -> array) attached when the .npz is given."""
+    """A run record with `logits` (prompt id -> array) and `hidden` (capture key -> array, under
+    transformers) attached when the .npz is given."""
     import json
 
     try:
@@ -226,11 +255,15 @@ def load_run(json_path, npz_path=None) -> dict:
     except (OSError, ValueError) as exc:  # a damaged record is the run's failure, not the gate job's
         return {"skipped": None, "prompts": [], "logits": {},
                 "error": f"run record {json_path} unreadable: {type(exc).__name__}: {exc}"}
-    record["logits"] = {}
+    record["logits"], record["hidden"] = {}, {}
     if npz_path is not None and Path(npz_path).exists():
         try:
             with np.load(npz_path, allow_pickle=False) as data:
-                record["logits"] = {key: data[key] for key in data.files}
+                for key in data.files:
+                    if key.startswith(HIDDEN_PREFIX):
+                        record["hidden"][key[len(HIDDEN_PREFIX):]] = data[key]
+                    else:
+                        record["logits"][key] = data[key]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:  # a damaged .npz is the run's failure, not the gate job's
             record["error"] = record.get("error") or f"logits file {npz_path} unreadable: {type(exc).__name__}: {exc}"
     return record

@@ -17,7 +17,7 @@ import base64
 import jinja2
 from markupsafe import Markup
 
-from convqa.report import graph, plots
+from convqa.report import graph, logits, plots
 from convqa.report.evidence import (blocking_rows, display_hash, display_number, display_percent, display_size,
                                     inference_rows, row_comparison, row_diagnosis, skip_groups)
 from convqa.report.markdown import prompt_columns
@@ -106,7 +106,19 @@ A comparison gets its own per-layer plot only when it fails or comes within 10&t
 
 {% if inference_section %}<h2>Inference</h2>
 {% if inf_rows %}{{ matrix(inf_rows) }}{% endif %}
+{% if logit_table %}<h3>Logit evidence</h3>
+<p class="note">Per artifact and engine, over every compared position of every prompt: KL(reference || artifact) mean, median, p99, max and p99/mean
+(a few bad positions show in p99 where the mean averages them away); top-1 and top-5 agreement (the reference argmax among the artifact's five most likely tokens).</p>
+<table id="logit-evidence"><tr><th>artifact / engine</th><th>positions</th><th>KL mean</th><th>median</th><th>p99</th><th>max</th><th>p99/mean</th><th>top-1</th><th>top-5</th><th>max |dlogit|</th><th>worst prompt</th></tr>
+{% for t in logit_table %}<tr><td class="mono">{{ t.label }}</td><td class="num">{{ t.positions }}</td><td class="num">{{ t.mean_kl | num }}</td><td class="num">{{ t.median_kl | num }}</td><td class="num">{{ t.p99_kl | num }}</td><td class="num">{{ t.max_kl | num }}</td><td class="num">{{ t.p99_over_mean | num }}</td><td class="num">{{ t.top1_agreement | num }}</td><td class="num">{{ t.top5_agreement | num }}</td><td class="num">{{ t.max_abs_dlogit | num }}</td><td class="mono">{{ t.worst_prompt }}</td></tr>
+{% endfor %}</table>{% endif %}
 {% if kl_png %}<p><img alt="KL per position" src="data:image/png;base64,{{ kl_png }}"></p>{% endif %}
+{% if divergences %}<h3>First divergent layer</h3>
+<p class="note">Failing transformers runs: the hidden state after every layer and sub-layer of one prompt against the baseline
+(the ground truth for a lossless variant, the reference-quantized model for a lossy one), as max |d| / max |baseline| (bit-exact points on the 1e-9 floor); the first point beyond tolerance, ringed, is where the artifact diverges: the points after it show the error propagating.</p>
+{% for d in divergences %}<p id="divergence-{{ loop.index0 }}" class="divergence"><span class="mono">{{ d.subject }}</span> ({{ d.gate }}): {{ d.diagnosis }}</p>
+{% if divergence_pngs[loop.index0] %}<p><img alt="first divergent layer, {{ d.subject }}" src="data:image/png;base64,{{ divergence_pngs[loop.index0] }}"></p>{% endif %}
+{% endfor %}{% endif %}
 {% for d in ev.inference.details %}{% if d.prompts %}<h3>{{ d.label }}: per-prompt results</h3>
 {% set cols = prompt_cols(d.prompts) %}<table><tr>{% for c in cols %}<th>{{ c }}</th>{% endfor %}</tr>
 {% for p in d.prompts %}<tr>{% for c in cols %}<td>{{ p.get(c) | num }}</td>{% endfor %}</tr>
@@ -182,6 +194,7 @@ def render_html(evidence: dict) -> str:
     inf_rows = inference_rows(evidence)
     conversion_rows = [r for r in evidence["gates"] if r not in inf_rows]
     inference = evidence["inference"]
+    divergence_list = logits.divergences(evidence)
     return env.from_string(TEMPLATE).render(
         ev=evidence, s=s, verdict_color=VERDICT_COLORS[s["verdict"]],
         cards=[("verdict", s["verdict"]), ("pass", s["pass"]), ("fail", s["fail"]), ("skipped", s["skipped"]),
@@ -196,5 +209,7 @@ def render_html(evidence: dict) -> str:
         detail_count=sum(1 for c in evidence["tensor_checks"] if plots.needs_detail(c)),
         inference_section=bool(inf_rows or inference["throughput"] or inference["details"]),
         inf_rows=inf_rows, kl_png=_b64(plots.kl_per_position_png(inference["details"])),
+        logit_table=logits.logit_summary(inference["details"]), divergences=divergence_list,
+        divergence_pngs=[_b64(plots.divergence_png(d)) for d in divergence_list],
         gate_table=gate_table, matrix=matrix, prompt_cols=prompt_columns,
     )

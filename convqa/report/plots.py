@@ -270,3 +270,46 @@ def tensor_heatmap_png(checks: list[dict], title: str = "tensor error / toleranc
     bar.ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=9)
     return _png(fig)
+
+
+# --- first divergent layer ------------------------------------------------------------------
+
+
+def divergence_png(divergence: dict) -> bytes | None:
+    """Distance to the baseline at every capture point of one forward pass (convqa.compare
+    .divergence): layers along x, one marker per sub-layer, the first divergent point ringed."""
+    from convqa.compare.divergence import describe
+
+    points, values = divergence.get("points") or [], [as_float(v) for v in divergence.get("values") or []]
+    if not points or len(points) != len(values):
+        return None
+    top = max([v for v in values if v is not None and v != float("inf")] + [ERROR_FLOOR])
+    # inf (missing, NaN, misshapen) is drawn above the finite maximum, so it stays on the axis.
+    shown = [top * 10 if v is None or v == float("inf") else max(v, ERROR_FLOOR) for v in values]
+    fig, ax = plt.subplots(figsize=(9, 3.0))
+    ax.plot(range(len(shown)), shown, color="#555555", linewidth=0.8)
+    by_sublayer: dict[str, list[int]] = {}
+    for i, point in enumerate(points):
+        by_sublayer.setdefault(point.get("sublayer", "?"), []).append(i)
+    for n, (sub, where) in enumerate(by_sublayer.items()):
+        ax.plot(where, [shown[i] for i in where], marker="os^vD<>Ph*"[n % 10], linestyle="", markersize=4, label=sub)
+    first = divergence.get("first")
+    if isinstance(first, int) and 0 <= first < len(shown):
+        ax.plot([first], [shown[first]], marker="o", markersize=11, markerfacecolor="none", color="#c62828",
+                label=f"first divergence: {describe(points[first])}")
+    tolerance = as_float(divergence.get("tolerance"))
+    if tolerance:
+        ax.axhline(tolerance, color="#c62828", linestyle="--", linewidth=0.8, label=f"tolerance {tolerance:g}")
+    layer_starts = [i for i, p in enumerate(points) if p.get("layer") is not None
+                    and (i == 0 or points[i - 1].get("layer") != p.get("layer"))]
+    step = max(1, len(layer_starts) // 12)
+    ax.set_xticks(layer_starts[::step], [str(points[i]["layer"]) for i in layer_starts[::step]])
+    ax.set_yscale("log")
+    ax.set_xlabel("decoder layer (embedding left, final norm and logits right)", fontsize=8)
+    ax.set_ylabel("max |d| / max |baseline|", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(color="#eeeeee")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7, frameon=False)
+    ax.set_title(f"{divergence.get('subject', '')} against {divergence.get('baseline', '')}, "
+                 f"prompt {divergence.get('prompt_id', '?')}", fontsize=9)
+    return _png(fig)

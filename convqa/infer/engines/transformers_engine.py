@@ -105,6 +105,25 @@ def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
     return model.eval()
 
 
+def capture_points(model) -> list[tuple[dict, object]]:
+    """(point, module) pairs to hook: the input embedding; per decoder layer every direct child
+    module (its norms, self_attn, mlp: the model's own names, so any architecture's sub-layers
+    come out as it calls them) and the layer itself (its output, the residual stream); the final
+    norm. A point is {"module": qualified name, "layer": index or None, "sublayer": name}."""
+    names = {id(module): name for name, module in model.named_modules()}
+    base = model.base_model
+    pairs = [({"module": names[id(model.get_input_embeddings())], "layer": None, "sublayer": "embedding"},
+              model.get_input_embeddings())]
+    for index, layer in enumerate(getattr(base, "layers", None) or []):
+        for child_name, child in layer.named_children():
+            pairs.append(({"module": names[id(child)], "layer": index, "sublayer": child_name}, child))
+        pairs.append(({"module": names[id(layer)], "layer": index, "sublayer": "output"}, layer))
+    norm = getattr(base, "norm", None)
+    if norm is not None:
+        pairs.append(({"module": names[id(norm)], "layer": None, "sublayer": "final norm"}, norm))
+    return pairs
+
+
 class TransformersEngine(Engine):
     name = "transformers"
 
@@ -167,6 +186,40 @@ class TransformersEngine(Engine):
             self.timings.prefill_s = time.perf_counter() - start
         self.timings.prefill_tokens = len(ids)
         return logits
+
+    def capture_hidden_states(self, ids: list[int]) -> tuple[list[dict], dict[str, np.ndarray]]:
+        """(points, arrays): the hidden state after every capture point of one forward pass over
+        `ids`, in the order the forward pass reached them (convqa.compare.divergence compares two
+        such captures). See `capture_points` for what is captured."""
+        self._check_prompt(ids)
+        torch = _torch()
+        captured: list[tuple[dict, np.ndarray]] = []
+        handles = []
+
+        def hook_for(point):
+            def hook(module, args, output):
+                if point.get("seen"):  # a module called twice (a shared norm) keeps its first output
+                    return
+                point["seen"] = True
+                tensor = output[0] if isinstance(output, (tuple, list)) else output
+                captured.append((point, tensor[0].detach().float().cpu().numpy()))
+            return hook
+
+        try:
+            for point, module in capture_points(self.model):
+                handles.append(module.register_forward_hook(hook_for(point)))
+            with torch.inference_mode():
+                self.model(input_ids=self._input(ids), use_cache=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        points, arrays = [], {}
+        for index, (point, values) in enumerate(captured):
+            point.pop("seen")
+            key = f"{index:04d}.{point['module']}"
+            points.append({"key": key, **point})
+            arrays[key] = np.ascontiguousarray(values, dtype=np.float32)
+        return points, arrays
 
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Argmax decoding with the KV cache: one prefill pass, then one token per forward."""
