@@ -237,3 +237,22 @@ def test_backend_gate_neither_fails_a_perfect_conversion_nor_hides_a_broken_one(
                 "schema_version": "x", "tool_versions": {}, "generated_at": "2026-01-01T00:00:00"}
     xml = render_junit(evidence).decode()
     assert "<failure" not in xml and "outside the verdict" in xml, xml
+
+
+# ---------------------------------------------------------------- llama.cpp on gpu
+
+
+def test_llamacpp_gpu_rows_say_why_they_cannot_run():
+    import llama_cpp
+
+    from convqa.infer.engines import capability
+    from convqa.infer.engines.llamacpp_engine import gpu_offload_problem
+
+    available, reason = capability("llama.cpp", "gpu")
+    assert available == llama_cpp.llama_supports_gpu_offload()
+    if not available:  # this machine's build: PyPI's sdist compiled without CMAKE_ARGS
+        assert reason == gpu_offload_problem(llama_cpp.llama_print_system_info())
+    cpu_build = b"CPU : SSE3 = 1 | AVX2 = 1 | FMA = 1 | OPENMP = 1 | REPACK = 1 | "
+    assert "make setup-cuda" in gpu_offload_problem(cpu_build)
+    cuda_build = b"CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : AVX2 = 1 | "
+    assert gpu_offload_problem(cuda_build).startswith("no CUDA device visible to llama.cpp")
