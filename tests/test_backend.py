@@ -256,3 +256,31 @@ def test_llamacpp_gpu_rows_say_why_they_cannot_run():
     assert "make setup-cuda" in gpu_offload_problem(cpu_build)
     cuda_build = b"CUDA : ARCHS = 900 | USE_GRAPHS = 1 | PEER_MAX_BATCH_SIZE = 128 | CPU : AVX2 = 1 | "
     assert gpu_offload_problem(cuda_build).startswith("no CUDA device visible to llama.cpp")
+
+
+# ---------------------------------------------------------------- bench/gpu.py
+
+
+def test_gpu_check_prints_the_measured_values_of_recorded_gpu_rows(truth, tmp_path):
+    """bench/gpu.py's summary of a gate table, on the rows the recorded runs above give."""
+    import importlib.util
+
+    from convqa.gates.rows import write_rows_tsv
+    from convqa.report.evidence import read_gate_table
+
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).resolve().parent.parent / "bench" / "gpu.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    source, runs = truth
+    apr = converted(source, tmp_path, "apr")
+    runs = {**runs, ("st-apr", "transformers", "gpu"): gpu_run(tmp_path, "apr-gpu", apr, source)}
+    rows = evaluate("m", "native", runs, {}, NATIVE, ("run", "chat"))[0] + backend_rows("m", "native", runs, BACKEND)
+    write_rows_tsv(rows, tmp_path / "inference.tsv")
+    lines = gpu_check.measured(read_gate_table(tmp_path / "inference.tsv"), "gpu")
+    assert lines[0].startswith("F-BACKEND-001 transformers: max |dlogit| / max |logit|; mean KL = ")
+    assert "F-INF gpu native transformers: max |dlogit| = 0 (worst of 2; threshold <= 0)" in lines
+    config = gpu_check.workflow_config("smollm2", "gpu")
+    assert config["inference"]["backends"] == ["cpu", "gpu"] and list(config["models"]) == ["smollm2"]
+    assert gpu_check.workflow_config("qwen2-tiny", "cpu")["inference"]["backends"] == ["cpu"]
