@@ -265,8 +265,8 @@ def summarize(rows: list[dict]) -> dict:
     disagrees with cpu cannot fail a perfect conversion, and a passing one cannot stand in for
     a conversion row (those compare runs of one backend).
     """
-    outside = [r for r in rows if not counts_toward_verdict(r["gate"])]
-    rows = [r for r in rows if counts_toward_verdict(r["gate"])]
+    outside = [r for r in rows if not counts_toward_verdict(r.get("gate", ""))]
+    rows = [r for r in rows if counts_toward_verdict(r.get("gate", ""))]
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
     decided = counts["pass"] + counts["fail"]
     applicable = len(rows) - counts["skipped"]
