@@ -112,10 +112,10 @@ def main(argv=None) -> int:
     mine = [r for r in rows if backend_of(r) == args.backend]
     print(f"\n{args.model}, mvp, {args.backend}: {len(mine)} rows")
     for r in mine:
-        print(f"  {r['gate']:<24} {r['subject']:<34} {r['status']:<13} {r['metric']} = {r['value']} "
-              f"({r['threshold']}) {r['reason'][:160]}")
+        value = f"{r['metric']} = {r['value']} ({r['threshold']}) " if r["metric"] else ""
+        print(f"  {r['gate']:<24} {r['subject']:<34} {r['status']:<13} {value}{r['reason'][:160]}")
     print("\nmeasured:")
-    for line in measured(rows, args.backend) or ["  nothing measured: no row of this backend ran"]:
+    for line in measured(rows, args.backend) or ["nothing measured: no row of this backend ran"]:
         print(f"  {line}")
     statuses = {r["status"] for r in mine}
     if not statuses or statuses == {"skipped"}:
