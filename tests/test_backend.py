@@ -284,3 +284,46 @@ def test_gpu_check_prints_the_measured_values_of_recorded_gpu_rows(truth, tmp_pa
     config = gpu_check.workflow_config("smollm2", "gpu")
     assert config["inference"]["backends"] == ["cpu", "gpu"] and list(config["models"]) == ["smollm2"]
     assert gpu_check.workflow_config("qwen2-tiny", "cpu")["inference"]["backends"] == ["cpu"]
+
+
+# ---------------------------------------------------------------- what the workflow runs
+
+
+def _jobs(**inference):
+    import yaml
+
+    from convqa.workflow import jobs
+    from workflow_copy import REPO
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config.setdefault("route", {})
+    config["inference"].update(inference)
+    return jobs.Jobs(config, REPO / "scripts")
+
+
+def test_the_gate_job_reads_the_ground_truth_and_references_of_every_backend():
+    J = _jobs(chains={"smoke": ["st-gguf"], "mvp": ["st-gguf", "st-apr"], "full": ["st-gguf"]})  # no `st` chain
+    cells = J.inference_cells("mvp")
+    assert {("st", "transformers", "cpu"), ("st", "transformers", "gpu")} <= set(cells)
+    inputs = J.inference_input_map("smollm2", "q8_0", "mvp")
+    assert inputs["runs"]["st|transformers|gpu"]["json"] == "results/smollm2/source.infer/transformers-gpu.json"
+    assert inputs["references"]["st-gguf|gpu"]["npz"] == "results/smollm2/q8_0/reference/st-gguf/transformers-gpu.npz"
+    assert set(inputs["references"]) == {"st-apr|cpu", "st-apr|gpu", "st-gguf|cpu", "st-gguf|gpu"}
+    assert J.inference_input_map("smollm2", "native", "mvp")["references"] == {}  # lossless: no reference model
+    cpu_only = _jobs(backends=["cpu"])
+    assert not [c for c in cpu_only.inference_cells("mvp") if c[2] == "gpu"]
+    assert set(cpu_only.inference_input_map("smollm2", "q8_0", "mvp")["references"]) == {"st-apr|cpu", "st-gguf|cpu"}
+
+
+def test_backend_tolerances_are_configured_with_reasons_and_repeat_the_schema_defaults():
+    import yaml
+
+    from workflow_copy import REPO
+
+    schema = yaml.safe_load((REPO / "config" / "schema.yaml").read_text())
+    default = schema["properties"]["inference"]["properties"]["backend_tolerances"]["default"]
+    configured = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["inference"]["backend_tolerances"]
+    assert set(configured) == {"transformers", "llama.cpp"}
+    for engine, tolerance in configured.items():
+        assert tolerance["reason"].startswith("provisional"), "no gpu measurement yet: the reason says so"
+        assert {k: v for k, v in tolerance.items() if k != "reason"} == {k: v for k, v in default[engine].items() if k != "reason"}
