@@ -30,10 +30,9 @@ from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
 from convqa.workflow.plan import hops
-from convqa.workflow.references import ground_truth, inference_reference, quantized_reference
+from convqa.workflow.references import inference_reference, quantized_reference
 from convqa.infer.prompts import CHAT, RUN
 
-GROUND_TRUTH = ground_truth("cpu").key  # (chain, engine, backend) of the cpu ground truth
 REPLACEMENT_CHARACTER = "\ufffd"
 # Limit name -> (metric name, aggregate key, True when the value must stay at or below the limit).
 LIMITS = {
