@@ -18,7 +18,8 @@ from convqa.arch.names import hf_to_gguf
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.errors import ConversionError
 from convqa.formats import open_model
-from convqa.formats.gguf import read_gguf, write_gguf
+from convqa.formats.gguf import read_gguf
+from convqa.formats.gguf_writer import write_gguf
 from convqa.model import LazyTensor, ModelConfig, WritePlan, WriterQuirks
 from tinymodel import const_tensor, rewrite_gguf, tiny_config, tiny_plan, tiny_tokenizer, tiny_values, weights_in
 
