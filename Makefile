@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 CORES ?= 2
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test detection clean-results lint
+.PHONY: setup setup-cuda run test detection clean-results lint
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,16 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# llama.cpp on the gpu backend: PyPI ships llama-cpp-python as source only, and `make setup`
+# compiles it for CPU. This rebuilds the pinned version with the CUDA backend (needs the CUDA
+# toolkit's nvcc on PATH; 10-30 min). --no-cache-dir: pip would otherwise reuse the CPU wheel
+# it cached for the same version. Check: .venv/bin/python -c 'import llama_cpp;
+# print(llama_cpp.llama_supports_gpu_offload())' prints True on a machine with a GPU.
+LLAMA_CPP_PIN := $(shell grep -o 'llama-cpp-python\[server\]==[0-9.]*' requirements.txt)
+setup-cuda: setup
+	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/pip install --no-cache-dir --force-reinstall --no-deps \
+		--no-binary llama-cpp-python "$(LLAMA_CPP_PIN)"
 
 run: setup
 	$(BIN)/snakemake --cores $(CORES)

@@ -1,12 +1,13 @@
 # The inference matrix: every artifact of the tier's inference chains under every engine that
 # can read it (transformers: all formats; llama.cpp: GGUF) on every backend, the HTTP servers,
-# and the inference gate table per (model, variant, tier). The ground truth is transformers on
-# cpu over the SafeTensors source, run once per model (not per variant).
+# and the inference gate table per (model, variant, tier). The ground truth is transformers over
+# the SafeTensors source, run once per model (not per variant) on every backend: each backend's
+# runs are judged against its own (convqa.workflow.references; F-BACKEND-001 compares the two).
 #
 # results/{model}/source.infer/{engine}-{backend}.json|.npz      the ground truth's runs
 # results/{model}/{variant}/{chain}/infer/{engine}-{backend}.json|.npz
 # results/{model}/{variant}/{chain}/infer/serve-{engine}.json
-# results/{model}/{variant}/reference/{hop}/transformers-cpu.json|.npz   reference-quantized model
+# results/{model}/{variant}/reference/{hop}/transformers-{backend}.json|.npz   reference-quantized model
 # results/{model}/{variant}/{chain}/infer/parity.json     tokenizer and chat-template parity
 #   (results/{model}/source.infer/parity.json for the source)
 # results/{model}/{variant}/gates/{tier}/inference.tsv, inference-extra.json
@@ -74,18 +75,30 @@ rule infer_reference:
     input:
         unpack(J.encoded_artifact),
     output:
-        json=paths.reference_run_path("{model}", "{variant}", "{hop}"),
-        npz=paths.reference_run_path("{model}", "{variant}", "{hop}", "npz"),
+        json=paths.reference_run_path(
+            "{model}", "{variant}", "{hop}", backend="{backend}"
+        ),
+        npz=paths.reference_run_path(
+            "{model}", "{variant}", "{hop}", "npz", backend="{backend}"
+        ),
     log:
-        run=paths.reference_run_path("{model}", "{variant}", "{hop}", "log"),
-        engine=paths.reference_run_path("{model}", "{variant}", "{hop}", "engine.log"),
+        run=paths.reference_run_path(
+            "{model}", "{variant}", "{hop}", "log", backend="{backend}"
+        ),
+        engine=paths.reference_run_path(
+            "{model}", "{variant}", "{hop}", "engine.log", backend="{backend}"
+        ),
     benchmark:
-        paths.reference_run_path("{model}", "{variant}", "{hop}", "benchmark.tsv")
+        paths.reference_run_path(
+            "{model}", "{variant}", "{hop}", "benchmark.tsv", backend="{backend}"
+        )
     wildcard_constraints:
         hop=plan.FIRST_HOP_PATTERN,
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    resources:
+        gpu=jobs.gpu_count,
     params:
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
@@ -196,6 +209,7 @@ rule inference_gates:
         inputs=J.inference_gate_params,
         tolerances=J.inference_tolerances,
         reference_tolerances=J.reference_tolerances,
+        backend_tolerances=J.backend_tolerances(),
         modalities=INFERENCE["modalities"],
         fingerprint=J.code("inference_gates.py"),
     script:

@@ -1,5 +1,5 @@
 """Rule infer_reference: the prompt set through the reference-quantized model (the source in the
-encodings of the first-hop artifact) under transformers on cpu, in a child process; JSON record
+encodings of the first-hop artifact) under transformers on the job's backend, in a child process; JSON record
 + .npz of logits."""
 
 from convqa.infer.run import run_reference_isolated
@@ -15,5 +15,7 @@ with job_log(snakemake.log.run) as log:
         snakemake.output.npz,
         timeout_s=snakemake.params.timeout_s,
         engine_log=snakemake.log.engine,
+        backend=snakemake.wildcards.backend,
     )
-    print(f"{record['artifact']}: {record['error'] or record.get('reference', {}).get('encodings')}", file=log)
+    state = record["skipped"] and f"skipped: {record['skipped']}" or record["error"]
+    print(f"{record['artifact']} ({snakemake.wildcards.backend}): {state or record.get('reference', {}).get('encodings')}", file=log)

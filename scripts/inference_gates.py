@@ -1,4 +1,4 @@
-"""Rule inference_gates: F-INF, F-INF-REF, F-ENGINE-001, F-SERVE-001, F-TOK-001 and F-CHAT-001 rows of
+"""Rule inference_gates: F-INF, F-INF-REF, F-ENGINE-001, F-SERVE-001, F-BACKEND-001, F-TOK-001 and F-CHAT-001 rows of
 one (model, variant, tier), plus the throughput table and per-prompt details the report shows."""
 
 from collections import Counter
@@ -13,6 +13,7 @@ with job_log(snakemake.log[0]) as log:
     key, rows, extra = inference_gate_rows(
         model, variant, snakemake.params.inputs, dict(snakemake.params.tolerances),
         dict(snakemake.params.reference_tolerances), tuple(snakemake.params.modalities),
+        backend_tolerances=dict(snakemake.params.backend_tolerances),
     )
     print(f"tolerances: inference.tolerances.{key}", file=log)
     write_rows_tsv(rows, snakemake.output.gates)

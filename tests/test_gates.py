@@ -135,5 +135,5 @@ def test_every_inference_cell_the_config_allows_has_a_registered_gate():
     backends = inference["backends"]["items"]["enum"]
     modalities = [m for m in inference["modalities"]["items"]["enum"] if m != "serve"]
     assert set(INFERENCE_GATES) == set(itertools.product(HOP_FORMAT, backends, modalities))
-    assert set(REFERENCE_GATES) == set(itertools.product(HOP_FORMAT, modalities))
+    assert set(REFERENCE_GATES) == set(itertools.product(HOP_FORMAT, backends, modalities))
     assert set(INFERENCE_GATES.values()) | set(REFERENCE_GATES.values()) <= set(REGISTRY)

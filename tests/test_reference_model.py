@@ -15,7 +15,7 @@ from convqa.convert.builtin import convert
 from convqa.encodings import Q2_K
 from convqa.errors import ConversionError
 from convqa.formats import open_model
-from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS
+from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED
 from convqa.gates.inference import evaluate
 from convqa.infer.run import run_prompts, run_reference
 from convqa.model import LazyTensor
@@ -142,10 +142,12 @@ def test_reference_rows_fail_on_a_reference_error_and_wait_for_a_missing_referen
     broken = {"error": "no reference model: x.apr: truncated", "prompts": [], "logits": {}}
     rows, _, _ = evaluate("m", "apr-int8", runs, {}, {}, ("run",), references={"st-apr": broken},
                           reference_tolerances=EXACT)
-    (row,) = [r for r in rows if r.gate.startswith("F-INF-REF")]  # cpu only: no gpu row
-    assert row.status == FAIL and "truncated" in row.reason
+    row, gpu = [r for r in rows if r.gate.startswith("F-INF-REF")]
+    assert row.gate == "F-INF-REF-apr-cpu-run" and row.status == FAIL and "truncated" in row.reason
+    # The gpu run is judged against a gpu reference (convqa.workflow.references): skipped with it.
+    assert gpu.gate == "F-INF-REF-apr-gpu-run" and gpu.status == SKIPPED and gpu.reason == "no CUDA device"
     rows, _, _ = evaluate("m", "apr-int8", runs, {}, {}, ("run",), references={}, reference_tolerances=EXACT)
-    (row,) = [r for r in rows if r.gate.startswith("F-INF-REF")]
+    (row,) = [r for r in rows if r.gate == "F-INF-REF-apr-cpu-run"]
     assert row.status == NOT_EVALUATED and "no reference run" in row.reason
     rows, _, _ = evaluate("m", "apr-int8", runs, {}, {}, ("run",))
     assert not [r for r in rows if r.gate.startswith("F-INF-REF")], "no reference tolerances, no rows"

@@ -76,6 +76,11 @@ def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_ho
     references = sorted(p.relative_to(workdir / f"results/{MODEL}").as_posix()
                         for p in (workdir / f"results/{MODEL}").glob("*/reference/*/transformers-cpu.npz"))
     assert references == ["q8_0/reference/st-apr/transformers-cpu.npz", "q8_0/reference/st-gguf/transformers-cpu.npz"]
+    # gpu is in the matrix: its ground truth and references run there too (each backend is
+    # judged against its own, convqa.workflow.references); without a device they are skipped.
+    for path in ("source.infer/transformers-gpu.json", "q8_0/reference/st-gguf/transformers-gpu.json"):
+        record = json.loads((workdir / f"results/{MODEL}" / path).read_text())
+        assert record["backend"] == "gpu" and (record["skipped"] or not record["error"]), record
     assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
     # Parity once per artifact: the source's once per model, each conversion's per variant.
     parities = sorted(p.relative_to(workdir / f"results/{MODEL}").as_posix()
@@ -100,3 +105,7 @@ def test_report_shows_inference_rows_throughput_and_details(workdir):
     labels = {d["label"] for d in evidence["inference"]["details"]}
     assert "q8_0/st-gguf/llama.cpp-cpu" in labels
     assert "## Inference" in (workdir / f"results/{MODEL}/report/smoke/report.md").read_text()
+    # F-BACKEND-001 (transformers on the source, llama.cpp on the GGUF, per variant) is counted apart.
+    backend = [r for r in evidence["gates"] if r["gate"] == "F-BACKEND-001"]
+    assert len(backend) == 4 and evidence["summary"]["outside_verdict"]["rows"] == 4
+    assert evidence["summary"]["rows"] == len(evidence["gates"]) - 4

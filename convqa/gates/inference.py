@@ -1,11 +1,12 @@
 """The inference gates, decided from recorded runs (convqa.infer.run): pure functions, no engines.
 
 - F-INF-{fmt}-{backend}-{modality}: one artifact under one engine and backend, against the ground
-  truth (transformers on cpu over the SafeTensors source): teacher-forced logits (max |dlogit|,
+  truth on the same backend (transformers over the SafeTensors source; convqa.workflow.references
+  says why never across backends): teacher-forced logits (max |dlogit|,
   relative |dlogit|, KL, top-1) within the tolerance configured for (variant, engine), greedy
   continuation compared token by token, output non-empty and not garbage.
-- F-INF-REF-{fmt}-cpu-{modality}: one artifact of a lossy variant under one engine on cpu, against
-  the reference-quantized model of its chain's first hop (convqa.infer.reference_model): where F-INF
+- F-INF-REF-{fmt}-{backend}-{modality}: one artifact of a lossy variant under one engine, against
+  the reference-quantized model of its chain's first hop run on the same backend (convqa.infer.reference_model): where F-INF
   can only bound the loss, this one holds the encoding itself to the reference quantizer's values
   (a correct artifact is bit-identical under transformers).
 - F-ENGINE-001: llama.cpp and transformers on the same GGUF file.
@@ -31,10 +32,10 @@ from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage, kl_statistics
 from convqa.gates.divergence import annotate_divergence
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
-from convqa.workflow.plan import first_hop, hops
+from convqa.workflow.plan import hops
+from convqa.workflow.references import inference_reference, quantized_reference
 from convqa.infer.prompts import CHAT, RUN
 
-GROUND_TRUTH = ("st", "transformers", "cpu")  # chain, engine, backend
 REPLACEMENT_CHARACTER = "\ufffd"
 # Limit name -> (metric name, aggregate key, True when the value must stay at or below the limit).
 LIMITS = {
@@ -60,14 +61,20 @@ INFERENCE_GATES = {
     ("apr", "gpu", RUN): "F-INF-apr-gpu-run",
     ("apr", "gpu", CHAT): "F-INF-apr-gpu-chat",
 }
-# (format, modality) -> gate: the reference model runs on cpu only.
+# (format, backend, modality) -> gate: the reference model runs on the artifact's backend.
 REFERENCE_GATES = {
-    ("st", RUN): "F-INF-REF-st-cpu-run",
-    ("st", CHAT): "F-INF-REF-st-cpu-chat",
-    ("gguf", RUN): "F-INF-REF-gguf-cpu-run",
-    ("gguf", CHAT): "F-INF-REF-gguf-cpu-chat",
-    ("apr", RUN): "F-INF-REF-apr-cpu-run",
-    ("apr", CHAT): "F-INF-REF-apr-cpu-chat",
+    ("st", "cpu", RUN): "F-INF-REF-st-cpu-run",
+    ("st", "cpu", CHAT): "F-INF-REF-st-cpu-chat",
+    ("st", "gpu", RUN): "F-INF-REF-st-gpu-run",
+    ("st", "gpu", CHAT): "F-INF-REF-st-gpu-chat",
+    ("gguf", "cpu", RUN): "F-INF-REF-gguf-cpu-run",
+    ("gguf", "cpu", CHAT): "F-INF-REF-gguf-cpu-chat",
+    ("gguf", "gpu", RUN): "F-INF-REF-gguf-gpu-run",
+    ("gguf", "gpu", CHAT): "F-INF-REF-gguf-gpu-chat",
+    ("apr", "cpu", RUN): "F-INF-REF-apr-cpu-run",
+    ("apr", "cpu", CHAT): "F-INF-REF-apr-cpu-chat",
+    ("apr", "gpu", RUN): "F-INF-REF-apr-gpu-run",
+    ("apr", "gpu", CHAT): "F-INF-REF-apr-gpu-chat",
 }
 ENGINE_GATE = "F-ENGINE-001"
 SERVE_GATE = "F-SERVE-001"
@@ -273,17 +280,21 @@ def judge(row: GateRow, comparison: dict, tolerance: dict | None) -> GateRow:
 # ---------------------------------------------------------------- the gate rows
 
 
-def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolerances: dict,
-                   modalities=(RUN, CHAT)) -> list[GateRow]:
-    """F-INF rows. runs: (chain, engine, backend) -> loaded run record; tolerances: engine -> tolerance."""
+def inference_rows(model: str, variant: str, runs: dict, tolerances: dict, modalities=(RUN, CHAT)) -> list[GateRow]:
+    """F-INF rows. runs: (chain, engine, backend) -> loaded run record; tolerances: engine -> tolerance.
+
+    Each run is judged against the ground truth on its own backend (inference_reference); the
+    ground truth's own runs are the references, judged only by F-BACKEND-001."""
     rows = []
-    broken_reference = _ground_truth_problem(reference)
     for (chain, engine, backend), record in sorted(runs.items()):
-        if (chain, engine, backend) == GROUND_TRUTH:
-            continue  # the reference itself
+        ref = inference_reference(chain, engine, backend)
+        if ref is None:
+            continue  # a ground truth itself
+        reference = runs.get(ref.key)
+        broken_reference = _ground_truth_problem(reference, backend)
         for modality in (m for m in (RUN, CHAT) if m in modalities):
             row = GateRow(INFERENCE_GATES[fmt_of(chain), backend, modality], subject_of(variant, chain, engine),
-                          reference=subject_of(variant, GROUND_TRUTH[0], GROUND_TRUTH[1]), model=model, variant=variant)
+                          reference=_reference_label(variant, ref), model=model, variant=variant)
             if record.get("skipped"):
                 row.status, row.reason = SKIPPED, record["skipped"]
             elif upstream := _upstream_failure(record):
@@ -298,10 +309,16 @@ def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolera
     return rows
 
 
-def _ground_truth_problem(reference: dict | None) -> str:
-    """Why the ground truth cannot judge anything ('' when it can)."""
+def _reference_label(variant: str, ref) -> str:
+    """The row's reference column: `native/st/transformers` for the cpu ground truth (the label
+    rows always had), with `-gpu` appended for the gpu one."""
+    return subject_of(variant, ref.chain, ref.engine) + ("" if ref.backend == "cpu" else f"-{ref.backend}")
+
+
+def _ground_truth_problem(reference: dict | None, backend: str = "cpu") -> str:
+    """Why the ground truth on `backend` cannot judge anything ('' when it can)."""
     if reference is None:
-        return "the ground truth run (transformers, cpu, on the SafeTensors source) is missing"
+        return f"the ground truth run (transformers, {backend}, on the SafeTensors source) is missing"
     if reference.get("skipped") or reference.get("error"):
         return f"the ground truth run failed: {(reference.get('error') or reference.get('skipped'))[:400]}"
     return ""
@@ -318,19 +335,22 @@ def _upstream_failure(record: dict) -> str:
 
 def reference_rows(model: str, variant: str, references: dict, runs: dict, tolerances: dict,
                    modalities=(RUN, CHAT)) -> list[GateRow]:
-    """F-INF-REF rows: every cpu run of an engine with a reference tolerance against the reference
-    model of its chain's first hop. references: first-hop chain -> loaded reference record;
-    tolerances: engine -> tolerance. The reference runs on cpu only: a gpu run against it would
-    measure kernels, not the converter (its F-INF row covers the gpu)."""
+    """F-INF-REF rows: every run of an engine with a reference tolerance against the reference
+    model of its chain's first hop on the same backend (quantized_reference: a gpu run against a
+    cpu reference would measure kernels, not the converter). references: (first-hop chain,
+    backend) -> loaded reference record (a bare first hop means cpu); tolerances: engine -> tolerance."""
+    references = {(k, "cpu") if isinstance(k, str) else tuple(k): v for k, v in references.items()}
     rows = []
     for (chain, engine, backend), record in sorted(runs.items()):
-        if chain == GROUND_TRUTH[0] or backend != "cpu" or engine not in tolerances:
+        ref = quantized_reference(chain, engine, backend, variant, {variant: tolerances})
+        if ref is None:
             continue
-        hop = first_hop(chain)
-        reference = references.get(hop)
+        hop = ref.chain
+        reference = references.get(ref.key)
         for modality in (m for m in (RUN, CHAT) if m in modalities):
-            row = GateRow(REFERENCE_GATES[fmt_of(chain), modality], subject_of(variant, chain, engine),
-                          reference=f"{label(variant, hop)}/reference", model=model, variant=variant)
+            row = GateRow(REFERENCE_GATES[fmt_of(chain), backend, modality], subject_of(variant, chain, engine),
+                          reference=f"{label(variant, hop)}/reference" + ("" if backend == "cpu" else f"-{backend}"),
+                          model=model, variant=variant)
             if record.get("skipped"):
                 row.status, row.reason = SKIPPED, record["skipped"]
             elif upstream := _upstream_failure(record):
@@ -338,7 +358,9 @@ def reference_rows(model: str, variant: str, references: dict, runs: dict, toler
             elif record.get("error"):
                 row.status, row.reason = FAIL, record["error"][:500]
             elif reference is None:
-                row.reason = f"no reference run for the first hop {hop}"
+                row.reason = f"no reference run for the first hop {hop} on {backend}"
+            elif reference.get("skipped"):  # the artifact ran on this backend but its reference could not
+                row.reason = f"the reference run for the first hop {hop} was skipped: {reference['skipped']}"
             elif reference.get("error"):  # a correct first hop always has one: its absence is a finding
                 row.status, row.reason = FAIL, reference["error"][:500]
             else:
@@ -452,13 +474,16 @@ def throughput(variant: str, runs: dict) -> list[dict]:
     return table
 
 
-def prompt_details(variant: str, reference: dict, runs: dict) -> dict[str, list[dict]]:
-    """Per-prompt parity against the ground truth, by `variant/chain/engine-backend` (for the report)."""
+def prompt_details(variant: str, runs: dict) -> dict[str, list[dict]]:
+    """Per-prompt parity against the ground truth on the run's backend, by
+    `variant/chain/engine-backend` (for the report)."""
     details = {}
-    if _ground_truth_problem(reference):
-        return details
     for (chain, engine, backend), record in sorted(runs.items()):
-        if (chain, engine, backend) == GROUND_TRUTH or record.get("skipped") or record.get("error"):
+        ref = inference_reference(chain, engine, backend)
+        if ref is None or record.get("skipped") or record.get("error"):
+            continue
+        reference = runs.get(ref.key)
+        if _ground_truth_problem(reference, backend):
             continue
         details[f"{subject_of(variant, chain, engine)}-{backend}"] = compare_runs(reference, record)["prompts"]
     return details
@@ -469,11 +494,12 @@ def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dic
              reference_tolerances: dict | None = None) -> tuple[list[GateRow], list[dict], dict]:
     """(gate rows, throughput, per-prompt details) of one (model, variant).
 
-    references (first hop -> reference run) and reference_tolerances (engine -> tolerance) add the
-    F-INF-REF rows; without them there are none.
+    references ((first hop, backend) -> reference run) and reference_tolerances (engine ->
+    tolerance) add the F-INF-REF rows; without them there are none. Every row's reference is
+    on the row's backend (convqa.workflow.references); when it is missing or broken, the row
+    says so.
     """
-    reference = runs.get(GROUND_TRUTH)  # when it is missing or broken, every F-INF row says so
-    rows = inference_rows(model, variant, reference, runs, tolerances, modalities)
+    rows = inference_rows(model, variant, runs, tolerances, modalities)
     if reference_tolerances:
         rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities)
     # A failing transformers row names its first divergent layer (convqa.gates.divergence).
@@ -481,4 +507,4 @@ def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dic
     rows += engine_rows(model, variant, runs, tolerances)
     if "serve" in modalities:
         rows += serve_rows(model, variant, runs, serves)
-    return rows, throughput(variant, runs), prompt_details(variant, reference, runs)
+    return rows, throughput(variant, runs), prompt_details(variant, runs)

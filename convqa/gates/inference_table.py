@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from convqa.gates.backend import backend_rows
 from convqa.gates.inference import evaluate, select_tolerances
 from convqa.gates.parity import parity_rows
 from convqa.gates.rows import GateRow
@@ -15,22 +16,24 @@ from convqa.infer.run import load_run
 
 
 def inference_gate_rows(model: str, variant: str, inputs: dict, tolerances: dict, reference_tolerances: dict,
-                        modalities: tuple) -> tuple[str, list[GateRow], dict]:
+                        modalities: tuple, backend_tolerances: dict | None = None) -> tuple[str, list[GateRow], dict]:
     """(the config key of the tolerances used, gate rows, the report's extra: throughput and
     per-prompt details). inputs: `runs` ("chain|engine|backend" -> {json, npz}), `serves`
-    ("chain|engine" -> JSON path), `references` (first hop -> {json, npz}), `parities` (chain -> JSON
-    path; absent: no parity rows), `source_manifest`."""
+    ("chain|engine" -> JSON path), `references` ("first hop|backend" -> {json, npz}), `parities`
+    (chain -> JSON path; absent: no parity rows), `source_manifest`. backend_tolerances (engine ->
+    tolerance) decide the F-BACKEND-001 rows (convqa.gates.backend), which are outside the verdict."""
     runs = {tuple(key.split("|")): load_run(paths["json"], paths["npz"]) for key, paths in inputs["runs"].items()}
     serves = {}
     for key, path in inputs["serves"].items():
         with open(path) as fh:
             serves[tuple(key.split("|"))] = json.load(fh)
-    references = {hop: load_run(paths["json"], paths["npz"]) for hop, paths in inputs["references"].items()}
+    references = {tuple(key.split("|")): load_run(paths["json"], paths["npz"]) for key, paths in inputs["references"].items()}
     with open(inputs["source_manifest"]) as fh:
         key, selected = select_tolerances(variant, tolerances, json.load(fh))
     rows, throughput, details = evaluate(
         model, variant, runs, serves, selected, modalities,
         references=references, reference_tolerances=reference_tolerances,
     )
+    rows += backend_rows(model, variant, runs, backend_tolerances or {})
     rows += parity_rows(model, variant, {chain: load_parity(path) for chain, path in inputs.get("parities", {}).items()})
     return key, rows, {"throughput": throughput, "inference_details": details}

@@ -7,6 +7,9 @@ detection matrix (which failing gate names a bug first) read order and families 
 - `specificity`: the detection matrix names the failing gate with the lowest number first (a
   layout gate names the bug class, an edge gate only says that the values differ); a gate without
   one follows them, inference gates last.
+- `verdict`: False for a gate that judges the machine, not the conversion (F-BACKEND-001: gpu
+  against cpu). Its rows are shown and counted apart, and never change the verdict
+  (convqa.report.evidence.summarize).
 - `evaluator`: the dotted name of the function that decides the gate's rows (imported on demand,
   so reading the registry imports no gate code); the gate's ID is written literally in that
   function's module.
@@ -30,6 +33,7 @@ class Gate:
     evaluator: str
     specificity: int | None = None
     inference: bool = False
+    verdict: bool = True
 
     def evaluating_function(self):
         module, _, name = self.evaluator.rpartition(".")
@@ -42,8 +46,9 @@ _CONTRACTS = "convqa.gates.contracts."
 _INFERENCE = "convqa.gates.inference."
 _EDGE = "names one-to-one, shapes equal, values equal (bit-exact when lossless, within tolerance when quantized), config and tokenizer carried"
 _INF_SUBJECT = "artifact x engine x backend x modality"
-_INF = "inference runs, output non-empty and not garbage, logits match the ground truth within tolerance"
-_REF_SUBJECT = "artifact x engine x modality, lossy variants, cpu"
+_INF = ("inference runs, output non-empty and not garbage, logits match the ground truth run on the same backend "
+        "within tolerance (convqa.workflow.references)")
+_REF_SUBJECT = "artifact x engine x backend x modality, lossy variants"
 _REF = ("logits equal the reference-quantized model's (the source through the reference quantizer of each tensor's stored "
         "encoding) within tolerance: bit for bit under transformers")
 _INF_ROWS, _REF_ROWS = _INFERENCE + "inference_rows", _INFERENCE + "reference_rows"
@@ -103,15 +108,26 @@ GATES = (
     Gate("F-INF-apr-cpu-chat", "F-INF", _INF_SUBJECT, _INF, _INF_ROWS, inference=True),
     Gate("F-INF-apr-gpu-run", "F-INF", _INF_SUBJECT, _INF, _INF_ROWS, inference=True),
     Gate("F-INF-apr-gpu-chat", "F-INF", _INF_SUBJECT, _INF, _INF_ROWS, inference=True),
-    # F-INF-REF-{format}-cpu-{modality}: the reference model runs on cpu only.
+    # F-INF-REF-{format}-{backend}-{modality}: the reference model runs on the artifact's backend.
     Gate("F-INF-REF-st-cpu-run", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
     Gate("F-INF-REF-st-cpu-chat", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
+    Gate("F-INF-REF-st-gpu-run", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
+    Gate("F-INF-REF-st-gpu-chat", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
     Gate("F-INF-REF-gguf-cpu-run", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
     Gate("F-INF-REF-gguf-cpu-chat", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
+    Gate("F-INF-REF-gguf-gpu-run", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
+    Gate("F-INF-REF-gguf-gpu-chat", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
     Gate("F-INF-REF-apr-cpu-run", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
     Gate("F-INF-REF-apr-cpu-chat", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
+    Gate("F-INF-REF-apr-gpu-run", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
+    Gate("F-INF-REF-apr-gpu-chat", "F-INF", _REF_SUBJECT, _REF, _REF_ROWS, inference=True),
     Gate("F-ENGINE-001", "F-ENGINE", "each GGUF", "llama.cpp and transformers agree on the same file within tolerance",
          _INFERENCE + "engine_rows", inference=True),
+    # Judges the machine, not the conversion: shown apart, never part of the verdict.
+    Gate("F-BACKEND-001", "F-BACKEND", "engine x input run on both backends",
+         "the same input under the same engine gives the same logits on gpu as on cpu within the backend tolerance "
+         "(config inference.backend_tolerances): transformers on the SafeTensors source, llama.cpp on each GGUF",
+         "convqa.gates.backend.backend_rows", inference=True, verdict=False),
     Gate("F-SERVE-001", "F-SERVE", "each served artifact", "the HTTP answer equals the run answer token for token",
          _INFERENCE + "serve_rows", inference=True),
     Gate("F-TOK-001", "F-TOK", "each GGUF (inference chains)",
@@ -158,6 +174,11 @@ def is_inference_gate(gate: str) -> bool:
     if gate in REGISTRY:
         return REGISTRY[gate].inference
     return gate.startswith(INFERENCE_FAMILIES)
+
+
+def counts_toward_verdict(gate: str) -> bool:
+    """False for a gate that judges the machine rather than the conversion (F-BACKEND-001)."""
+    return REGISTRY[gate].verdict if gate in REGISTRY else True
 
 
 def specificity(gate: str) -> tuple:

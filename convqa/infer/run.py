@@ -75,8 +75,9 @@ def run_prompts(
     id and, under transformers, the hidden-state capture under HIDDEN_PREFIX keys (write_run
     stores both in one .npz, load_run splits them into `logits` and `hidden`).
 
-    An absent capability (no CUDA device) gives `skipped` with the reason and loads nothing.
-    A prompt that cannot be rendered for this artifact (chat without a template) carries `error`.
+    An absent capability (no CUDA device) gives `skipped` with the reason and loads nothing; so
+    does a gpu whose free memory is short of what the artifact needs (convqa.infer.device), with
+    the numbers in the reason and in `device_memory`. A prompt that cannot be rendered for this artifact (chat without a template) carries `error`.
     """
     record = _new_record(os.fspath(artifact_path), engine_name, backend, max_new_tokens)
     available, reason = capability(engine_name, backend)
@@ -91,6 +92,8 @@ def run_prompts(
         record["error"] = f"artifact unreadable: {exc}"[:2000]
         record["no_artifact"] = getattr(exc, "failure", None)  # a failed conversion's placeholder
         return record, {}
+    if _short_of_device_memory(record, artifact_path, engine_name, backend):
+        return record, {}
     with engine_for(engine_name, backend, threads=threads) as engine:
         try:
             engine.load(artifact_path)
@@ -98,6 +101,19 @@ def run_prompts(
             record["error"] = f"{engine_name} could not load the artifact: {type(exc).__name__}: {exc}"[:2000]
             return record, {}
         return record, _run_loaded(engine, tokenizer, spec, prompts, max_new_tokens, record)
+
+
+def _short_of_device_memory(record: dict, artifact_path, engine_name: str, backend: str) -> bool:
+    """On gpu: record the device's free memory against the run's estimate, and mark the run
+    skipped (True) when it would not fit, instead of letting the engine die of a CUDA OOM."""
+    if backend != "gpu":
+        return False
+    from convqa.infer.device import check_artifact
+
+    reason, record["device_memory"] = check_artifact(artifact_path, engine_name)
+    if reason:
+        record["skipped"] = reason
+    return bool(reason)
 
 
 def _run_loaded(engine, tokenizer, spec, prompts: list[Prompt], max_new_tokens: int, record: dict) -> dict[str, np.ndarray]:
@@ -146,18 +162,27 @@ def run_reference(
     prompts: list[Prompt],
     max_new_tokens: int,
     threads: int,
+    backend: str = "cpu",
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(record, logits) of the reference-quantized model (convqa.infer.reference_model) under
-    transformers on cpu: the source's tensors in the encodings `encoded_path` stores them in.
+    transformers on `backend`: the source's tensors in the encodings `encoded_path` stores them in.
+    On gpu it is skipped like any run when there is no device or too little free memory (the
+    model is built in float32, the size of the source's elements).
 
     When the reference cannot be built (the artifact is unreadable, or holds an encoding with no
     reference encoder), the record carries `error` and no logits: the gates fail on it.
     """
     record = _new_record(f"reference: {os.fspath(source_dir)} in the encodings of {os.fspath(encoded_path)}",
-                         "transformers", "cpu", max_new_tokens)
+                         "transformers", backend, max_new_tokens)
     record["reference"] = {"source": os.fspath(source_dir), "encodings_from": os.fspath(encoded_path)}
+    available, reason = capability("transformers", backend)
+    if not available:
+        record["skipped"] = reason
+        return record, {}
+    if _short_of_device_memory(record, source_dir, "transformers", backend):
+        return record, {}
     tokenizer = ground_truth_tokenizer(source_dir)
-    with engine_for("transformers", "cpu", threads=threads) as engine:
+    with engine_for("transformers", backend, threads=threads) as engine:
         try:
             with open_model(source_dir) as source, open_model(encoded_path) as encoded:
                 reference = reference_quantized(source, encoded)
@@ -181,11 +206,12 @@ def run_prompts_job(artifact: str, source: str, engine: str, backend: str, max_n
     write_run(record, logits, json_path, npz_path)
 
 
-def run_reference_job(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str) -> None:
+def run_reference_job(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str,
+                      backend: str = "cpu") -> None:
     """run_reference over the default prompt set, written to json_path/npz_path (the child's side)."""
     from convqa.infer.prompts import DEFAULT_PROMPTS
 
-    record, logits = run_reference(source, encoded, list(DEFAULT_PROMPTS), max_new_tokens, threads)
+    record, logits = run_reference(source, encoded, list(DEFAULT_PROMPTS), max_new_tokens, threads, backend)
     write_run(record, logits, json_path, npz_path)
 
 
@@ -203,12 +229,12 @@ def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, 
 
 
 def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str,
-                           *, timeout_s: float, engine_log: str) -> dict:
+                           *, timeout_s: float, engine_log: str, backend: str = "cpu") -> dict:
     """run_reference_job in a child process, with the same guarantees as run_prompts_isolated."""
     record = _new_record(f"reference: {os.fspath(source)} in the encodings of {os.fspath(encoded)}",
-                         "transformers", "cpu", max_new_tokens)
+                         "transformers", backend, max_new_tokens)
     kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
-                  json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
+                  json_path=os.fspath(json_path), npz_path=os.fspath(npz_path), backend=backend)
     return _finish_isolated("convqa.infer.run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from convqa.arch import layer_index
 from convqa.errors import FormatError
-from convqa.gates.registry import family_of, family_sort_key, is_inference_family, specificity
+from convqa.gates.registry import counts_toward_verdict, family_of, family_sort_key, is_inference_family, specificity
 from convqa.versions import tool_versions
 
 SCHEMA_VERSION = "convqa.qualification/1"
@@ -259,7 +259,14 @@ def summarize(rows: list[dict]) -> dict:
 
     pass_rate = pass / (pass + fail); coverage = (pass + fail) / (rows - skipped): a gate that
     could run but was not evaluated lowers coverage, an absent capability (skipped) does not.
+
+    Rows of a gate that judges the machine, not the conversion (registry `verdict=False`:
+    F-BACKEND-001, gpu against cpu) are counted apart under `outside_verdict`: a backend that
+    disagrees with cpu cannot fail a perfect conversion, and a passing one cannot stand in for
+    a conversion row (those compare runs of one backend).
     """
+    outside = [r for r in rows if not counts_toward_verdict(r.get("gate", ""))]
+    rows = [r for r in rows if counts_toward_verdict(r.get("gate", ""))]
     counts = {s: sum(1 for r in rows if r["status"] == s) for s in STATUSES}
     decided = counts["pass"] + counts["fail"]
     applicable = len(rows) - counts["skipped"]
@@ -278,6 +285,7 @@ def summarize(rows: list[dict]) -> dict:
         "coverage": decided / applicable if applicable else None,
         "verdict": verdict,
         "verdict_reason": why,
+        "outside_verdict": {"rows": len(outside), **{s: sum(1 for r in outside if r["status"] == s) for s in STATUSES}},
     }
 
 
@@ -429,11 +437,21 @@ def display_hash(h: str | None, n: int = 12) -> str:
     return (h or "")[:n]
 
 
+def outside_verdict_line(summary: dict) -> str:
+    """One sentence on the rows that do not count toward the verdict ('' when there are none)."""
+    outside = summary.get("outside_verdict") or {}
+    if not outside.get("rows"):
+        return ""
+    counts = ", ".join(f"{outside[s]} {s.replace('_', ' ')}" for s in STATUSES if outside.get(s))
+    return (f"Outside the verdict: {outside['rows']} F-BACKEND-001 row(s) ({counts}): they judge the gpu backend "
+            f"against cpu, not the conversion, and every conversion row compares runs of one backend")
+
+
 def blocking_rows(evidence: dict) -> list[dict]:
     """What keeps a run from QUALIFIED: failed rows, then not-evaluated ones, each most specific
     gate first (registry specificity), so the row that names the bug class leads."""
     order = {"fail": 0, "not_evaluated": 1}
-    return sorted((r for r in evidence["gates"] if r["status"] in order),
+    return sorted((r for r in evidence["gates"] if r["status"] in order and counts_toward_verdict(r["gate"])),
                   key=lambda r: (order[r["status"]], specificity(r["gate"]), r["subject"], r["reference"] or ""))
 
 
@@ -443,7 +461,8 @@ _CAPABILITY = re.compile(r"-(cpu|gpu)-")
 def skip_capability(row: dict) -> str:
     """The absent capability a skipped row stands for: the backend of an inference gate
     (`F-INF-gguf-gpu-run` -> gpu), else the gate's family."""
-    found = _CAPABILITY.search(row["gate"])
+    # F-BACKEND-001's subject ends in the backend it compares (`native/st/transformers-gpu`).
+    found = _CAPABILITY.search(row["gate"]) or re.search(r"-(gpu)$", row["subject"])
     return found.group(1) if found else row["family"]
 
 

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
-from convqa.gates.registry import specificity
+from convqa.gates.registry import counts_toward_verdict, specificity
 from convqa.report.evidence import row_diagnosis
 
 STATUS_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "skipped": "#9e9e9e", "not_evaluated": "#ef6c00"}
@@ -103,6 +103,8 @@ def conversion_graph(rows: list[dict]) -> dict[str, dict]:
                                           "checks": {f: Element() for f, _ in CHECKS}, "other": Element()})
 
     for r in rows:
+        if not counts_toward_verdict(r["gate"]):
+            continue  # judges the backend, not a conversion (F-BACKEND-001): no edge or node's colour
         variant, where = hop(r["subject"])
         p = panel(variant)
         edge_gate = _EDGE_GATE.match(r["gate"])

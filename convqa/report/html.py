@@ -19,7 +19,7 @@ from markupsafe import Markup
 
 from convqa.report import graph, logits, plots
 from convqa.report.evidence import (blocking_rows, display_hash, display_number, display_percent, display_size,
-                                    inference_rows, row_comparison, row_diagnosis, skip_groups)
+                                    inference_rows, outside_verdict_line, row_comparison, row_diagnosis, skip_groups)
 from convqa.report.markdown import prompt_columns
 
 VERDICT_COLORS = {"QUALIFIED": "#2e7d32", "NOT QUALIFIED": "#c62828", "INCOMPLETE": "#ef6c00"}
@@ -59,7 +59,7 @@ h3.bad { color: #c62828; }
 </style>
 </head>
 <body>
-<div class="banner"><h1>{{ ev.model }}: {{ s.verdict }}</h1><p>{{ s.verdict_reason }}.</p></div>
+<div class="banner"><h1>{{ ev.model }}: {{ s.verdict }}</h1><p>{{ s.verdict_reason }}.</p>{% if outside_line %}<p>{{ outside_line }}.</p>{% endif %}</div>
 <main>
 <section id="first-screen">
 <h2>Can I ship this conversion?</h2>
@@ -196,7 +196,7 @@ def render_html(evidence: dict) -> str:
     inference = evidence["inference"]
     divergence_list = logits.divergences(evidence)
     return env.from_string(TEMPLATE).render(
-        ev=evidence, s=s, verdict_color=VERDICT_COLORS[s["verdict"]],
+        ev=evidence, s=s, verdict_color=VERDICT_COLORS[s["verdict"]], outside_line=outside_verdict_line(s),
         cards=[("verdict", s["verdict"]), ("pass", s["pass"]), ("fail", s["fail"]), ("skipped", s["skipped"]),
                ("not evaluated", s["not_evaluated"]), ("pass rate", display_percent(s["pass_rate"])),
                ("coverage", display_percent(s["coverage"]))],

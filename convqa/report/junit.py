@@ -6,7 +6,9 @@ anchor's `{modality}_{backend}_{gate}` names collided across formats.
 
 Status mapping: fail -> <failure>; skipped (an absent capability) -> <skipped>; not_evaluated ->
 <error type="NotEvaluated">, so CI shows it as broken rather than green or grey, and distinct
-from a failed gate.
+from a failed gate. A row outside the verdict (F-BACKEND-001: the backend, not the conversion)
+that did not pass is <skipped> with "outside the verdict" and its status in the message: CI
+shows it, and it cannot turn a qualified conversion's build red.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from convqa.gates.registry import family_sort_key
+from convqa.gates.registry import counts_toward_verdict, family_sort_key
 from convqa.report.evidence import display_number, row_diagnosis, row_name
 
 FAILURE_TYPE = "GateFailure"
@@ -64,7 +66,7 @@ def render_junit(evidence: dict) -> bytes:
     for row in evidence["gates"]:
         families.setdefault(row["family"], []).append(row)
 
-    root = ET.Element("testsuites", name=xml_text(f"convqa {evidence['model']}"), tests=str(s["rows"]), failures=str(s["fail"]),
+    root = ET.Element("testsuites", name=xml_text(f"convqa {evidence['model']}"), tests=str(len(evidence["gates"])), failures=str(s["fail"]),
                       errors=str(s["not_evaluated"]),
                       time=f"{sum(_wall_s(r) for r in evidence['gates']):.3f}")
     properties = {"model": evidence["model"], "verdict": s["verdict"], "schema_version": evidence["schema_version"],
@@ -72,10 +74,11 @@ def render_junit(evidence: dict) -> bytes:
                   **{f"version.{k}": v or "not installed" for k, v in evidence["tool_versions"].items()}}
     for family in sorted(families, key=family_sort_key):
         rows = families[family]
+        judged = [r for r in rows if counts_toward_verdict(r["gate"])]
         suite = ET.SubElement(root, "testsuite", name=family, tests=str(len(rows)),
-                              failures=str(sum(r["status"] == "fail" for r in rows)),
-                              errors=str(sum(r["status"] == "not_evaluated" for r in rows)),
-                              skipped=str(sum(r["status"] == "skipped" for r in rows)),
+                              failures=str(sum(r["status"] == "fail" for r in judged)),
+                              errors=str(sum(r["status"] == "not_evaluated" for r in judged)),
+                              skipped=str(sum(r["status"] == "skipped" or r not in judged and r["status"] != "pass" for r in rows)),
                               time=f"{sum(_wall_s(r) for r in rows):.3f}", timestamp=evidence["generated_at"][:19])
         props = ET.SubElement(suite, "properties")
         for name, value in properties.items():
@@ -83,7 +86,10 @@ def render_junit(evidence: dict) -> bytes:
         for row in rows:
             case = ET.SubElement(suite, "testcase", name=xml_text(row_name(row)),
                                  classname=xml_text(_classname(evidence["model"], family)), time=f"{_wall_s(row):.3f}")
-            if row["status"] == "skipped":
+            if not counts_toward_verdict(row["gate"]) and row["status"] != "pass":
+                ET.SubElement(case, "skipped", message=xml_text(
+                    f"outside the verdict (judges the backend, not the conversion): {row['status']}: {row['reason']}"))
+            elif row["status"] == "skipped":
                 ET.SubElement(case, "skipped", message=xml_text(row["reason"]))
             elif row["status"] == "not_evaluated":
                 ET.SubElement(case, "error", type=NOT_EVALUATED_TYPE,

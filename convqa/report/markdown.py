@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 
 from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
-                                    inference_rows, row_comparison, row_diagnosis)
+                                    inference_rows, outside_verdict_line, row_comparison, row_diagnosis)
 from convqa.report.plots import STATUS_LETTERS, gate_matrix, worst_status
 
 STATUS_ICONS = {"pass": "PASS", "fail": "**FAIL**", "skipped": "skip", "not_evaluated": "*not evaluated*"}
@@ -44,6 +44,8 @@ def render_markdown(evidence: dict) -> str:
                  [[s["rows"], s["pass"], s["fail"], s["skipped"], s["not_evaluated"], display_percent(s["pass_rate"]),
                    display_percent(s["coverage"])]])
     out.append("pass rate = pass / (pass + fail); coverage = (pass + fail) / (rows - skipped).\n")
+    if outside := outside_verdict_line(s):
+        out.append(outside + ".\n")
 
     attention = attention_rows(evidence)
     out += ["## Rows needing attention (failing first)", ""]

@@ -22,7 +22,7 @@ from convqa.encodings import QUANT_TARGETS
 from convqa.files import path_size
 from convqa.gates.rows import label
 from convqa.sources.prepare import input_files, kind_fingerprint_args
-from convqa.workflow import paths, plan
+from convqa.workflow import paths, plan, references
 from convqa.workflow.fingerprint import script_fingerprint, writes
 from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
 
@@ -389,8 +389,11 @@ class Jobs:
         return [e for e in self.inference["engines"] if e == "transformers" or fmt == "gguf"]
 
     def inference_cells(self, tier):
-        """(chain, engine, backend) of every run: the ground truth plus the tier's chains."""
-        cells = {(SOURCE_CHAIN, "transformers", "cpu")}
+        """(chain, engine, backend) of every run: the ground truth on every backend of the matrix
+        (each backend's runs are judged against its own: convqa.workflow.references) plus the
+        tier's chains."""
+        cells = {references.ground_truth(backend).key for backend in self.inference["backends"]}
+        cells.add(references.ground_truth("cpu").key)  # the cpu ground truth always runs (F-ENGINE, F-SERVE, detection)
         for chain in self.inference["chains"][tier]:
             for engine in self.inference_engines(chain):
                 for backend in self.inference["backends"]:
@@ -398,12 +401,15 @@ class Jobs:
         return sorted(cells)
 
     def reference_hops(self, variant, tier):
-        """First hops whose reference-quantized model runs: those of the tier's inference chains,
-        for a variant with reference tolerances (config inference.reference_tolerances)."""
-        if variant not in self.inference["reference_tolerances"]:
-            return []
-        chains = [c for c in self.inference["chains"][tier] if c != SOURCE_CHAIN]
-        return sorted({plan.first_hop(c) for c in chains})
+        """(first hop, backend) of every reference-quantized model run: the first hops of the
+        tier's inference chains on each backend of the matrix, for a variant with reference
+        tolerances (config inference.reference_tolerances)."""
+        wanted = set()
+        for chain, engine, backend in self.inference_cells(tier):
+            ref = references.quantized_reference(chain, engine, backend, variant, self.inference["reference_tolerances"])
+            if ref is not None:
+                wanted.add(ref.key)
+        return sorted(wanted)
 
     def served_cells(self, tier):
         """(chain, engine) pairs served over HTTP in `tier` (config inference.serve)."""
@@ -435,11 +441,11 @@ class Jobs:
             },
             "serves": {f"{c}|{e}": paths.serve_path(model, variant, c, files[e]) for c, e in self.served_cells(tier)},
             "references": {
-                hop: {
-                    "json": paths.reference_run_path(model, variant, hop),
-                    "npz": paths.reference_run_path(model, variant, hop, "npz"),
+                f"{hop}|{b}": {
+                    "json": paths.reference_run_path(model, variant, hop, backend=b),
+                    "npz": paths.reference_run_path(model, variant, hop, "npz", backend=b),
                 }
-                for hop in self.reference_hops(variant, tier)
+                for hop, b in self.reference_hops(variant, tier)
             },
             "parities": {c: paths.parity_path(model, variant, c) for c in self.parity_chains(tier)},
         }
@@ -473,6 +479,10 @@ class Jobs:
 
     def reference_tolerances(self, wildcards):
         return self.inference["reference_tolerances"].get(wildcards.variant, {})
+
+    def backend_tolerances(self, wildcards=None):
+        """engine -> tolerance of F-BACKEND-001 (config inference.backend_tolerances)."""
+        return self.inference.get("backend_tolerances") or {}
 
     def encoded_artifact(self, wildcards):
         """The source, and the first-hop artifact whose encodings the reference reproduces."""

@@ -156,9 +156,10 @@ def inference_run_path(model, variant, chain, engine, backend, ext="json"):
     return f"{inference_dir(model, variant, chain)}/{engine}-{backend}.{ext}"
 
 
-def reference_run_path(model, variant, hop, ext="json"):
-    """The reference-quantized model's run (convqa.infer.reference_model) for one first hop."""
-    return f"results/{model}/{variant}/reference/{hop}/transformers-cpu.{ext}"
+def reference_run_path(model, variant, hop, ext="json", backend="cpu"):
+    """The reference-quantized model's run (convqa.infer.reference_model) for one first hop, on
+    one backend (a gpu artifact is judged against a gpu reference: convqa.workflow.references)."""
+    return f"results/{model}/{variant}/reference/{hop}/transformers-{backend}.{ext}"
 
 
 def serve_path(model, variant, chain, engine):

@@ -20,6 +20,16 @@ SEED = 0
 ALL_LAYERS_ON_GPU = -1
 
 
+def gpu_offload_problem(system_info: bytes | str) -> str:
+    """Why llama.cpp cannot offload, from its system info: llama_supports_gpu_offload() is false
+    both for a CPU-only build (PyPI's sdist builds one unless CMAKE_ARGS says otherwise) and for a
+    CUDA build that sees no device (its CUDA backend is listed in the system info, with no GPU)."""
+    info = system_info.decode(errors="replace") if isinstance(system_info, bytes) else system_info
+    if "CUDA" in info:
+        return "no CUDA device visible to llama.cpp (llama-cpp-python is built with CUDA)"
+    return "llama-cpp-python was built without GPU offload (make setup-cuda rebuilds it with CUDA)"
+
+
 def llama_settings(backend: str, threads: int, n_ctx: int) -> dict:
     """Keyword arguments for `llama_cpp.Llama` (and, spelled as flags, for its server)."""
     return {
@@ -50,7 +60,7 @@ class LlamaCppEngine(Engine):
         except ImportError:
             return False, "llama-cpp-python not installed"
         if backend == "gpu" and not llama_cpp.llama_supports_gpu_offload():
-            return False, "llama-cpp-python was built without GPU offload"
+            return False, gpu_offload_problem(llama_cpp.llama_print_system_info())
         return True, ""
 
     def _load(self, artifact_path: str) -> None:
