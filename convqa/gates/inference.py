@@ -33,7 +33,7 @@ from convqa.compare.inference import compare_greedy, compare_logits, detect_garb
 from convqa.gates.divergence import annotate_divergence
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
 from convqa.workflow.plan import hops
-from convqa.workflow.references import inference_reference, quantized_reference
+from convqa.workflow.references import ground_truth, inference_reference, quantized_reference
 from convqa.infer.prompts import CHAT, RUN
 
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -503,7 +503,10 @@ def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dic
     if reference_tolerances:
         rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities)
     # A failing transformers row names its first divergent layer (convqa.gates.divergence).
-    annotate_divergence(rows, variant, runs, references or {}, GROUND_TRUTH)
+    # Hidden states are compared on cpu only: there the baselines are exact (see gates.divergence).
+    cpu_references = {(k if isinstance(k, str) else k[0]): v for k, v in (references or {}).items()
+                      if isinstance(k, str) or k[1] == "cpu"}
+    annotate_divergence(rows, variant, runs, cpu_references, ground_truth("cpu").key)
     rows += engine_rows(model, variant, runs, tolerances)
     if "serve" in modalities:
         rows += serve_rows(model, variant, runs, serves)
