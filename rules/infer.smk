@@ -40,6 +40,7 @@ rule infer:
     threads: INFERENCE["threads"]
     resources:
         gpu=jobs.gpu_count,
+        mem_mb=jobs.inference_mem_mb,
     params:
         engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],
@@ -86,6 +87,8 @@ rule infer_reference:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    resources:
+        mem_mb=jobs.reference_mem_mb,
     params:
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
@@ -117,6 +120,8 @@ rule serve_check:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    resources:
+        mem_mb=jobs.inference_mem_mb,
     params:
         engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],

@@ -15,5 +15,6 @@ with job_log(snakemake.log.run) as log:
         snakemake.output.npz,
         timeout_s=snakemake.params.timeout_s,
         engine_log=snakemake.log.engine,
+        mem_mb=snakemake.resources.get("mem_mb"),
     )
     print(f"{record['artifact']}: {record['error'] or record.get('reference', {}).get('encodings')}", file=log)
