@@ -141,11 +141,9 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
             context: int = DEFAULT_CONTEXT) -> str | None:
     """The `skipped` reason when the estimate exceeds what the job may use; None when it fits
     or cannot be told (an unreadable artifact: the run itself reports that)."""
-    from convqa.errors import FormatError
-
     try:
         needed = bytes_needed(artifact_path, engine, context)
-    except FormatError:
+    except Exception:  # unreadable (FormatError) or odd: not judged here, the run reports why
         return None
     limit, source = available_bytes(mem_mb)
     if limit is None or needed <= limit:
@@ -157,10 +155,8 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
 def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1) -> int:
     """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry;
     2000 MB where the artifact cannot be read yet (a dry run) or at all."""
-    from convqa.errors import FormatError
-
     try:
         needed = bytes_needed(artifact_path, engine)
-    except (FormatError, OSError):
+    except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
         return 2000 * attempt
     return int(needed * 1.1 / MIB * attempt) + 1
