@@ -28,29 +28,39 @@ CPU_S_PER_GB = {"conversion": 6.0, "inspection": 8.0, "comparison": 6.0, "infere
 
 
 def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: float) -> float:
-    """Bytes per parameter the chain's artifact stores."""
-    h = plan.hops(chain)
-    quantized = False
+    """Bytes per parameter the chain's artifact stores, following what convqa's converter does
+    (measured on a BF16 source, bench/scale.py): every format holds the source's dtype while the
+    values are the source's; a quantized first hop to GGUF holds the blocks, and every later hop
+    holds them dequantized, in F32. (APR also stores a tied embedding twice: `estimate` adds it.)"""
+    state = "source"  # the values are the source's, exactly
     per_param = source_bytes_per_param
-    for i, hop in enumerate(h[1:], start=1):
+    for i, hop in enumerate(plan.hops(chain)[1:], start=1):
         fmt = plan.HOP_FORMAT[hop]
-        if i == 1 and variant != "native" and fmt in QUANT_TARGETS.get(variant, {}):
-            target = QUANT_TARGETS[variant][fmt]
-            quantized = target.startswith("Q")
-            per_param = Q8_0_BYTES_PER_PARAM if quantized else {"F32": 4, "F16": 2, "BF16": 2}.get(target, per_param)
-        elif quantized and fmt != "gguf":
-            quantized, per_param = False, F32_BYTES  # the blocks are dequantized where they cannot be held
+        target = QUANT_TARGETS.get(variant, {}).get(fmt) if i == 1 and variant != "native" else None
+        if target is not None and target.startswith("Q"):
+            state, per_param = "blocks", Q8_0_BYTES_PER_PARAM
+        elif target is not None:
+            state, per_param = "source", {"F32": 4, "F16": 2, "BF16": 2}.get(target, per_param)
+            source_bytes_per_param = per_param
+        elif state == "blocks":
+            state, per_param = "dequantized", F32_BYTES
+        elif state == "dequantized":
+            per_param = F32_BYTES
+        else:
+            per_param = source_bytes_per_param
     return per_param
 
 
 def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str], inference_chains: list[str],
-             engines: int = 2, cores: int = 2) -> dict:
-    """Disk and CPU-time estimate of one model through `tier` (see the module doc)."""
+             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0) -> dict:
+    """Disk and CPU-time estimate of one model through `tier` (see the module doc).
+    `tied_embedding_params`: the embedding's size when the head is tied (APR stores a copy)."""
     per_param = source_bytes / max(parameters, 1)
     artifacts, parents, largest, n_compare = [], 0, 0, 0
     for variant in variants:
         chains = plan.artifact_chains(tier, variant)
-        sizes = {c: chain_bytes_per_param(c, variant, per_param) * parameters for c in chains}
+        sizes = {c: chain_bytes_per_param(c, variant, per_param)
+                 * (parameters + (tied_embedding_params if plan.target_format(c) == "apr" else 0)) for c in chains}
         artifacts += sizes.values()
         parents += len({plan.parent(c) for c in chains} - {"st"})
         largest = max([largest, *sizes.values()])
@@ -89,8 +99,14 @@ def estimate_model(path: str | os.PathLike, tier: str, variants: list[str], infe
     """`estimate` for the model at `path` (any format convqa reads), from its header."""
     from convqa.infer.memory import artifact_shape
 
+    from convqa.formats import open_model
+
     shape = artifact_shape(path)
-    return estimate(shape.file_bytes, shape.parameters, tier, variants, inference_chains, engines, cores)
+    with open_model(path) as artifact:
+        embedding = artifact.tensors.get("model.embed_tokens.weight")
+        tied = artifact.config.tie_word_embeddings and embedding is not None
+        tied_params = int(embedding.shape[0] * embedding.shape[1]) if tied else 0
+    return estimate(shape.file_bytes, shape.parameters, tier, variants, inference_chains, engines, cores, tied_params)
 
 
 def format_estimate(e: dict) -> str:
