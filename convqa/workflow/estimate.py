@@ -20,11 +20,13 @@ from convqa.workflow import plan
 GB = 1e9
 Q8_0_BYTES_PER_PARAM = 34 / 32  # a block: 32 int8 values and one F16 scale
 F32_BYTES = 4
-# CPU seconds (user + system, from Snakemake's benchmark files) per job and per GB of the job's
-# input, measured by bench/scale.py on qwen2.5-tiny-bf16 (per-job cost) and the 1.5B geometry
-# (per-GB cost); contention does not inflate CPU time.
-CPU_S_PER_JOB = {"conversion": 4.0, "inspection": 3.0, "comparison": 3.0, "inference": 12.0}
-CPU_S_PER_GB = {"conversion": 6.0, "inspection": 8.0, "comparison": 6.0, "inference": 40.0}
+# CPU seconds (user + system, from Snakemake's benchmark files; contention does not inflate them)
+# per job, measured by bench/scale.py --geometry small (a 0.12 GB BF16 model: conversion 1.9,
+# inspection 2.3, comparison 1.7, inference 12 per job), and per GB of the job's input, from
+# issue 13's 1.5B measurements (S->G 3.8-8.4 s, S->A 9.7 s for 3.1 GB) and the F32 forward cost
+# of a transformers run; the 1.5B geometry has not been measured through the bench yet.
+CPU_S_PER_JOB = {"conversion": 1.9, "inspection": 2.3, "comparison": 1.7, "inference": 12.0}
+CPU_S_PER_GB = {"conversion": 3.0, "inspection": 4.0, "comparison": 4.0, "inference": 40.0}
 
 
 def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: float) -> float:
