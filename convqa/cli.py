@@ -153,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("plan", help="estimate the disk and CPU time a tier needs for a model, before a run",
+                       description="Estimate, from MODEL's size (read from its header), the bytes a tier's conversions write, "
+                       "the peak disk with temp_intermediates, and the CPU time (convqa.workflow.estimate).")
+    p.add_argument("model", help="the model to qualify: HF directory, .gguf or .apr")
+    p.add_argument("--tier", default="mvp", choices=["smoke", "mvp", "full"])
+    p.add_argument("--config", default="config/config.yaml", help="workflow config for variants and inference chains")
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_plan)
+
     p = sub.add_parser("mutants", help="list the known-bad converters")
     p.set_defaults(func=_cmd_mutants)
 
@@ -163,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="summary.json or qualification.json")
     p.set_defaults(func=_cmd_verdict)
     return parser
+
+
+def _cmd_plan(args) -> int:
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from convqa.workflow.estimate import estimate_model, format_estimate
+
+    config = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else {}
+    inference = config.get("inference") or {}
+    chains = (inference.get("chains") or {}).get(args.tier, ["st", "st-gguf", "st-apr"])
+    result = estimate_model(args.model, args.tier, list(config.get("variants") or ["native", "q8_0"]), chains,
+                            engines=len(inference.get("engines") or ["transformers", "llama.cpp"]), cores=args.cores)
+    print(json.dumps(result, indent=2) if args.json else format_estimate(result))
+    return 0
 
 
 def _cmd_verdict(args) -> int:

@@ -14,6 +14,11 @@ rule compare_tensors:
         paths.log_beside(
             paths.comparison_path("{model}", "{variant}", "{subject}", "{reference}")
         ),
+    benchmark:
+        paths.log_beside(
+            paths.comparison_path("{model}", "{variant}", "{subject}", "{reference}"),
+            ".benchmark.tsv",
+        )
     conda:
         "../envs/convert.yaml"
     threads: 1

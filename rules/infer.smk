@@ -41,6 +41,7 @@ rule infer:
     threads: INFERENCE["threads"]
     resources:
         gpu=jobs.gpu_count,
+        mem_mb=jobs.inference_mem_mb,
     params:
         engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],
@@ -99,6 +100,7 @@ rule infer_reference:
     threads: INFERENCE["threads"]
     resources:
         gpu=jobs.gpu_count,
+        mem_mb=jobs.reference_mem_mb,
     params:
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
@@ -130,6 +132,8 @@ rule serve_check:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    resources:
+        mem_mb=jobs.inference_mem_mb,
     params:
         engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],

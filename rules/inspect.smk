@@ -27,6 +27,10 @@ rule inspect_artifact:
         manifest=paths.manifest_path("{model}", "{variant}", "{chain}"),
     log:
         paths.step_log("{model}", "{variant}", "{chain}", "inspect"),
+    benchmark:
+        paths.log_beside(
+            paths.manifest_path("{model}", "{variant}", "{chain}"), ".benchmark.tsv"
+        )
     conda:
         "../envs/convert.yaml"
     threads: 1

@@ -16,6 +16,7 @@ with job_log(snakemake.log.run) as log:
         snakemake.output.npz,
         timeout_s=snakemake.params.timeout_s,
         engine_log=snakemake.log.engine,
+        mem_mb=snakemake.resources.get("mem_mb"),
     )
     state = record["skipped"] and f"skipped: {record['skipped']}" or record["error"] or "ran"
     print(f"{snakemake.params.engine} {snakemake.wildcards.backend} {snakemake.input.artifact}: {state}", file=log)

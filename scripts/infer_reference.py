@@ -16,6 +16,7 @@ with job_log(snakemake.log.run) as log:
         timeout_s=snakemake.params.timeout_s,
         engine_log=snakemake.log.engine,
         backend=snakemake.wildcards.backend,
+        mem_mb=snakemake.resources.get("mem_mb"),
     )
     state = record["skipped"] and f"skipped: {record['skipped']}" or record["error"]
     print(f"{record['artifact']} ({snakemake.wildcards.backend}): {state or record.get('reference', {}).get('encodings')}", file=log)

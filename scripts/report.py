@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 from convqa.report.build import write_report
+from convqa.report.disk import disk_usage, results_bytes
+from convqa.workflow import paths
 from convqa.workflow.joblog import job_log
 
 inputs = snakemake.params.inputs
@@ -29,7 +31,8 @@ with job_log(snakemake.log[0]) as log:
         inputs["sidecars"],
         inputs["comparisons"],
         Path(snakemake.output.evidence).parent,
-        extra={"tier": snakemake.wildcards.tier, **inference_extra(inference["extras"])},
+        extra={"tier": snakemake.wildcards.tier, **inference_extra(inference["extras"]),
+               "disk": {**disk_usage(inputs["sidecars"]), "on_disk": results_bytes(Path(paths.source_dir(snakemake.wildcards.model)).parent)}},
     )
     for name, path in outputs.items():
         print(f"{name}: {path}", file=log)

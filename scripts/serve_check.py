@@ -18,6 +18,7 @@ with job_log(snakemake.log.serve) as log:
         snakemake.params.max_new_tokens,
         snakemake.threads,
         log_path=snakemake.log.server,
+        mem_mb=snakemake.resources.get("mem_mb"),
     )
     write_json(snakemake.output.json, record)
     state = record["skipped"] or record["error"] or f"{len(record['answers'])} answers"

@@ -5,8 +5,9 @@ An engine that runs out of device memory mid-load dies with a CUDA error (torch)
 asks the device how much is free (`torch.cuda.mem_get_info`) and compares it with what the run
 needs; too little gives `skipped` with both numbers, like any absent capability.
 
-The estimate here is deliberately simple (the host-memory estimator of convqa.infer.memory is to
-take over at merge): the artifact's tensors as the engine holds them on the device, plus a margin.
+The estimate is the artifact's tensors as the engine holds them on the device, plus a margin. It is
+not convqa.infer.memory's host estimate: that one also counts host-only copies made while loading
+and the interpreter with its libraries, which the device never holds.
 transformers dequantizes every tensor to its float32 compute dtype; llama.cpp keeps the file's
 encodings (GGML blocks stay blocks). The margin covers activations, the KV cache of the short
 prompt set, cuBLAS workspaces and the caching allocator's rounding; the CUDA context is already

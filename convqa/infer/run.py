@@ -216,26 +216,46 @@ def run_reference_job(source: str, encoded: str, max_new_tokens: int, threads: i
 
 
 def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, max_new_tokens: int, threads: int,
-                         json_path: str, npz_path: str, *, timeout_s: float, engine_log: str) -> dict:
+                         json_path: str, npz_path: str, *, timeout_s: float, engine_log: str,
+                         mem_mb: float | None = None) -> dict:
     """run_prompts_job in a child process (convqa.infer.isolated): an engine that aborts, segfaults, is
     killed for memory or hangs gives a record with `error` (how it ended and its stderr tail) and
-    no logits, never a failed job. Returns the record that was written."""
+    no logits, never a failed job. An artifact too big for the machine (or `mem_mb`) is `skipped`
+    before anything loads (convqa.infer.memory). Returns the record that was written."""
     # The capability check (no CUDA device: skipped) happens in the child: asking torch here would
     # import it twice per job.
     record = _new_record(os.fspath(artifact), engine, backend, max_new_tokens)
+    if _skipped_too_big(record, artifact, engine, mem_mb, json_path, npz_path):
+        return record
     kwargs = dict(artifact=os.fspath(artifact), source=os.fspath(source), engine=engine, backend=backend,
                   max_new_tokens=max_new_tokens, threads=threads, json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
     return _finish_isolated("convqa.infer.run:run_prompts_job", kwargs, record, engine, timeout_s, engine_log)
 
 
 def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threads: int, json_path: str, npz_path: str,
-                           *, timeout_s: float, engine_log: str, backend: str = "cpu") -> dict:
+                           *, timeout_s: float, engine_log: str, backend: str = "cpu",
+                           mem_mb: float | None = None) -> dict:
     """run_reference_job in a child process, with the same guarantees as run_prompts_isolated."""
     record = _new_record(f"reference: {os.fspath(source)} in the encodings of {os.fspath(encoded)}",
                          "transformers", backend, max_new_tokens)
+    # The reference model is the source's tensors in F32, as the ground truth run holds them.
+    if _skipped_too_big(record, source, "transformers", mem_mb, json_path, npz_path):
+        return record
     kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
                   json_path=os.fspath(json_path), npz_path=os.fspath(npz_path), backend=backend)
     return _finish_isolated("convqa.infer.run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
+
+
+def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str) -> bool:
+    """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit."""
+    from convqa.infer.memory import too_big
+
+    reason = too_big(artifact, engine, mem_mb)
+    if reason is None:
+        return False
+    record["skipped"] = reason
+    write_run(record, {}, json_path, npz_path)
+    return True
 
 
 def _finish_isolated(function: str, kwargs: dict, record: dict, engine: str, timeout_s: float, engine_log: str) -> dict:
@@ -306,8 +326,10 @@ def serve_prompts(
     max_new_tokens: int,
     threads: int,
     log_path: str | os.PathLike | None = None,
+    mem_mb: float | None = None,
 ) -> dict:
-    """Answers of the engine's HTTP server (cpu) to the prompts.
+    """Answers of the engine's HTTP server (cpu) to the prompts (`skipped` when the artifact is too
+    big for the machine or `mem_mb`, convqa.infer.memory).
 
     transformers: completions by the ground-truth ids (answer ids compared exactly) and chat
     messages rendered server-side with the artifact's own template. llama.cpp: completions by text
@@ -317,6 +339,11 @@ def serve_prompts(
               "error": None, "answers": []}
     available, reason = capability(engine_name, "cpu")
     if not available:
+        record["skipped"] = reason
+        return record
+    from convqa.infer.memory import too_big
+
+    if reason := too_big(artifact_path, engine_name, mem_mb):  # the server loads the whole model
         record["skipped"] = reason
         return record
     if failure := no_artifact.read(artifact_path):  # a failed conversion: nothing to serve

@@ -6,6 +6,7 @@ import html
 
 from convqa.report.evidence import (attention_rows, display_hash, display_number, display_percent, display_size,
                                     inference_rows, outside_verdict_line, row_comparison, row_diagnosis)
+from convqa.report import disk
 from convqa.report.plots import STATUS_LETTERS, gate_matrix, worst_status
 
 STATUS_ICONS = {"pass": "PASS", "fail": "**FAIL**", "skipped": "skip", "not_evaluated": "*not evaluated*"}
@@ -72,6 +73,8 @@ def render_markdown(evidence: dict) -> str:
                    display_number((a["producer"] or {}).get("peak_rss_mb")),
                    {True: "manifest = sidecar", False: "**MISMATCH**", None: ""}[a["sha256_consistent"]]]
                   for a in evidence["artifacts"]])
+
+    out += disk.markdown_section((evidence.get("extra") or {}).get("disk"), display_size)
 
     out += ["## All gate rows", ""]
     out += table(GATE_ROW_HEADER, [gate_row_cells(r) for r in evidence["gates"]])

@@ -21,6 +21,7 @@ from convqa.detection import matrix as detection
 from convqa.encodings import QUANT_TARGETS
 from convqa.files import path_size
 from convqa.gates.rows import label
+from convqa.infer import memory
 from convqa.sources.prepare import input_files, kind_fingerprint_args
 from convqa.workflow import paths, plan, references
 from convqa.workflow.fingerprint import script_fingerprint, writes
@@ -76,6 +77,16 @@ def conversion_mem_mb(wildcards, input, attempt):
 def comparison_mem_mb(wildcards, input, attempt):
     size = path_size_mb(input.subject) + path_size_mb(input.reference)
     return int((2 * size + 500) * attempt)
+
+
+def inference_mem_mb(wildcards, input, attempt):
+    # What the engine needs for this artifact (convqa.infer.memory), so that Snakemake's
+    # --resources mem_mb=N never starts two big models at once; doubles on retry.
+    return memory.job_mem_mb(input.artifact, engine_name(wildcards), attempt)
+
+
+def reference_mem_mb(wildcards, input, attempt):
+    return memory.job_mem_mb(input.source, "transformers", attempt)
 
 
 def gpu_count(wildcards):

@@ -1,0 +1,326 @@
+"""Scale benchmark: a model of Qwen2.5-Coder-1.5B-Instruct's geometry through a tier, cold and
+after a one-line change to the GGUF writer. A script that prints numbers, not a timed test.
+
+    .venv/bin/python bench/scale.py                      # the 1.5B geometry, mvp, 2 cores
+    .venv/bin/python bench/scale.py --geometry small     # same vocabulary and heads, 2 narrow layers
+
+The model is deterministic: random BF16 weights from a fixed seed (std 0.02; norms near 1),
+written as two SafeTensors shards with an index, beside the tokenizer, chat template and
+hub-4.x config of the qwen2.5-tiny-bf16 preset (448 real BPE tokens; the embedding has the
+geometry's 151936 rows, padded past the tokenizer as Qwen's are). The workflow and the package
+are copied into the work directory, and the one-line writer change is made in that copy
+(never in the checkout). Snakemake runs with `--resources mem_mb=` so two inference jobs never
+hold more than that together (rules/infer.smk takes each job's mem_mb from convqa.infer.memory).
+
+Printed: wall time of each run, peak bytes under results/ (sampled every second), peak RSS and
+CPU time per rule (Snakemake's benchmark files; CPU time is what contention does not inflate),
+the rerun ratio, conversions executed against the conversions the tier needs, and the targets
+of issue 13.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_PARTS = ("Snakefile", "rules", "scripts", "config", "envs", "profiles")
+GEOMETRIES = {
+    # Qwen2.5-Coder-1.5B-Instruct: 1.54B parameters, 3.1 GB in BF16.
+    "1.5b": dict(num_layers=28, hidden_size=1536, intermediate_size=8960, num_heads=12, num_kv_heads=2, vocab_size=151936),
+    # The same vocabulary and head counts, 2 narrow layers: ~60M parameters, to exercise the bench quickly.
+    "small": dict(num_layers=2, hidden_size=384, intermediate_size=1024, num_heads=12, num_kv_heads=2, vocab_size=151936),
+}
+SEED = 0
+WRITER_EDIT = "\n_BENCH_SCALE_EDIT = 1  # bench/scale.py: a one-line change to the GGUF writer\n"
+JOB_LINE = re.compile(r"^(?:local)?rule (\w+):$")
+
+
+# ---------------------------------------------------------------- the model
+
+
+def _bf16(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch does."""
+    bits = values.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def qwen2_tensors(g: dict) -> list[tuple[str, tuple[int, ...]]]:
+    head_dim = g["hidden_size"] // g["num_heads"]
+    kv = g["num_kv_heads"] * head_dim
+    h, i = g["hidden_size"], g["intermediate_size"]
+    names = [("model.embed_tokens.weight", (g["vocab_size"], h))]
+    for n in range(g["num_layers"]):
+        p = f"model.layers.{n}."
+        names += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.q_proj.bias", (h,)),
+            (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.k_proj.bias", (kv,)),
+            (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.v_proj.bias", (kv,)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i)),
+        ]
+    return names + [("model.norm.weight", (h,))]
+
+
+def build_model(out: Path, geometry: str) -> Path:
+    """The benchmark's source directory (deterministic; reused when it exists)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from convqa.sources.synthetic import build_preset
+
+    if (out / "model.safetensors.index.json").is_file():
+        return out
+    g = GEOMETRIES[geometry]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    preset = build_preset(out.with_name("tokenizer-preset"), "qwen2.5-tiny-bf16")
+    tmp.mkdir(parents=True)
+    for f in preset.iterdir():  # tokenizer, template, generation config; not the tiny weights
+        if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+            shutil.copy2(f, tmp / f.name)
+    config = json.loads((preset / "config.json").read_text())
+    config.update(hidden_size=g["hidden_size"], intermediate_size=g["intermediate_size"],
+                  num_hidden_layers=g["num_layers"], num_attention_heads=g["num_heads"],
+                  num_key_value_heads=g["num_kv_heads"], vocab_size=g["vocab_size"])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    rng = np.random.default_rng(SEED)
+    tensors = qwen2_tensors(g)
+    total = sum(int(np.prod(s)) for _, s in tensors)
+    shards, current, count = [[]], 0, 0
+    for name, shape in tensors:  # two shards of about half the parameters each
+        if current >= total / 2 and len(shards) == 1:
+            shards.append([])
+        shards[-1].append((name, shape))
+        current += int(np.prod(shape))
+    index = {"metadata": {"total_size": 2 * total}, "weight_map": {}}
+    for k, shard in enumerate(shards, start=1):
+        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        data = {}
+        for name, shape in shard:
+            if name.endswith("norm.weight"):
+                values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            elif name.endswith(".bias"):
+                values = 0.1 * rng.standard_normal(shape, dtype=np.float32)
+            else:
+                values = 0.02 * rng.standard_normal(shape, dtype=np.float32)
+            data[name] = torch.from_numpy(_bf16(values)).view(torch.bfloat16)
+            index["weight_map"][name] = file
+            count += 1
+        save_file(data, str(tmp / file), metadata={"format": "pt"})
+        del data
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# ---------------------------------------------------------------- the workflow
+
+
+def bytes_under(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass  # deleted while walking
+    return total
+
+
+class DiskSampler(threading.Thread):
+    def __init__(self, root: Path, every_s: float = 1.0):
+        super().__init__(daemon=True)
+        self.root, self.every_s, self.peak, self.stop = root, every_s, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, bytes_under(self.root))
+            self.stop.wait(self.every_s)
+
+
+def prepare_workdir(root: Path, source: Path, args) -> Path:
+    wf = root / "wf"
+    shutil.rmtree(root / "pkg", ignore_errors=True)
+    shutil.rmtree(wf, ignore_errors=True)
+    wf.mkdir(parents=True)
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, wf / part)
+    shutil.copytree(REPO / "convqa", root / "pkg" / "convqa", ignore=shutil.ignore_patterns("__pycache__"))
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["tier"] = args.tier
+    config["variants"] = ["native", "q8_0"]
+    config["temp_intermediates"] = args.temp_intermediates
+    config["inference"]["backends"] = ["cpu"]  # no GPU here: the gpu rows would only say so
+    config["models"] = {"scale": {"source": {"kind": "local", "path": str(source)}}}
+    (wf / "bench-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return wf
+
+
+def snakemake(wf: Path, args, log: Path) -> tuple[float, int, list[str]]:
+    """Run the tier; (wall s, peak bytes under results/, rules of the jobs it ran)."""
+    exe = Path(sys.executable).with_name("snakemake")
+    cmd = [str(exe), "--directory", str(wf), "--workflow-profile", "none", "--cores", str(args.cores),
+           "--resources", f"mem_mb={args.mem_mb}", "--configfile", "bench-config.yaml",
+           "--replace-workflow-config", args.tier]
+    env = {**os.environ, "PYTHONPATH": str(wf.parent / "pkg"), "OMP_WAIT_POLICY": "PASSIVE"}
+    (wf / "results").mkdir(exist_ok=True)
+    sampler = DiskSampler(wf / "results")
+    sampler.start()
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=wf, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"snakemake exited {proc.returncode}; see {log}")
+    rules = [m.group(1) for line in log.read_text().splitlines() if (m := JOB_LINE.match(line.strip()))]
+    return wall, sampler.peak, rules
+
+
+def rule_of(path: Path) -> str:
+    """The rule a benchmark file belongs to, from where rules/*.smk put it."""
+    p = path.as_posix()
+    if "/logs/prepare-source" in p:
+        return "prepare_source"
+    if "/xconv/" in p:
+        return "xconv_convert"
+    if "/compare/" in p:
+        return "compare_tensors"
+    if p.endswith("manifest.benchmark.tsv"):
+        return "inspect_artifact"
+    if "/reference/" in p:
+        return "infer_reference"
+    if "/serve-" in p:
+        return "serve_check"
+    if "parity.benchmark" in p:
+        return "parity"
+    if "/infer/" in p or "/source.infer/" in p:
+        return "infer"
+    return "convert"
+
+
+def benchmarks(wf: Path) -> dict[str, dict]:
+    """Per rule: jobs, peak max_rss (MB), CPU seconds summed, wall seconds summed."""
+    per = defaultdict(lambda: {"jobs": 0, "max_rss_mb": 0.0, "cpu_s": 0.0, "wall_s": 0.0})
+    for path in (wf / "results").rglob("*benchmark.tsv"):
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        if not rows:
+            continue
+        row, entry = rows[-1], per[rule_of(path)]
+        entry["jobs"] += 1
+        entry["max_rss_mb"] = max(entry["max_rss_mb"], _num(row.get("max_rss")))
+        entry["cpu_s"] += _num(row.get("cpu_time"))
+        entry["wall_s"] += _num(row.get("s"))
+    return dict(per)
+
+
+def _num(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def largest_tensor_bytes(source: Path) -> int:
+    from convqa.formats import open_model
+
+    with open_model(source) as model:
+        return max(t.nbytes for t in model.tensors.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.5b")
+    parser.add_argument("--tier", default="mvp")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--mem-mb", type=int, default=18000, help="Snakemake's memory budget for concurrent jobs")
+    parser.add_argument("--temp-intermediates", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/convqa-scale"))
+    parser.add_argument("--keep", action="store_true", help="keep results/ afterwards (they can be large)")
+    args = parser.parse_args()
+
+    from convqa.files import path_size
+    from convqa.workflow import plan
+
+    root = args.workdir / args.geometry
+    root.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    source = build_model(root / "source-model", args.geometry)
+    build_s = time.perf_counter() - t0
+    source_bytes = path_size(source)
+    largest = largest_tensor_bytes(source)
+    wf = prepare_workdir(root, source, args)
+
+    cold_wall, cold_disk, cold_rules = snakemake(wf, args, root / "cold.log")
+    cold = benchmarks(wf)
+    # The one-line change to the GGUF writer, in the copy of the package the runs import.
+    with open(wf.parent / "pkg" / "convqa" / "formats" / "gguf_writer.py", "a") as fh:
+        fh.write(WRITER_EDIT)
+    rerun_wall, rerun_disk, rerun_rules = snakemake(wf, args, root / "rerun.log")
+
+    conversion_rules = ("convert_to_gguf", "convert_to_apr", "convert_to_safetensors")
+    needed = sum(len(plan.artifact_chains(args.tier, v)) for v in ("native", "q8_0"))
+    executed = sum(cold_rules.count(r) for r in conversion_rules)
+    needed_rerun = sum(1 for v in ("native", "q8_0") for c in plan.artifact_chains(args.tier, v) if "gguf" in plan.hops(c))
+    executed_rerun = sum(rerun_rules.count(r) for r in conversion_rules)
+
+    g = GEOMETRIES[args.geometry]
+    print(f"geometry {args.geometry} {g}; source {source_bytes / 1e9:.3f} GB (largest tensor {largest / 1e6:.0f} MB), "
+          f"built in {build_s:.0f} s; tier {args.tier}, {args.cores} cores, --resources mem_mb={args.mem_mb}, "
+          f"temp_intermediates={args.temp_intermediates}; load average {os.getloadavg()[0]:.1f} at the end "
+          f"(other jobs on this machine inflate wall times, not CPU times)")
+    print(f"cold:  {cold_wall:7.1f} s wall, {len(cold_rules)} jobs, peak disk under results/ {cold_disk / 1e9:.3f} GB "
+          f"({cold_disk / source_bytes:.2f}x the source)")
+    print(f"rerun: {rerun_wall:7.1f} s wall, {len(rerun_rules)} jobs after a one-line GGUF-writer change "
+          f"(ratio {rerun_wall / cold_wall:.0%})")
+    print(f"conversions: cold {executed} executed / {needed} needed; rerun {executed_rerun} executed / "
+          f"{needed_rerun} GGUF-touched chains")
+    print(f"{'rule':<18}{'jobs':>5}{'peak RSS MB':>13}{'CPU s':>9}{'wall s':>9}")
+    for rule, e in sorted(cold.items()):
+        print(f"{rule:<18}{e['jobs']:>5}{e['max_rss_mb']:>13.0f}{e['cpu_s']:>9.1f}{e['wall_s']:>9.1f}")
+    total_cpu = sum(e["cpu_s"] for e in cold.values())
+    print(f"{'total':<18}{sum(e['jobs'] for e in cold.values()):>5}{'':>13}{total_cpu:>9.1f}")
+
+    inference_rss = max((cold[r]["max_rss_mb"] for r in ("infer", "infer_reference", "serve_check") if r in cold), default=0)
+    conversion_rss = cold.get("convert", {}).get("max_rss_mb", 0)
+    targets = [
+        ("mvp cold <= 15 min", cold_wall <= 900, f"{cold_wall / 60:.1f} min"),
+        ("peak disk <= 4x source", cold_disk <= 4 * source_bytes, f"{cold_disk / source_bytes:.2f}x"),
+        ("inference RSS <= 1.5x model bytes", inference_rss * 2**20 <= 1.5 * source_bytes,
+         f"{inference_rss:.0f} MB vs {1.5 * source_bytes / 2**20:.0f} MB"),
+        ("conversion RSS <= largest tensor + 300 MB", conversion_rss * 2**20 <= largest + 300 * 2**20,
+         f"{conversion_rss:.0f} MB vs {(largest + 300 * 2**20) / 2**20:.0f} MB"),
+        ("rerun <= 40% of cold", rerun_wall <= 0.4 * cold_wall, f"{rerun_wall / cold_wall:.0%}"),
+        ("every conversion done once", executed == needed, f"{executed}/{needed}"),
+    ]
+    for name, ok, value in targets:
+        print(f"target {'MET ' if ok else 'MISS'} {name}: {value}")
+    if not args.keep:
+        shutil.rmtree(wf / "results", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

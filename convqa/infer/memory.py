@@ -1,0 +1,165 @@
+"""How much memory an inference job needs, before it loads anything, and whether it fits.
+
+A model that does not fit must become a `skipped` verdict that says what it needs and what there
+is, not a job the kernel's OOM killer ends with no record (a 7B model under transformers needs
+~30 GB in F32). `bytes_needed(artifact, engine)` estimates the peak resident memory of one engine
+process over one artifact from the artifact's header alone (tensor shapes and encodings: nothing
+is dequantized), and `fits` compares it with what the host (or the job's `mem_mb`) offers.
+The estimate is in bytes of host memory; a device-memory check (the gpu backend) can reuse
+`bytes_needed` for the weights and compare with the device's free memory instead.
+
+What each engine holds at its peak (measured on the tiny models, SmolLM2-135M and a 1.5B
+geometry; see bench/scale.py):
+- transformers, SafeTensors: the model in F32, plus the file mapped while it is upcast when it
+  is stored in BF16/F16 (an F32 file's mapped pages are the model);
+- transformers, GGUF: transformers' GGUF loader dequantizes every tensor to a NumPy F32 copy and
+  then builds the F32 model from it: two F32 copies;
+- transformers, APR (convqa's loader): the F32 model plus one tensor being converted;
+- llama.cpp: the file mapped (weights stay in their encoding), the F32 KV cache and the logits of
+  every position (`logits_all`);
+plus, for every engine, the logits of a full context and the interpreter with its libraries.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from convqa.files import path_size
+
+MIB = 2**20
+F32 = 4
+# Interpreter, torch/transformers or llama-cpp-python and the tokenizer, resident before any
+# weight is loaded (measured RSS of an engine process over a 3 MB model: ~550 MB and ~180 MB).
+# llama.cpp's share is set higher than measured there: over SmolLM2's mmapped Q4_1 GGUF the
+# same run peaked at 513 MB in one test process and 654 MB in another (how much of the mapping
+# and the tokenizer's vocab were resident), against 608 MB estimated with 300 MB.
+RUNTIME_BYTES = {"transformers": 500 * MIB, "llama.cpp": 420 * MIB}
+# Copies of one context's logits alive at once (the model output and its NumPy copy).
+LOGIT_COPIES = 2
+DEFAULT_CONTEXT = 512  # the engines' max_context (convqa.infer.engines.base)
+ENGINES = tuple(RUNTIME_BYTES)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs from an artifact: read from its header, no tensor data."""
+
+    file_bytes: int
+    parameters: int  # elements over all stored tensors
+    largest_tensor: int  # elements of the largest tensor
+    vocab_size: int
+    num_layers: int
+    kv_width: int  # num_kv_heads * head_dim
+    format: str
+
+
+def artifact_shape(path: str | os.PathLike) -> Shape:
+    """The artifact's sizes from its header. Raises FormatError for an unreadable artifact."""
+    from convqa.formats import open_model
+
+    with open_model(path) as artifact:
+        counts = [_elements(t.shape) for t in artifact.tensors.values()]
+        config = artifact.config
+        return Shape(
+            file_bytes=path_size(path),
+            parameters=sum(counts),
+            largest_tensor=max(counts, default=0),
+            vocab_size=config.vocab_size,
+            num_layers=config.num_layers,
+            kv_width=config.num_kv_heads * config.head_dim,
+            format=artifact.format,
+        )
+
+
+def _elements(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    return n
+
+
+def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT) -> int:
+    """Estimated peak RSS of `engine` over an artifact of this shape (see the module doc)."""
+    if engine not in RUNTIME_BYTES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+    logits = LOGIT_COPIES * context * shape.vocab_size * F32
+    if engine == "llama.cpp":
+        kv_cache = 2 * context * shape.num_layers * shape.kv_width * F32
+        return shape.file_bytes + kv_cache + logits + RUNTIME_BYTES[engine]
+    model = shape.parameters * F32
+    if shape.format == "gguf":
+        loading = model  # the NumPy F32 copy transformers' GGUF loader builds the model from
+    elif shape.format == "safetensors":
+        # A BF16/F16 file is mapped while its tensors are upcast; an F32 one is used in place.
+        loading = 0 if shape.file_bytes >= 0.95 * model else shape.file_bytes
+    else:
+        loading = shape.largest_tensor * F32
+    return model + loading + logits + RUNTIME_BYTES[engine]
+
+
+def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT) -> int:
+    """Estimated peak resident bytes of `engine` ("transformers" or "llama.cpp") running the
+    artifact at `artifact_path`. Raises FormatError when the artifact cannot be read."""
+    return shape_bytes_needed(artifact_shape(artifact_path), engine, context)
+
+
+def host_memory_bytes() -> int | None:
+    """The memory this host (or the cgroup the job runs in, where it sets a limit) holds in all,
+    None where unknown. Total, not currently free: a verdict must not depend on what other jobs
+    happen to hold at the moment (Snakemake's `mem_mb` accounting keeps jobs from overcommitting)."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(cgroup).read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def available_bytes(mem_mb: float | None = None) -> tuple[int | None, str]:
+    """(bytes the job may use, where that limit comes from): the host's memory, or the job's
+    `mem_mb` where that is smaller."""
+    limits = []
+    host = host_memory_bytes()
+    if host is not None:
+        limits.append((host, "on this machine"))
+    if mem_mb:
+        limits.append((int(mem_mb * MIB), "in the job's mem_mb"))
+    if not limits:
+        return None, "unknown"
+    return min(limits)
+
+
+def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None = None,
+            context: int = DEFAULT_CONTEXT) -> str | None:
+    """The `skipped` reason when the estimate exceeds what the job may use; None when it fits
+    or cannot be told (an unreadable artifact: the run itself reports that)."""
+    try:
+        needed = bytes_needed(artifact_path, engine, context)
+    except Exception:  # unreadable (FormatError) or odd: not judged here, the run reports why
+        return None
+    limit, source = available_bytes(mem_mb)
+    if limit is None or needed <= limit:
+        return None
+    return (f"too big for this machine: {engine} needs about {needed / MIB:,.0f} MB for this artifact "
+            f"(estimate, convqa.infer.memory), {limit / MIB:,.0f} MB {source}")
+
+
+def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1) -> int:
+    """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry;
+    2000 MB where the artifact cannot be read yet (a dry run) or at all."""
+    try:
+        needed = bytes_needed(artifact_path, engine)
+    except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
+        return 2000 * attempt
+    return int(needed * 1.1 / MIB * attempt) + 1

@@ -1,0 +1,82 @@
+"""convqa.infer.memory: the estimate bounds what a real engine process holds, and a model that
+does not fit becomes a `skipped` record (what it needs, what there is) without loading anything.
+
+Measured on real engines (transformers, llama.cpp) over the bundled SmolLM2-135M: each run is a
+fresh child process whose own peak RSS (ru_maxrss) is compared with the estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from convqa.infer import memory
+from convqa.infer.run import run_prompts_isolated
+
+MIB = 2**20
+CHILD = """
+import json, resource, sys
+from convqa.infer.run import run_prompts
+from convqa.infer.prompts import DEFAULT_PROMPTS
+artifact, source, engine = sys.argv[1:4]
+record, logits = run_prompts(artifact, source, engine, "cpu", list(DEFAULT_PROMPTS[:1]), 2, 2)
+assert not record["error"], record["error"]
+print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "logits": len([k for k in logits if not k.startswith("hidden.")])}))
+"""
+
+
+def measured_peak_rss(artifact, source, engine: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(artifact), str(source), engine],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["logits"] == 1
+    return result["peak_rss"]
+
+
+@pytest.mark.parametrize("engine", ["transformers", "llama.cpp"])
+def test_the_estimate_bounds_a_real_engine_run_without_being_far_above_it(engine, smollm2_gguf, smollm2_st):
+    artifact = smollm2_gguf if engine == "llama.cpp" else smollm2_st
+    estimate = memory.bytes_needed(artifact, engine)
+    peak = measured_peak_rss(artifact, smollm2_st, engine)
+    print(f"{engine}: estimate {estimate / MIB:.0f} MB, measured peak RSS {peak / MIB:.0f} MB")
+    assert peak <= estimate, f"{engine} held {peak / MIB:.0f} MB, more than the {estimate / MIB:.0f} MB estimate"
+    assert estimate <= 2.5 * peak, f"estimate {estimate / MIB:.0f} MB is far above the {peak / MIB:.0f} MB measured"
+
+
+def test_the_estimate_follows_the_format_and_engine(smollm2_gguf, smollm2_st):
+    shape = memory.artifact_shape(smollm2_st)
+    assert shape.format == "safetensors" and shape.parameters > 100_000_000 and shape.vocab_size == 49152
+    gguf = memory.artifact_shape(smollm2_gguf)
+    assert gguf.parameters == shape.parameters  # same tensors (tied head absent from both)
+    assert gguf.file_bytes < shape.file_bytes / 4  # Q4_1 against F32
+    # transformers dequantizes a GGUF to F32 twice over; llama.cpp maps the Q4_1 blocks as they are.
+    assert memory.shape_bytes_needed(gguf, "transformers") > memory.shape_bytes_needed(shape, "transformers") * 0.9
+    assert memory.shape_bytes_needed(gguf, "llama.cpp") < memory.shape_bytes_needed(gguf, "transformers") / 2
+    with pytest.raises(ValueError, match="unknown engine"):
+        memory.shape_bytes_needed(shape, "vllm")
+
+
+def test_too_big_says_what_it_needs_and_what_there_is(smollm2_st, tmp_path):
+    assert memory.too_big(smollm2_st, "transformers") is None  # this machine holds 135M in F32
+    reason = memory.too_big(smollm2_st, "transformers", mem_mb=100)
+    assert reason.startswith("too big for this machine: transformers needs about ")
+    assert "100 MB in the job's mem_mb" in reason
+    # An unreadable artifact is not judged here: the run itself reports why it cannot be read.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 8)
+    assert memory.too_big(broken, "llama.cpp", mem_mb=1) is None
+    assert memory.job_mem_mb(broken, "llama.cpp") == 2000
+    assert memory.job_mem_mb(smollm2_st, "transformers", attempt=2) > 2 * memory.bytes_needed(smollm2_st, "transformers") / MIB
+
+
+def test_a_run_that_cannot_fit_is_a_skipped_record_and_loads_nothing(smollm2_st, tmp_path):
+    json_path, npz_path, log = tmp_path / "run.json", tmp_path / "run.npz", tmp_path / "engine.log"
+    record = run_prompts_isolated(str(smollm2_st), str(smollm2_st), "transformers", "cpu", 4, 2,
+                                  str(json_path), str(npz_path), timeout_s=60, engine_log=str(log), mem_mb=100)
+    assert record["skipped"].startswith("too big for this machine") and record["error"] is None
+    assert json.loads(json_path.read_text())["skipped"] == record["skipped"]
+    assert npz_path.is_file() and not log.exists()  # no child process was started
