@@ -61,6 +61,8 @@ class TokenizerSpec:
     add_bos_token: bool = False
     add_eos_token: bool = False
     chat_template: str | None = None
+    # SentencePiece only: llama.cpp prepends a space unless told not to (Gemma is not); None: unstated.
+    add_space_prefix: bool | None = None
 
     def fingerprint(self) -> str:
         """sha256 over everything that changes how text becomes ids (and the chat template)."""
@@ -82,6 +84,8 @@ class TokenizerSpec:
                 )
             ),
             self.chat_template or "",
+            # Only when stated, so that the fingerprints of byte-level tokenizers stay as they were.
+            *(() if self.add_space_prefix is None else (f"add_space_prefix={self.add_space_prefix}",)),
         ):
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\x01")

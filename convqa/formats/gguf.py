@@ -578,6 +578,7 @@ def _read_tokenizer(path: str, kvs: dict[str, _KeyValue], metadata: dict) -> Tok
         add_bos_token=_get(path, kvs, T.ADD_BOS, GGUFValueType.BOOL, False, required=False),
         add_eos_token=_get(path, kvs, T.ADD_EOS, GGUFValueType.BOOL, False, required=False),
         chat_template=_get(path, kvs, T.CHAT_TEMPLATE, GGUFValueType.STRING, required=False),
+        add_space_prefix=_get(path, kvs, T.ADD_PREFIX, GGUFValueType.BOOL, required=False),
     )
 
 
@@ -736,6 +737,8 @@ def _add_tokenizer(writer: GGUFWriter, plan: WritePlan) -> None:
             writer.add_uint32(key, token_id)
     writer.add_add_bos_token(bool(spec.add_bos_token))
     writer.add_add_eos_token(bool(spec.add_eos_token))
+    if spec.add_space_prefix is not None:
+        writer.add_add_space_prefix(spec.add_space_prefix)
     if spec.chat_template:
         writer.add_chat_template(spec.chat_template)
 
