@@ -11,8 +11,10 @@ header, key/values and tensor infos are written, then each tensor's bytes one at
 
 GGUF conventions undone at this boundary and nowhere else (docs/formats.md GGUF 1-3):
 `ne` lists dimensions fastest-first, so the canonical (numpy) shape is `reversed(ne)` and the
-bytes are never transposed; llama's q/k projections are row-permuted within each head; tensors
-use llama.cpp names; `output.weight` is absent when embeddings are tied.
+bytes are never transposed; llama's q/k projections are row-permuted within each head; gemma's
+norms are stored `+ 1`; tensors use llama.cpp names (gguf-py's tables, `convqa.arch.registry`);
+`output.weight` is absent when embeddings are tied; architecture-specific hyperparameters are the
+registry's `Param` keys.
 """
 
 from __future__ import annotations
@@ -30,8 +32,7 @@ from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGUFValueType, Keys, LlamaFileType, TokenType
 
 from convqa import encodings
-from convqa.arch import PERMUTES_QK_IN_GGUF, SUPPORTED
-from convqa.arch.names import gguf_to_hf, hf_to_gguf, is_qk_projection
+from convqa.arch import registry, transforms
 from convqa.arch.permute import permute_rows_for_gguf
 from convqa.files import atomic_file
 from convqa.formats.canonical import canonical_name, name_collision, qk_heads, unpermuted_loader
@@ -74,6 +75,8 @@ _INLINE_ARRAY_LIMIT = 64
 # Our own keys. The padding count lets the reader hand back the tokenizer as it was before the
 # writer padded the token list to the embedding rows (llama.cpp needs len(tokens) == n_vocab).
 PROVENANCE_KEY = "convqa.provenance"
+# The registry architecture when it is not the GGUF one's default (mistral is written as llama).
+ARCHITECTURE_KEY = "convqa.architecture"
 TOKENIZER_PADDING_KEY = "convqa.tokenizer.padded_tokens"
 NO_TOKENIZER_MODELS = ("none", "no_vocab")  # llama.cpp's "no vocabulary" escape hatch
 
@@ -354,12 +357,8 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
     parsed = _parse(path, memoryview(header_map))
     kvs = parsed.kvs
 
-    architecture = _get(path, kvs, Keys.General.ARCHITECTURE, GGUFValueType.STRING)
-    if architecture not in SUPPORTED:
-        kv = kvs[Keys.General.ARCHITECTURE]
-        raise FormatError(
-            path, f"unsupported architecture {architecture!r}; supported: {SUPPORTED}", field=kv.key, offset=kv.offset
-        )
+    gguf_arch = _get(path, kvs, Keys.General.ARCHITECTURE, GGUFValueType.STRING)
+    architecture = _registry_architecture(path, kvs, gguf_arch)
 
     metadata: dict = {
         "gguf_version": parsed.version,
@@ -380,15 +379,16 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
                 path, f"provenance is not JSON: {exc.msg}", field=PROVENANCE_KEY, offset=kvs[PROVENANCE_KEY].offset
             ) from None
 
-    collision = name_collision(info.name for info in parsed.tensors)
+    collision = name_collision((info.name for info in parsed.tensors), architecture)
     if collision is not None:
         info = parsed.tensors[collision.index]
         raise FormatError(path, collision.message, field=info.name, offset=info.info_offset)
-    metadata["unmapped_tensors"] = [info.name for info in parsed.tensors if gguf_to_hf(info.name) is None]
-    names = {canonical_name(info.name): info for info in parsed.tensors}
+    arch = registry.get(architecture)
+    metadata["unmapped_tensors"] = [info.name for info in parsed.tensors if registry.gguf_to_hf(arch, info.name) is None]
+    names = {canonical_name(info.name, architecture): info for info in parsed.tensors}
 
     tokenizer = _read_tokenizer(path, kvs, metadata)
-    config = _read_config(path, kvs, architecture, names, metadata)
+    config = _read_config(path, kvs, architecture, gguf_arch, names, metadata)
     tensors = {canonical: _lazy_tensor(path, canonical, info, config) for canonical, info in names.items()}
     return ModelArtifact(
         path=path,
@@ -398,6 +398,25 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         tensors=tensors,
         metadata=metadata,
     )
+
+
+def _registry_architecture(path: str, kvs: dict, gguf_arch: str) -> str:
+    """The registry name for a file whose general.architecture is `gguf_arch` (and hint key)."""
+    kv = kvs[Keys.General.ARCHITECTURE]
+    default = registry.BY_GGUF_NAME.get(gguf_arch)
+    if default is None:
+        raise FormatError(
+            path, f"unsupported architecture {gguf_arch!r}; supported: {registry.SUPPORTED}", field=kv.key, offset=kv.offset
+        )
+    hint = _get(path, kvs, ARCHITECTURE_KEY, GGUFValueType.STRING, required=False)
+    if hint is None:
+        return default.name
+    if hint not in registry.ARCHITECTURES or registry.ARCHITECTURES[hint].gguf_name != gguf_arch:
+        raise FormatError(
+            path, f"{ARCHITECTURE_KEY} {hint!r} is not an architecture written as {gguf_arch!r}",
+            field=ARCHITECTURE_KEY, offset=kvs[ARCHITECTURE_KEY].offset,
+        )
+    return hint
 
 
 def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConfig) -> LazyTensor:
@@ -411,6 +430,14 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
     if n_head is not None:
         _check_permutable(path, info, shape, n_head)
         load_raw = unpermuted_loader(load_stored, shape[0], n_head)
+    offset = transforms.norm_offset(config, canonical)
+    if offset:
+        if not transforms.can_offset(info.encoding):
+            raise FormatError(
+                path, f"{info.name}: a {info.encoding.name} norm cannot carry {config.architecture}'s +1 offset exactly",
+                field=info.name, offset=info.info_offset,
+            )
+        load_raw = transforms.offset_loader(load_raw, info.encoding, shape, -offset)
 
     return LazyTensor(
         name=canonical,
@@ -470,7 +497,7 @@ def _f32(value: float) -> float:
 
 
 def _read_config(
-    path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[str, _TensorInfo], metadata: dict
+    path: str, kvs: dict[str, _KeyValue], architecture: str, arch: str, tensors: dict[str, _TensorInfo], metadata: dict
 ) -> ModelConfig:
     def u32(name: str, default=None, required=True):
         return _get(path, kvs, f"{arch}.{name}", GGUFValueType.UINT32, default, required=required)
@@ -507,8 +534,20 @@ def _read_config(
             path, "no vocabulary size: no vocab_size key, token list or token_embd.weight", field=f"{arch}.vocab_size"
         )
 
+    params = {}
+    for param in registry.get(architecture).params:
+        key = param.gguf_key.format(arch=arch)
+        vtype = GGUFValueType.UINT32 if param.kind == "u32" else GGUFValueType.FLOAT32
+        value = _get(path, kvs, key, vtype, required=False)
+        if value is None:
+            value = _PARAM_DEFAULTS.get((arch, param.name))
+            if value is None:
+                raise FormatError(path, f"key not found in model: {key}", field=key)
+            metadata["defaults_applied"].append(param.name)
+        params[param.name] = _f32(value) if param.kind == "f32" else int(value)
+
     return ModelConfig(
-        architecture=arch,
+        architecture=architecture,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=u32("feed_forward_length"),
@@ -520,7 +559,12 @@ def _read_config(
         rope_theta=_f32(rope_theta),
         rms_norm_eps=_f32(f32("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="lm_head.weight" not in tensors,
+        params=params,
     )
+
+
+# What llama.cpp (src/llama-model.cpp) uses when a file lacks an optional architecture key.
+_PARAM_DEFAULTS = {("gemma3", "rope_local_theta"): 10000.0}
 
 
 def _read_tokenizer(path: str, kvs: dict[str, _KeyValue], metadata: dict) -> TokenizerSpec | None:
@@ -616,14 +660,16 @@ _ELEMENT_SHAPE_DTYPE = np.dtype(np.float32)
 def write_gguf(path: str | os.PathLike, plan: WritePlan) -> None:
     """Write `plan` as a GGUF file llama.cpp and transformers load, atomically and streaming."""
     config = plan.config
-    arch = config.architecture
-    if arch not in SUPPORTED:
-        raise ConversionError(f"GGUF writer: unsupported architecture {arch!r}; supported: {SUPPORTED}")
+    if config.architecture not in registry.ARCHITECTURES:
+        raise ConversionError(f"GGUF writer: unsupported architecture {config.architecture!r}; supported: {registry.SUPPORTED}")
+    arch = registry.get(config.architecture)
     gguf_names = _gguf_names(plan)
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, arch)
+        writer = GGUFWriter(tmp, arch.gguf_name)
         try:
             _add_general(writer, plan)
+            if arch.name != arch.gguf_name:
+                writer.add_string(ARCHITECTURE_KEY, arch.name)
             _add_hyperparameters(writer, config)
             _add_tokenizer(writer, plan)
             for tensor, name in zip(plan.tensors, gguf_names):
@@ -639,8 +685,14 @@ def write_gguf(path: str | os.PathLike, plan: WritePlan) -> None:
 
 def _gguf_names(plan: WritePlan) -> list[str]:
     names = []
+    arch = registry.get(plan.config.architecture)
+    if arch.tied_only and not plan.config.tie_word_embeddings:
+        raise ConversionError(
+            f"GGUF writer: {arch.name} has no untied output head in llama.cpp (its converter drops lm_head); "
+            "an untied model cannot be written faithfully"
+        )
     for tensor in plan.tensors:
-        name = hf_to_gguf(tensor.name)
+        name = registry.hf_to_gguf(arch, tensor.name)
         if name is None:
             raise ConversionError(f"GGUF writer: tensor {tensor.name!r} has no GGUF name")
         if tensor.encoding.ggml_type is None:
@@ -687,9 +739,19 @@ def _add_hyperparameters(writer: GGUFWriter, config: ModelConfig) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(config.head_dim)  # llama.cpp checks it equals head_dim for llama
     writer.add_vocab_size(config.vocab_size)
-    if config.head_dim * config.num_heads != config.hidden_size:
+    if config.head_dim * config.num_heads != config.hidden_size or registry.get(config.architecture).norm_offset:
+        # gemma: llama.cpp's converter always writes them (transformers' GGUF loader reads head_dim there)
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    arch = registry.get(config.architecture)
+    for param in arch.params:
+        if param.name not in config.params:
+            raise ConversionError(f"GGUF writer: {arch.name} needs {param.name}, which the config lacks")
+        key, value = param.gguf_key.format(arch=arch.gguf_name), config.params[param.name]
+        if param.kind == "u32":
+            writer.add_uint32(key, int(value))
+        else:
+            writer.add_float32(key, float(value))
 
 
 def _add_tokenizer(writer: GGUFWriter, plan: WritePlan) -> None:
@@ -751,15 +813,21 @@ def _add_tensor_info(writer: GGUFWriter, name: str, tensor: LazyTensor, plan: Wr
 
 
 def _stored_rows(tensor: LazyTensor, plan: WritePlan) -> np.ndarray:
-    """The bytes to store for `tensor` (uint8), llama's q/k rows permuted into GGUF order."""
+    """The bytes to store for `tensor` (uint8): llama's q/k rows permuted into GGUF order, gemma's
+    norms + 1 (convqa.arch.transforms decides which)."""
     raw = tensor.raw()
     if raw.size != tensor.nbytes:
         raise ConversionError(
             f"GGUF writer: {tensor.name} has {raw.size} bytes, expected {tensor.nbytes} for {tensor.encoding.name} {list(tensor.shape)}"
         )
-    is_q, is_k = is_qk_projection(tensor.name)
     config = plan.config
-    if not (PERMUTES_QK_IN_GGUF[config.architecture] and plan.quirks.llama_permute_qk and (is_q or is_k)):
+    offset = transforms.norm_offset(config, tensor.name) * plan.quirks.norm_offset_times
+    if offset:
+        if not transforms.can_offset(tensor.encoding):
+            raise ConversionError(f"GGUF writer: cannot add {config.architecture}'s norm offset to the {tensor.encoding.name} {tensor.name}")
+        return transforms.offset_raw(raw, tensor.encoding, tensor.shape, offset)
+    is_q, is_k = transforms.is_qk_projection(tensor.name)
+    if not (registry.get(config.architecture).permute_qk and plan.quirks.llama_permute_qk and (is_q or is_k)):
         return raw
     n_head = config.num_heads if is_q else config.num_kv_heads
     if len(tensor.shape) == 1 and tensor.encoding.block_elems != 1:
