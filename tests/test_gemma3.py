@@ -170,3 +170,24 @@ def test_transformers_on_the_import_and_llama_cpp_on_the_gguf_agree(imported, ge
     assert np.array_equal(reference.argmax(-1)[-4:], got.argmax(-1)[-4:])
     assert answer[:3] == llama_answer[:3], (answer, llama_answer)
     assert "Paris" in AutoTokenizer.from_pretrained(imported["dir"]).decode(answer)
+
+
+def test_tokenizer_and_tensors_survive_s_a_g_and_g_s(imported, tmp_path):
+    """S -> A -> G and S -> G -> S on the real model: SentencePiece tokenizer (with Gemma's
+    add_space_prefix false) and every tensor come back unchanged."""
+    from convqa.compare.tensors import compare_models
+    from convqa.convert.builtin import convert
+
+    apr, gguf_file, back = tmp_path / "m.apr", tmp_path / "m.gguf", tmp_path / "st"
+    convert(imported["dir"], apr, "apr")
+    convert(apr, gguf_file, "gguf")
+    convert(gguf_file, back, "safetensors")
+    with open_model(imported["dir"]) as s:
+        for path in (apr, gguf_file, back):
+            with open_model(path) as other:
+                assert other.tokenizer.add_space_prefix is False, path
+                assert other.tokenizer.fingerprint() == s.tokenizer.fingerprint(), path
+                assert other.tokenizer.scores == s.tokenizer.scores, path
+                result = compare_models(s, other)
+                assert result.tokenizer_differences == {} and result.config_differences == {}, path
+                assert all(r.status == "identical" for r in result.tensors), path

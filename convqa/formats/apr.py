@@ -419,6 +419,9 @@ def _tokenizer_keys(tok: TokenizerSpec) -> dict:
         "tokenizer.padding_token_id": tok.pad_token_id,
         "tokenizer.add_bos_token": bool(tok.add_bos_token),
         "tokenizer.add_eos_token": bool(tok.add_eos_token),
+        # Not one of aprender's keys: GGUF's add_space_prefix (SentencePiece; Gemma: false), kept
+        # so that A -> G gives llama.cpp the flag back (without it llama.cpp prepends a space).
+        "tokenizer.add_space_prefix": tok.add_space_prefix,
     }
     return {k: v for k, v in keys.items() if v is not None}
 
@@ -843,6 +846,7 @@ def _tokenizer_from_metadata(check: _Checker, meta: dict) -> TokenizerSpec | Non
         add_bos_token=typed("tokenizer.add_bos_token", lambda v: isinstance(v, bool), "a boolean", False),
         add_eos_token=typed("tokenizer.add_eos_token", lambda v: isinstance(v, bool), "a boolean", False),
         chat_template=chat_template,
+        add_space_prefix=typed("tokenizer.add_space_prefix", lambda v: isinstance(v, bool), "a boolean"),
     )
 
 
