@@ -36,7 +36,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 USER_DEFINED_TOKENS = ("<tool_call>", "</tool_call>")
 CHECKPOINT_STYLES = ("transformers-5", "hub-4.x")
 # llama.cpp pre-tokenizer each synthetic tokenizer is trained with (and so declares).
-PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm", "qwen3": "qwen2", "mistral": "smollm", "gemma3": "smollm", "gemma2": "smollm"}
+PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm", "qwen3": "qwen2", "mistral": "smollm", "gemma3": "smollm", "gemma2": "smollm", "phi3": "smollm"}
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -128,6 +128,11 @@ SYNTHETIC_PRESETS = {
         vocab_size=512, tie_word_embeddings=True, head_dim=256,
         arch_config={"sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     ),
+    # phi3: fused qkv_proj (grouped-query: 4 q heads, 2 kv heads) and gate_up_proj, as GGUF keeps them.
+    "phi3-tiny": dict(
+        architecture="phi3", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
 }  # fmt: skip
 
 # Where the real model lives; the package's __init__ imports a module it lacks, so never import it.
@@ -215,7 +220,7 @@ def build_synthetic_model(
         pad_token_id=ids["<|endoftext|>"],
     )
     arch = registry.get(architecture)
-    if architecture != "qwen2":  # Qwen2Config has no head_dim key (it is always hidden / heads)
+    if architecture not in ("qwen2", "phi3"):  # their configs have no head_dim key (always hidden / heads)
         common["head_dim"] = head_dim
     if architecture == "mistral":
         common["sliding_window"] = None  # MistralConfig defaults to 4096, which llama.cpp does not run
@@ -270,7 +275,7 @@ def _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num
         raise ValueError(f"architecture must be one of {sorted(PRE_TOKENIZER)}, got {architecture!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    if num_heads % num_kv_heads or (architecture == "qwen2" and hidden_size % num_heads):
+    if num_heads % num_kv_heads or (architecture in ("qwen2", "phi3") and hidden_size % num_heads):
         raise ValueError(f"hidden_size {hidden_size} / heads {num_heads} / kv heads {num_kv_heads} do not divide")
     if head_dim % 2 or head_dim < 8:
         raise ValueError(f"head_dim {head_dim} must be even and >= 8 (RoPE pairs)")
