@@ -27,8 +27,11 @@ from convqa.sources.synthetic import SYNTHETIC_PRESETS
 
 # The tiny preset of each registry architecture.
 PRESETS = {"qwen2": "qwen2-tiny", "llama": "llama-tiny", "qwen3": "qwen3-tiny", "mistral": "mistral-tiny",
-           "gemma3": "gemma3-tiny", "gemma2": "gemma2-tiny"}  # fmt: skip
-NEW = ["qwen3", "mistral", "gemma3", "gemma2"]
+           "gemma3": "gemma3-tiny", "gemma2": "gemma2-tiny", "phi3": "phi3-tiny"}  # fmt: skip
+NEW = ["qwen3", "mistral", "gemma3", "gemma2", "phi3"]
+# llama.cpp 0.3.36 refuses the phi3 preset's GGUF while loading its vocabulary ("error loading
+# model vocabulary: unordered_map::at"; the same tokenizer loads under every other architecture).
+LLAMA_CPP_CANNOT_LOAD = {"phi3"}
 PROMPT = list(range(5, 45))  # 40 positions: longer than gemma's 8-token sliding window
 LLAMA_CPP_MAX_REL = 1e-4  # config/config.yaml: native llama.cpp tolerance
 
@@ -163,6 +166,10 @@ def test_engines_load_every_format(name, six_edges):
     reference = _logits("transformers", paths["S"])
     for key in ("A", "G"):
         assert np.array_equal(_logits("transformers", paths[key]), reference), key
+    if name in LLAMA_CPP_CANNOT_LOAD:
+        with pytest.raises(ValueError, match="Failed to load model"):
+            _logits("llama.cpp", paths["G"])
+        return
     ggml = _logits("llama.cpp", paths["G"])
     rel = np.max(np.abs(ggml - reference)) / np.max(np.abs(reference))
     assert rel <= LLAMA_CPP_MAX_REL, rel
@@ -277,6 +284,19 @@ def test_drop_qk_norm_loses_exactly_the_qk_norms(synthetic_dir, tmp_path):
     assert all(t.ok for t in result.tensors if t.status != "missing_in_candidate")
     with pytest.raises(ConversionError, match="q_norm"):
         convert(synthetic_dir("mistral-tiny"), tmp_path / "m.apr", "apr", mutant="drop-qk-norm")
+
+
+def test_fused_qkv_wrong_split_moves_exactly_k_and_v(synthetic_dir, tmp_path):
+    src = synthetic_dir("phi3-tiny")
+    convert(src, tmp_path / "bad.apr", "apr", mutant="fused-qkv-wrong-split")
+    with open_model(src) as a, open_model(tmp_path / "bad.apr") as b:
+        result = compare_models(a, b)
+        off = {t.name for t in result.tensors if not t.ok}
+        assert off == {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(2)}
+        q, k, v = registry.fused_qkv_rows(4, 2, 16)
+        good, bad = a.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32(), b.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32()
+        assert np.array_equal(bad[q], good[q]) and not np.array_equal(bad[k], good[k])
+        assert np.array_equal(bad[k], good[v]) and np.array_equal(bad[v], good[k])
 
 
 def test_expert_order_diagnosis():
