@@ -8,7 +8,7 @@ the intentional HF<->GGUF transforms the format boundary applies.
 from __future__ import annotations
 
 from convqa.arch.registry import (
-    ARCHITECTURES, D, FF, GLOBAL_ROLES, H, KV, LM_HEAD, Q, SUPPORTED, V, Architecture, get,
+    ARCHITECTURES, D, FF, FF2, GLOBAL_ROLES, H, KV, LM_HEAD, Q, QKV, SUPPORTED, V, Architecture, get,
 )  # fmt: skip
 from convqa.model import ModelConfig
 
@@ -24,6 +24,8 @@ def dims(config: ModelConfig) -> dict[str, int]:
         Q: config.num_heads * config.head_dim,
         KV: config.num_kv_heads * config.head_dim,
         D: config.head_dim,
+        QKV: (config.num_heads + 2 * config.num_kv_heads) * config.head_dim,
+        FF2: 2 * config.intermediate_size,
     }
 
 

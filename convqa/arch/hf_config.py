@@ -36,6 +36,7 @@ _DEFAULTS = {
     "qwen3": _COMMON | {"max_position_embeddings": 32768, "num_key_value_heads": 32, "head_dim": 128},
     "mistral": _COMMON | {"max_position_embeddings": 131072, "num_key_value_heads": 8, "sliding_window": 4096},
     "gemma3": _COMMON | _GEMMA | {"max_position_embeddings": 131072, "rope_local_base_freq": 10000.0},
+    "phi3": _COMMON | {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "num_key_value_heads": None, "sliding_window": None},
     "gemma2": _COMMON | _GEMMA | {"max_position_embeddings": 8192, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
 }
 GEMMA_ACTIVATION = "gelu_pytorch_tanh"
@@ -201,6 +202,9 @@ def hf_config_from(config: ModelConfig, tokenizer: TokenizerSpec | None, *, dtyp
                 "full_attention": {"rope_theta": config.rope_theta, "rope_type": "default"},
                 "sliding_attention": {"rope_theta": p["rope_local_theta"], "rope_type": "default"},
             }
+    elif arch.name == "phi3":
+        hf |= {"sliding_window": None, "original_max_position_embeddings": config.max_position_embeddings}
+        del hf["head_dim"]  # Phi3Config derives it (hidden / heads); it has no such key
     else:
         if arch.name == "qwen3":
             hf["attention_bias"] = False
@@ -267,7 +271,8 @@ def _rope_theta(hf: dict, path) -> float:
         rope_type = params.get("rope_type", params.get("type"))
         if rope_type not in _PLAIN_ROPE_TYPES:
             raise FormatError(path, f"unsupported RoPE scaling {rope_type!r}; only plain RoPE converts faithfully", field=key)
-        if set(params) - {"rope_type", "type", "rope_theta"}:
+        # partial_rotary_factor 1.0 (phi3 writes it) rotates whole heads: plain RoPE
+        if set(params) - {"rope_type", "type", "rope_theta"} - ({"partial_rotary_factor"} if params.get("partial_rotary_factor") == 1.0 else set()):
             raise FormatError(path, f"unsupported RoPE parameters {sorted(params)}", field=key)
         if "rope_theta" in params:
             thetas[f"{key}.rope_theta"] = params["rope_theta"]
@@ -287,12 +292,20 @@ def _refuse_unsupported(hf: dict, arch: str, path) -> None:
                 raise FormatError(path, f"unsupported: {key} is true; the llama tensor set has no biases", field=key)
     if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
         raise FormatError(path, f"unsupported: use_sliding_window is true; GGUF's {arch} has no sliding window", field="use_sliding_window")
-    if arch == "mistral":
-        window = hf.get("sliding_window", _DEFAULTS["mistral"]["sliding_window"])
-        context = hf.get("max_position_embeddings", _DEFAULTS["mistral"]["max_position_embeddings"])
+    if arch in ("mistral", "phi3"):
+        # transformers' GGUF loader reads no sliding window for either: only one that never
+        # binds (no shorter than the context) converts to a GGUF both engines run alike.
+        window = hf.get("sliding_window", _DEFAULTS[arch]["sliding_window"])
+        context = hf.get("max_position_embeddings", _DEFAULTS[arch]["max_position_embeddings"])
         if window is not None and (not isinstance(context, int) or window < context):
-            raise FormatError(path, f"unsupported: sliding_window {window!r} on mistral; llama.cpp runs it as llama, "
-                                    "attending to the whole context", field="sliding_window")
+            raise FormatError(path, f"unsupported: sliding_window {window!r} on {arch} with a {context!r}-token context; "
+                                    "convqa carries only a window that never binds", field="sliding_window")
+    if arch == "phi3":
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+        if factor != 1.0:
+            raise FormatError(path, f"unsupported partial_rotary_factor {factor!r}; GGUF's phi3 rotates whole heads",
+                              field="partial_rotary_factor")
     if arch == "llama" and hf.get("sliding_window") is not None:
         raise FormatError(path, f"unsupported: sliding_window {hf['sliding_window']!r} on llama; GGUF's llama attends to the whole context",
                           field="sliding_window")

@@ -14,8 +14,9 @@ only at the format boundary (`convqa.arch.transforms`):
 - `norm_offset`: every RMSNorm weight stored as `w + 1` in GGUF (gemma: HF computes x*(1+w),
   llama.cpp x*w);
 - `tied_only`: llama.cpp's converter drops `lm_head` (gemma), so an untied model is refused;
-- fused projections (phi3's `qkv_proj`, `gate_up_proj`) are one tensor on both sides, so they
-  need no transform, only the names gguf-py gives them.
+- fused projections (phi3's `qkv_proj`, `gate_up_proj`) are one tensor on both sides, split by
+  llama.cpp at the HF offsets, so they need no transform, only the names gguf-py gives them
+  (`fused_qkv_rows` says where q, k and v start, for mutants and diagnoses).
 
 Adding an architecture is one entry in `ARCHITECTURES` (and its HF config dialect in
 `convqa.arch.hf_config`, its synthetic preset in `convqa.sources.synthetic`); docs/architecture.md
@@ -31,6 +32,7 @@ import gguf
 
 # Symbolic dimensions of a tensor role: resolved against a ModelConfig by `convqa.arch.shape`.
 H, V, FF, Q, KV, D = "hidden", "vocab", "ff", "q_rows", "kv_rows", "head_dim"
+QKV, FF2 = "qkv_rows", "ff_gate_up"  # fused projections: q|k|v rows, gate|up rows
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -54,6 +56,17 @@ _QK_NORM = {"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)}
 # Gemma 2/3 wrap both sublayers in norms: post_attention_layernorm is *after* attention there
 # (GGUF post_attention_norm), and the MLP's input norm is pre_feedforward_layernorm (GGUF ffn_norm).
 _SANDWICH = {"pre_feedforward_layernorm.weight": (H,), "post_feedforward_layernorm.weight": (H,)}
+
+# Phi-3 fuses q/k/v and gate/up into one weight each; GGUF keeps them fused (attn_qkv, ffn_up of
+# 2 * n_ff rows) and llama.cpp splits them at the same offsets, so they need no transform.
+_PHI3_LAYER = {
+    "input_layernorm.weight": (H,),
+    "self_attn.qkv_proj.weight": (QKV, H),
+    "self_attn.o_proj.weight": (H, Q),
+    "post_attention_layernorm.weight": (H,),
+    "mlp.gate_up_proj.weight": (FF2, H),
+    "mlp.down_proj.weight": (H, FF),
+}
 
 ROPE_NORM, ROPE_NEOX = "norm", "neox"  # llama.cpp rope types: adjacent pairs / split halves
 
@@ -151,6 +164,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             ROPE_NEOX, norm_offset=True, tied_only=True, hidden_act="gelu_pytorch_tanh",
             params=(SLIDING_WINDOW, ATTN_SOFTCAP, FINAL_SOFTCAP), swa_pattern=2,
         ),
+        Architecture("phi3", "Phi3ForCausalLM", "phi3", gguf.MODEL_ARCH.PHI3, _PHI3_LAYER, ROPE_NEOX),
     )
 }  # fmt: skip
 SUPPORTED = tuple(ARCHITECTURES)
@@ -158,6 +172,12 @@ BY_HF_CLASS = {a.hf_class: a for a in ARCHITECTURES.values()}
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
 # GGUF architecture name -> the registry entry a plain file of that name reads as.
 BY_GGUF_NAME = {a.gguf_name: a for a in reversed(ARCHITECTURES.values())}
+
+
+def fused_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[slice, slice, slice]:
+    """Rows of q, k and v inside a fused qkv_proj (HF's and llama.cpp's order)."""
+    q, kv = num_heads * head_dim, num_kv_heads * head_dim
+    return slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
 
 
 def get(name: str) -> Architecture:

@@ -710,7 +710,9 @@ def _gguf_names(plan: WritePlan) -> list[str]:
 
 
 def _add_general(writer: GGUFWriter, plan: WritePlan) -> None:
-    writer.add_name(str(plan.metadata.get("name") or plan.config.architecture))
+    # Fallback: the GGUF architecture, not the registry name: transformers 5.23's GGUF loader takes
+    # a llama file named exactly "mistral" for gguf-py's (absent) mistral tables and refuses it.
+    writer.add_name(str(plan.metadata.get("name") or registry.get(plan.config.architecture).gguf_name))
     weights_2d = [t.encoding.name for t in plan.tensors if len(t.shape) == 2]
     if weights_2d:
         dominant = Counter(weights_2d).most_common(1)[0][0]

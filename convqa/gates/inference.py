@@ -113,6 +113,12 @@ def select_tolerances(variant: str, configured: dict, source_manifest: dict | No
     key = f"{variant}@{encoding.lower()}" if encoding else None
     if variant == "native" and key in configured:
         return key, {**base, **configured[key]}
+    # An architecture whose own ops llama.cpp computes less exactly (gemma's GELU: an F16 table)
+    # has `native@<architecture>` (convqa.arch.registry name), the same way.
+    architecture = ((source_manifest or {}).get("config") or {}).get("architecture")
+    key = f"{variant}@{architecture}" if architecture else None
+    if variant == "native" and key in configured:
+        return key, {**base, **configured[key]}
     return variant, base
 
 
