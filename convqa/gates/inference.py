@@ -29,7 +29,7 @@ from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
 from convqa.workflow.plan import first_hop, hops
-from convqa.infer.prompts import CHAT, RUN
+from convqa.infer.prompts import CHAT, NO_CHAT_TEMPLATE, RUN
 
 GROUND_TRUTH = ("st", "transformers", "cpu")  # chain, engine, backend
 REPLACEMENT_CHARACTER = "\ufffd"
@@ -289,10 +289,23 @@ def inference_rows(model: str, variant: str, reference: dict, runs: dict, tolera
                 row.status, row.reason = FAIL, record["error"][:500]
             elif broken_reference:
                 row.reason = broken_reference
+            elif modality == CHAT and _no_templates(reference, record):
+                row.status, row.reason = SKIPPED, NO_TEMPLATES
             else:
                 judge(row, compare_runs(reference, record, modality), tolerances.get(engine))
             rows.append(row)
     return rows
+
+
+NO_TEMPLATES = "neither the source nor the artifact carries a chat template"  # as F-CHAT-001 words it
+
+
+def _no_templates(reference: dict, record: dict) -> bool:
+    """Whether no chat prompt could be rendered on either side for want of a chat template (a base
+    model like Gemma-3-270M has none): nothing to compare, a capability absent, not a gap. One
+    side rendering them and the other not is compared, and fails."""
+    chats = [p for run in (reference, record) for p in run.get("prompts") or [] if p.get("modality") == CHAT]
+    return bool(chats) and all(p.get("error") == NO_CHAT_TEMPLATE for p in chats)
 
 
 def _ground_truth_problem(reference: dict | None) -> str:
@@ -338,6 +351,8 @@ def reference_rows(model: str, variant: str, references: dict, runs: dict, toler
                 row.reason = f"no reference run for the first hop {hop}"
             elif reference.get("error"):  # a correct first hop always has one: its absence is a finding
                 row.status, row.reason = FAIL, reference["error"][:500]
+            elif modality == CHAT and _no_templates(reference, record):
+                row.status, row.reason = SKIPPED, NO_TEMPLATES
             else:
                 judge(row, compare_runs(reference, record, modality), tolerances[engine])
             rows.append(row)
