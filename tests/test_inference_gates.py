@@ -165,3 +165,22 @@ def test_served_answers_equal_the_run_and_a_server_that_differs_fails(qwen2, tmp
     rows, _, _ = evaluate("m", "native", runs, serves, TOLERANCES["native"])
     row = next(r for r in rows if r.gate == "F-SERVE-001" and r.subject.endswith("transformers"))
     assert row.status == FAIL and row.value == "1" and "ids differ" in row.reason
+
+
+def test_chat_rows_are_skipped_when_neither_side_has_a_chat_template(qwen2, tmp_path):
+    """A base model (Gemma-3-270M) has no chat template: nothing to render on either side is an
+    absent capability, not a gap that blocks QUALIFIED."""
+    import shutil
+
+    from convqa.gates.inference import NO_TEMPLATES
+
+    source = tmp_path / "base"
+    shutil.copytree(qwen2[0], source)
+    (source / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    rows, _, _ = gate_rows(source, run(source, source), converted(source, tmp_path, "apr"), "st-apr")
+    assert rows[("F-INF-apr-cpu-run", "transformers")].status == PASS
+    chat = rows[("F-INF-apr-cpu-chat", "transformers")]
+    assert chat.status == SKIPPED and chat.reason == NO_TEMPLATES
