@@ -1,5 +1,7 @@
-"""Code fingerprints come from what each rule's script imports: an edit to the GGUF module
-changes exactly the fingerprints of the jobs that write or read GGUF, a touch changes none.
+"""Code fingerprints come from what each rule's script imports: an edit to the GGUF writer
+changes exactly the fingerprints of the jobs that write GGUF (and Snakemake reruns what reads
+their output), an edit to the reader those of the jobs that read GGUF; a touch, a comment or a
+docstring changes none.
 
 The DAG is built by Snakemake itself (tests/snakemake_jobs.py, in a subprocess) over a copy of
 the workflow and of the package (PYTHONPATH), so the edit never touches the repository.
@@ -52,14 +54,50 @@ def chain_is_gguf(chain: str | None) -> bool:
     return bool(chain) and chain != "st" and plan.target_format(chain) == "gguf"
 
 
-def touches_gguf(job: dict) -> bool:
-    """The job writes or reads a GGUF file: a .gguf among its files, a side converter's artifact
-    directory of a GGUF chain, or a source built from a GGUF."""
-    files = job["input"] + job["output"]
+def gguf_files(files: list[str]) -> bool:
+    """A .gguf among `files`, or a side converter's artifact directory of a GGUF chain."""
     if any(f.endswith(".gguf") for f in files):
         return True
     side = [f for f in files if f.endswith("/artifact") and "/xconv/" in f]
     return any(chain_is_gguf(f.split("/")[-2]) for f in side)
+
+
+def writes_gguf(job: dict) -> bool:
+    return gguf_files(job["output"])
+
+
+def reads_gguf(job: dict) -> bool:
+    """A GGUF among the job's inputs, or a source built from a GGUF (the bundled SmolLM2's
+    input is the package's GGUF file, which tests may see under another name)."""
+    return gguf_files(job["input"]) or (job["rule"] == "prepare_source" and job["wildcards"]["model"] == "smollm2")
+
+
+def downstream(jobs: dict, changed: set) -> set:
+    """`changed` and every job that reads, transitively, what one of them writes: what Snakemake
+    reruns when the jobs in `changed` rerun."""
+    produced_by = {out: key for key, job in jobs.items() for out in job["output"]}
+    result, frontier = set(changed), set(changed)
+    while frontier:
+        outputs = {out for key in frontier for out in jobs[key]["output"]}
+        frontier = {key for key, job in jobs.items()
+                    if key not in result and any(i in outputs or i.startswith(tuple(o + "/" for o in outputs))
+                                                 for i in job["input"])}
+        result |= frontier
+    assert produced_by  # the DAG has outputs at all
+    return result
+
+
+def edited(workflow: Workflow, tmp_path: Path, module: str, text: str) -> dict:
+    """The DAG's jobs after appending `text` to convqa/formats/<module> in a copy of the package."""
+    wf = workflow.clone(tmp_path / module.replace(".", "_"))
+    with open(wf.package / "formats" / module, "a") as fh:
+        fh.write(text)
+    return dag_jobs(wf)
+
+
+def changed_jobs(baseline: dict, after: dict) -> set:
+    assert after.keys() == baseline.keys()
+    return {k for k in baseline if fingerprints(after[k]) != fingerprints(baseline[k])}
 
 
 @pytest.fixture(scope="module")
@@ -80,32 +118,64 @@ def test_every_job_that_runs_convqa_code_carries_a_fingerprint(baseline):
             assert job["params"].get("fingerprint"), job["rule"]
 
 
-def test_touching_the_gguf_module_changes_no_fingerprint(workflow, baseline, tmp_path):
+def test_touching_the_gguf_modules_changes_no_fingerprint(workflow, baseline, tmp_path):
     wf = workflow.clone(tmp_path / "touched")
     future = time.time() + 60
-    os.utime(wf.package / "formats" / "gguf.py", (future, future))
+    for module in ("gguf.py", "gguf_writer.py", "gguf_keys.py"):
+        os.utime(wf.package / "formats" / module, (future, future))
     after = dag_jobs(wf)
     assert {k: fingerprints(j) for k, j in after.items()} == {k: fingerprints(j) for k, j in baseline.items()}
 
 
-def test_editing_the_gguf_module_changes_exactly_the_gguf_jobs(workflow, baseline, tmp_path):
-    wf = workflow.clone(tmp_path / "edited")
-    with open(wf.package / "formats" / "gguf.py", "a") as fh:
-        fh.write("\n# a real change: this comment changes the module's content\n")
+def test_a_comment_or_docstring_edit_changes_no_fingerprint(workflow, baseline, tmp_path):
+    wf = workflow.clone(tmp_path / "commented")
+    for module in ("gguf.py", "gguf_writer.py"):
+        path = wf.package / "formats" / module
+        text = path.read_text().replace('"""', '"""Reworded docstring. ', 1)
+        text = text.replace("\ndef ", "\n# a comment, and the blank line below\n\ndef ", 1)
+        path.write_text(text + "\n# a comment at the end\n")
     after = dag_jobs(wf)
-    assert after.keys() == baseline.keys()
-    changed = {k for k in baseline if fingerprints(after[k]) != fingerprints(baseline[k])}
-    expected = {k for k, job in baseline.items() if touches_gguf(job)}
+    assert changed_jobs(baseline, after) == set()
+
+
+def test_a_writer_edit_changes_exactly_the_jobs_that_write_gguf(workflow, baseline, tmp_path):
+    after = edited(workflow, tmp_path, "gguf_writer.py", "\n_A_REAL_CHANGE = 1\n")
+    changed = changed_jobs(baseline, after)
+    expected = {k for k, job in baseline.items() if writes_gguf(job)}
     assert changed == expected, (
-        f"changed but not GGUF: {sorted(k[:2] for k in changed - expected)[:5]}; "
-        f"GGUF but unchanged: {sorted(k[:2] for k in expected - changed)[:5]}"
+        f"changed but not writing GGUF: {sorted(k[:2] for k in changed - expected)[:5]}; "
+        f"writing GGUF but unchanged: {sorted(k[:2] for k in expected - changed)[:5]}"
+    )
+    assert {k[0] for k in changed} == {"convert_to_gguf", "xconv_convert"}
+    rerun = downstream(baseline, changed)
+    rules = {k[0] for k in rerun}
+    assert {"inspect_artifact", "compare_tensors", "convert_to_apr", "convert_to_safetensors", "infer",
+            "tensor_gates", "report", "summary"} <= rules
+    # SmolLM2's source is imported G->S with the GGUF *reader*: it and its S->A chains stay.
+    assert not [k for k in rerun if k[0] == "prepare_source"]
+    assert not [k for k in rerun if k[0] == "convert_to_apr" and '"st-apr"' in k[1]]
+    # Everything reading a rerun GGUF reruns: each reader of a .gguf a changed job writes is downstream.
+    written = {out for k in changed for out in baseline[k]["output"]}
+    readers = {k for k, job in baseline.items() if set(job["input"]) & written}
+    assert readers and readers <= rerun
+
+
+def test_a_reader_edit_changes_exactly_the_jobs_that_read_gguf(workflow, baseline, tmp_path):
+    after = edited(workflow, tmp_path, "gguf.py", "\n_A_REAL_CHANGE = 1\n")
+    changed = changed_jobs(baseline, after)
+    expected = {k for k, job in baseline.items() if reads_gguf(job)}
+    assert changed == expected, (
+        f"changed but not reading GGUF: {sorted(k[:2] for k in changed - expected)[:5]}; "
+        f"reading GGUF but unchanged: {sorted(k[:2] for k in expected - changed)[:5]}"
     )
     rules = {k[0] for k in changed}
-    assert {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors", "inspect_artifact", "compare_tensors",
-            "xconv_convert", "xconv_inspect", "xconv_compare", "infer", "infer_reference"} <= rules
+    assert {"prepare_source", "convert_to_apr", "convert_to_safetensors", "inspect_artifact", "compare_tensors",
+            "xconv_inspect", "xconv_compare", "infer", "infer_reference"} <= rules
     assert not rules & {"tensor_gates", "xconv_gates", "inference_gates", "report", "summary", "inspect_source"}
-    # No GGUF anywhere on S -> A: its conversions keep their fingerprints.
-    untouched = {k for k in baseline if k[0].startswith("convert_to") and "st-apr\"" in k[1]}
+    # S -> G only writes GGUF: a reader fix leaves those conversions alone.
+    assert not [k for k in changed if k[0] == "convert_to_gguf" and "smollm2" not in k[1]]
+    # No GGUF anywhere on S -> A of a SafeTensors source: its conversions keep their fingerprints.
+    untouched = {k for k in baseline if k[0].startswith("convert_to") and "st-apr\"" in k[1] and "smollm2" not in k[1]}
     assert untouched and not untouched & changed
 
 

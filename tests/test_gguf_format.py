@@ -23,7 +23,8 @@ def hf_to_gguf(name: str, arch: str = "qwen2") -> str:
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.errors import ConversionError
 from convqa.formats import open_model
-from convqa.formats.gguf import read_gguf, write_gguf
+from convqa.formats.gguf import read_gguf
+from convqa.formats.gguf_writer import write_gguf
 from convqa.model import LazyTensor, ModelConfig, WritePlan, WriterQuirks
 from tinymodel import const_tensor, rewrite_gguf, tiny_config, tiny_plan, tiny_tokenizer, tiny_values, weights_in
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from convqa import encodings
 from convqa.errors import FormatError
 from convqa.formats import open_model
-from convqa.formats.gguf import read_gguf, write_gguf
+from convqa.formats.gguf import read_gguf
+from convqa.formats.gguf_writer import write_gguf
 from tinymodel import tiny_config, tiny_plan, tiny_tokenizer, tiny_values
 
 CONFIG = tiny_config(preset="q8-narrow", layers=1, tied=True, vocab_size=8, max_position_embeddings=64)

@@ -67,7 +67,7 @@ def write_model(path: str | os.PathLike, plan: WritePlan, fmt: str) -> None:
 
         write_safetensors(path, plan)
     elif fmt == "gguf":
-        from convqa.formats.gguf import write_gguf
+        from convqa.formats.gguf_writer import write_gguf
 
         write_gguf(path, plan)
     elif fmt == "apr":

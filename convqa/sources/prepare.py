@@ -24,6 +24,7 @@ from pathlib import Path
 
 from convqa.files import atomic_dir
 from convqa.inspect.manifest import file_sha256
+from convqa.workflow.fingerprint import writes
 
 # Files of an HF model directory that make up the ground truth (weights, config, tokenizer).
 HF_MODEL_FILES = (
@@ -40,12 +41,13 @@ HF_MODEL_FILES = (
     "model.safetensors.index.json",
 )
 
-# Formats each source kind reads or writes: the fingerprint of a source job covers these only.
+# Formats each source kind reads (and writes, `writes`): the fingerprint of a source job covers
+# their readers and writers only. A GGUF source is read, never written: a GGUF-writer fix leaves it.
 KIND_FORMATS = {
     "hub": ("safetensors",),
     "local": ("safetensors",),
-    "gguf": ("gguf", "safetensors"),
-    "bundled": ("gguf", "safetensors"),
+    "gguf": ("gguf", writes("safetensors")),
+    "bundled": ("gguf", writes("safetensors")),
     "synthetic": ("safetensors",),
 }
 # Modules only one kind runs, excluded from the other kinds' fingerprints. (The bundled kind's

@@ -9,10 +9,15 @@ touch changes nothing.
 Which modules a job can execute is read from the import statements (module level and inside
 functions) of its rule's `script:` file (`script_fingerprint`; no hand-kept list of roots),
 followed transitively within the convqa package.
-The format modules are the exception: `convqa.formats` dispatches to all three lazily, but a job
-only ever runs the readers and writers of the formats it touches, so the other format modules
-are cut out of the closure. An edit to the GGUF writer therefore reruns the GGUF edges and not
-SafeTensors -> APR.
+The format modules are the exception: `convqa.formats` dispatches to all of them lazily, but a
+job only ever runs the reader of each format it reads and the writer of each format it writes,
+so every other format module is cut out of the closure. A job names what it touches as format
+names (read) and `writes(fmt)` (`fmt:write`). An edit to the GGUF writer therefore reruns the
+jobs that write GGUF (Snakemake then reruns what reads their output), not SafeTensors -> APR and
+not a GGUF source imported G->S, which only reads GGUF.
+
+Code is hashed by its syntax tree with docstrings dropped (`ast.dump`, which carries no line
+numbers; comments are not in the tree): a comment, a docstring or a reformatting reruns nothing.
 
 The package is located from the imported `convqa` itself, so the hash describes the code the
 job's Python will import (an installed copy, a checkout, or a `PYTHONPATH` override in tests).
@@ -28,12 +33,19 @@ from pathlib import Path
 import convqa
 
 PACKAGE = "convqa"
+READ, WRITE = "read", "write"
+# The module each format's reader and writer live in (one module may hold both).
 FORMAT_MODULES = {
-    "safetensors": "convqa.formats.safetensors",
-    "gguf": "convqa.formats.gguf",
-    "apr": "convqa.formats.apr",
+    "safetensors": {READ: "convqa.formats.safetensors", WRITE: "convqa.formats.safetensors"},
+    "gguf": {READ: "convqa.formats.gguf", WRITE: "convqa.formats.gguf_writer"},
+    "apr": {READ: "convqa.formats.apr", WRITE: "convqa.formats.apr"},
 }
 FINGERPRINT_CHARS = 16  # 64 bits of sha256: enough to tell code versions apart, short in logs
+
+
+def writes(fmt: str) -> str:
+    """The `formats` entry of a job that writes `fmt` (a plain format name means it reads it)."""
+    return f"{fmt}:{WRITE}"
 
 
 def package_dir() -> Path:
@@ -101,24 +113,43 @@ def module_closure(roots: list[str], exclude: set[str] = frozenset()) -> list[st
     return sorted(seen)
 
 
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def code_text(path: Path) -> str:
+    """What of a module's source decides its behaviour: its syntax tree without docstrings and
+    positions. Comments, docstrings, blank lines and line breaks change nothing here."""
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, _DOCUMENTED) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def code_fingerprint(modules: list[str]) -> str:
-    """sha256 over the modules' package-relative paths and bytes, in sorted order."""
+    """sha256 over the modules' package-relative paths and code (`code_text`), in sorted order."""
     root = package_dir()
     h = hashlib.sha256()
     for path in sorted(module_file(m) for m in modules):
         h.update(path.relative_to(root).as_posix().encode() + b"\x00")
-        h.update(path.read_bytes())
+        h.update(code_text(path).encode())
         h.update(b"\x00")
     return h.hexdigest()[:FINGERPRINT_CHARS]
 
 
 def _format_roots(roots: tuple[str, ...], formats: tuple[str, ...]) -> tuple[list[str], set[str]]:
-    unknown = [f for f in formats if f not in FORMAT_MODULES]
-    if unknown:
-        raise ValueError(f"unknown format(s) {unknown}; expected {', '.join(FORMAT_MODULES)}")
-    used = [FORMAT_MODULES[f] for f in formats]
-    other = {m for f, m in FORMAT_MODULES.items() if f not in formats}
-    return [*roots, *used], other
+    """(roots plus the reader/writer modules `formats` names, every other format module)."""
+    used = []
+    for entry in formats:
+        fmt, _, side = entry.partition(":")
+        side = side or READ
+        if fmt not in FORMAT_MODULES or side not in (READ, WRITE):
+            raise ValueError(f"unknown format {entry!r}; expected one of {', '.join(FORMAT_MODULES)}, optionally :{WRITE}")
+        used.append(FORMAT_MODULES[fmt][side])
+    every = {m for sides in FORMAT_MODULES.values() for m in sides.values()}
+    return [*roots, *used], every - set(used)
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,7 +160,8 @@ def fingerprint(
     leaves: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
 ) -> str:
-    """Fingerprint of the code reachable from `roots` that reads or writes only `formats`.
+    """Fingerprint of the code reachable from `roots` that reads or writes only `formats`
+    (format names: read; `writes(fmt)`: written).
 
     `leaves` are hashed without following their imports (an entry point whose other commands
     the job never runs); `exclude` names modules the job cannot reach although an import names
@@ -141,12 +173,13 @@ def fingerprint(
 
 
 def conversion_fingerprint(source_format: str, target_format: str) -> str:
-    """What `convqa convert` runs for one edge: the converter plus both formats' modules.
+    """What `convqa convert` runs for one edge: the converter, the source format's reader and
+    the target format's writer.
 
     cli.py is hashed as the entry point, but its imports for the other subcommands (engines,
     server) are not followed: they never run during a conversion.
     """
-    return fingerprint(("convqa.convert.builtin",), (source_format, target_format), leaves=("convqa.cli",))
+    return fingerprint(("convqa.convert.builtin",), (source_format, writes(target_format)), leaves=("convqa.cli",))
 
 
 def script_imports(script: str | Path) -> tuple[str, ...]:
@@ -167,6 +200,7 @@ def script_imports(script: str | Path) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def script_fingerprint(script: str, formats: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> str:
     """Fingerprint of the code a rule's `script:` runs: the convqa modules the script imports and
-    their closure, with the format modules cut to `formats` (those the job reads or writes) and
+    their closure, with the format modules cut to `formats` (those the job reads, and writes as
+    `writes(fmt)`) and
     minus `exclude` (see `fingerprint`)."""
     return fingerprint(script_imports(script), tuple(formats), exclude=tuple(exclude))

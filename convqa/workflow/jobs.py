@@ -23,7 +23,7 @@ from convqa.files import path_size
 from convqa.gates.rows import label
 from convqa.sources.prepare import input_files, kind_fingerprint_args
 from convqa.workflow import paths, plan
-from convqa.workflow.fingerprint import script_fingerprint
+from convqa.workflow.fingerprint import script_fingerprint, writes
 from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
 
 INFERENCE_ENGINE_FILE = {"transformers": "transformers", "llama.cpp": "llamacpp"}
@@ -182,7 +182,8 @@ class Jobs:
 
     @staticmethod
     def edge_formats(wildcards):
-        return (artifact_format(plan.parent(wildcards.chain)), artifact_format(wildcards.chain))
+        """An edge reads its parent's format and writes its chain's."""
+        return (artifact_format(plan.parent(wildcards.chain)), writes(artifact_format(wildcards.chain)))
 
     @staticmethod
     def compared_formats(wildcards):
@@ -213,7 +214,7 @@ class Jobs:
 
     def output_path_formats(self, wildcards):
         chain = self.output_path_entries[wildcards.mutant].chain
-        return (artifact_format(plan.parent(chain)), artifact_format(chain))
+        return (artifact_format(plan.parent(chain)), writes(artifact_format(chain)))
 
     # ------------------------------------------------------------ sources
 
