@@ -52,7 +52,8 @@ from convqa.formats import open_model
 from convqa.sources.prepare import prepare_source
 with open_model(sys.argv[1]) as m:  # imports and the GGUF's header: the baseline
     largest = max(m.tensors.values(), key=lambda t: np.prod(t.shape))
-    sizes = [int(np.prod(largest.shape)) * 4, largest.encoding.nbytes(largest.shape), sum(int(np.prod(t.shape)) * 4 for t in m)]
+    sizes = [int(np.prod(largest.shape)) * 4, largest.encoding.nbytes(largest.shape), sum(int(np.prod(t.shape)) * 4 for t in m),
+             sum(t.encoding.nbytes(t.shape) for t in m)]
 import torch, transformers.integrations.gguf.gguf_tokenizer_mapping  # what the import loads anyway
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 provenance = prepare_source({"kind": "bundled", "name": sys.argv[2]}, sys.argv[3])
@@ -102,14 +103,15 @@ def test_imported_tensors_are_gguf_py_dequantized_values(imported, gemma_gguf):
 
 
 def test_import_streams_one_tensor_at_a_time(imported):
-    """Peak RSS above the baseline stays within the largest tensor (its F32 values and its stored
-    bytes), far below the 1.07 GB of F32 the whole model is."""
-    largest_f32, largest_stored, total_f32 = imported["sizes"]
+    """Peak RSS above the baseline is the largest tensor (its F32 values and its stored bytes) plus
+    the tokenizer's Python objects (256 MiB allowed); holding the model would take all its F32
+    values and stored bytes (1265 MiB). Measured: +968 MiB for a 640 + 167 MiB embedding."""
+    largest_f32, largest_stored, total_f32, total_stored = imported["sizes"]
     grown = imported["peak"] - imported["base"]
     print(f"import peak RSS {imported['peak'] / 2**20:.0f} MiB, +{grown / 2**20:.0f} MiB over the baseline; "
           f"largest tensor {largest_f32 / 2**20:.0f} MiB F32, model {total_f32 / 2**20:.0f} MiB F32")
     assert total_f32 > 1.0e9
-    assert grown < 1.25 * (largest_f32 + largest_stored) < total_f32
+    assert grown < largest_f32 + largest_stored + 256 * 2**20 < total_f32 + total_stored
 
 
 def test_tokenizer_is_carried_losslessly_and_loads_in_sentencepiece(imported, gemma_gguf):
