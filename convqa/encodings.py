@@ -19,6 +19,9 @@ from gguf.constants import GGMLQuantizationType as GGML
 from convqa.errors import ConversionError
 
 
+_DEQUANT_SLICE_BYTES = 8 << 20  # stored bytes dequantized at a time
+
+
 @dataclass(frozen=True)
 class Encoding:
     name: str
@@ -67,7 +70,14 @@ class Encoding:
             return _apr_q4_decode(raw, n).reshape(shape)
         qtype = GGML(self.ggml_type)
         rows = raw.reshape(-1, self.nbytes(shape) // max(1, math.prod(shape[:-1])) if shape else raw.size)
-        return quants.dequantize(rows, qtype).reshape(shape).astype(np.float32, copy=False)
+        # gguf-py's dequantizers make float32 temporaries the size of their input (Q8_0: the int8
+        # values widened, then the product), so a 262144-row embedding would peak at 3x its F32
+        # size; slices of rows keep the peak at the output plus one slice.
+        out = np.empty((rows.shape[0], n // max(1, rows.shape[0])), dtype=np.float32)
+        step = max(1, _DEQUANT_SLICE_BYTES // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            out[start : start + step] = quants.dequantize(rows[start : start + step], qtype)
+        return out.reshape(shape)
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """float32 array -> stored bytes as a flat uint8 array."""

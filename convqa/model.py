@@ -24,7 +24,7 @@ from convqa.encodings import Encoding
 class ModelConfig:
     """Architecture and hyperparameters, the subset every format must carry."""
 
-    architecture: str  # "qwen2" | "llama" (llama.cpp's / GGUF's architecture name)
+    architecture: str  # a convqa.arch.registry name: "qwen2", "llama", "gemma3", ...
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -36,6 +36,9 @@ class ModelConfig:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
+    # Architecture-specific hyperparameters, by convqa.arch.registry.Param name (gemma's
+    # sliding_window, soft-capping, ...): every format carries exactly the architecture's set.
+    params: dict = field(default_factory=dict)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -61,6 +64,8 @@ class TokenizerSpec:
     add_bos_token: bool = False
     add_eos_token: bool = False
     chat_template: str | None = None
+    # SentencePiece only: llama.cpp prepends a space unless told not to (Gemma is not); None: unstated.
+    add_space_prefix: bool | None = None
 
     def fingerprint(self) -> str:
         """sha256 over everything that changes how text becomes ids (and the chat template)."""
@@ -82,6 +87,8 @@ class TokenizerSpec:
                 )
             ),
             self.chat_template or "",
+            # Only when stated, so that the fingerprints of byte-level tokenizers stay as they were.
+            *(() if self.add_space_prefix is None else (f"add_space_prefix={self.add_space_prefix}",)),
         ):
             h.update(part.encode("utf-8", "surrogatepass"))
             h.update(b"\x01")
@@ -174,6 +181,7 @@ class WriterQuirks:
 
     gguf_reverse_dims: bool = True  # False: write numpy shape as `ne` (dims not reversed)
     llama_permute_qk: bool = True  # False: skip llama's Q/K permutation when writing GGUF
+    norm_offset_times: int = 1  # how often gemma's +1 norm offset is added when writing GGUF (2: twice)
     apr_dtype_override: dict = field(default_factory=dict)  # canonical name -> dtype byte to write
 
 

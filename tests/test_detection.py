@@ -40,6 +40,9 @@ def test_expansion_adds_one_model_per_mutant_and_a_correct_model_per_preset():
     assert models["det-correct-qwen2-tiny"]["variants"] == ["native", "q8_0", "bf16", "q4_0"]
     assert models["det-correct-qwen2.5-tiny-bf16"]["variants"] == ["native", "q8_0"]
     assert models["det-correct-llama-tiny"]["variants"] == ["native"]
+    # `correct`: architectures no mutant uses still get their false-alarm model
+    assert models["det-correct-mistral-tiny"]["variants"] == models["det-correct-gemma2-tiny"]["variants"] == ["native"]
+    assert "route" not in models["det-correct-gemma2-tiny"]
     assert "det-write-beside-input" not in models, "an output-path mutant fails its job by design: its own rule"
     entry = config["converters"]["mutant-bf16-truncate"]
     assert "--mutant bf16-truncate" in entry["command"] and entry["edges"] == ["st-gguf"]

@@ -14,7 +14,12 @@ from gguf.constants import GGUFValueType
 
 from convqa import encodings
 from convqa.arch import expected_tensors
-from convqa.arch.names import hf_to_gguf
+from convqa.arch import registry
+
+
+def hf_to_gguf(name: str, arch: str = "qwen2") -> str:
+    """qwen2 names (a superset of llama's: q/k/v biases), from the registry's gguf-py map."""
+    return registry.hf_to_gguf(registry.get(arch), name)
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.errors import ConversionError
 from convqa.formats import open_model

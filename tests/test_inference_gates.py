@@ -198,3 +198,22 @@ def test_p99_and_top5_limits_fail_where_the_mean_and_top1_pass(qwen2, tmp_path):
     with_top5 = {**loose_mean, "min_top5": 1.0}
     row = judge(GateRow("F-INF-gguf-cpu-run", "s"), comparison, with_top5)
     assert aggregate["top5_agreement"] < 1.0 and row.status == FAIL and "top-5 agreement" in row.reason
+
+
+def test_chat_rows_are_skipped_when_neither_side_has_a_chat_template(qwen2, tmp_path):
+    """A base model (Gemma-3-270M) has no chat template: nothing to render on either side is an
+    absent capability, not a gap that blocks QUALIFIED."""
+    import shutil
+
+    from convqa.gates.inference import NO_TEMPLATES
+
+    source = tmp_path / "base"
+    shutil.copytree(qwen2[0], source)
+    (source / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(config))
+    rows, _, _ = gate_rows(source, run(source, source), converted(source, tmp_path, "apr"), "st-apr")
+    assert rows[("F-INF-apr-cpu-run", "transformers")].status == PASS
+    chat = rows[("F-INF-apr-cpu-chat", "transformers")]
+    assert chat.status == SKIPPED and chat.reason == NO_TEMPLATES

@@ -248,7 +248,8 @@ def test_legacy_rope_theta_and_transformers_defaults():
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"model_type": "gpt2"}, "model_type"),
-        ({"architectures": ["MistralForCausalLM"]}, "architectures"),
+        ({"architectures": ["FalconForCausalLM"]}, "architectures"),
+        ({"architectures": ["MistralForCausalLM"]}, "model_type"),  # supported, but not what model_type llama says
         ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, "rope_theta"),
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"hidden_act": "gelu"}, "hidden_act"),

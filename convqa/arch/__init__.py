@@ -1,43 +1,45 @@
 """Per-architecture knowledge: which tensors a model has, their shapes, and their names.
 
-Supported architectures use llama.cpp's names: `qwen2` (Qwen2ForCausalLM: q/k/v biases, NeoX
-RoPE, no Q/K permutation) and `llama` (LlamaForCausalLM: no biases, Q/K permuted in GGUF).
+Everything comes from the registry (`convqa.arch.registry`): the architectures, their HF
+classes, their tensor roles and the gguf-py-derived GGUF names; `convqa.arch.transforms` holds
+the intentional HF<->GGUF transforms the format boundary applies.
 """
 
 from __future__ import annotations
 
+from convqa.arch.registry import (
+    ARCHITECTURES, D, FF, FF2, GLOBAL_ROLES, H, KV, LM_HEAD, Q, QKV, SUPPORTED, V, Architecture, get,
+)  # fmt: skip
 from convqa.model import ModelConfig
 
-SUPPORTED = ("qwen2", "llama")
-HF_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
-HAS_QKV_BIAS = {"qwen2": True, "llama": False}
-PERMUTES_QK_IN_GGUF = {"qwen2": False, "llama": True}
+HF_ARCHITECTURES = {name: a.hf_class for name, a in ARCHITECTURES.items()}
+
+
+def dims(config: ModelConfig) -> dict[str, int]:
+    """The symbolic dimensions of the registry's tensor roles, for `config`."""
+    return {
+        H: config.hidden_size,
+        V: config.vocab_size,
+        FF: config.intermediate_size,
+        Q: config.num_heads * config.head_dim,
+        KV: config.num_kv_heads * config.head_dim,
+        D: config.head_dim,
+        QKV: (config.num_heads + 2 * config.num_kv_heads) * config.head_dim,
+        FF2: 2 * config.intermediate_size,
+    }
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> canonical shape of every tensor a model with `config` must have."""
-    h, v, ff = config.hidden_size, config.vocab_size, config.intermediate_size
-    q_rows = config.num_heads * config.head_dim
-    kv_rows = config.num_kv_heads * config.head_dim
-    out = {"model.embed_tokens.weight": (v, h)}
+    arch = get(config.architecture)
+    size = dims(config)
+    out = {name: tuple(size[d] for d in shape) for name, shape in GLOBAL_ROLES.items()}
+    head = out.pop(LM_HEAD)
     for i in range(config.num_layers):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "self_attn.q_proj.weight"] = (q_rows, h)
-        out[p + "self_attn.k_proj.weight"] = (kv_rows, h)
-        out[p + "self_attn.v_proj.weight"] = (kv_rows, h)
-        if HAS_QKV_BIAS[config.architecture]:
-            out[p + "self_attn.q_proj.bias"] = (q_rows,)
-            out[p + "self_attn.k_proj.bias"] = (kv_rows,)
-            out[p + "self_attn.v_proj.bias"] = (kv_rows,)
-        out[p + "self_attn.o_proj.weight"] = (h, q_rows)
-        out[p + "post_attention_layernorm.weight"] = (h,)
-        out[p + "mlp.gate_proj.weight"] = (ff, h)
-        out[p + "mlp.up_proj.weight"] = (ff, h)
-        out[p + "mlp.down_proj.weight"] = (h, ff)
-    out["model.norm.weight"] = (h,)
+        for suffix, shape in arch.layer_roles.items():
+            out[f"model.layers.{i}.{suffix}"] = tuple(size[d] for d in shape)
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = (v, h)
+        out[LM_HEAD] = head
     return out
 
 
@@ -47,3 +49,6 @@ def layer_index(name: str) -> int | None:
     if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
         return int(parts[2])
     return None
+
+
+__all__ = ["ARCHITECTURES", "Architecture", "HF_ARCHITECTURES", "SUPPORTED", "dims", "expected_tensors", "get", "layer_index"]

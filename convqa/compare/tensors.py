@@ -3,8 +3,10 @@
 Two artifacts are compared name by name. Equal encodings are compared byte for byte (a lossless
 conversion must be bit-exact); different encodings are compared on float32 values against the
 tolerance of the lossier encoding. When values disagree, the diagnosis says what the candidate
-*is*: the transpose, the same bytes under reversed dims, llama's Q/K rows permuted, all zeros,
-so a layout bug names itself instead of showing up as "95% different".
+*is*: the transpose, the same bytes under reversed dims, llama's Q/K rows permuted, a gemma norm
+off by the GGUF +1 offset, experts stacked in another order, all zeros, so a layout bug names
+itself instead of showing up as "95% different". The intentional transforms it recognises are the
+registry's (convqa.arch.transforms).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from convqa.arch import transforms
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.compare.blocks import is_quantization, reference_blocks
 from convqa.encodings import ENCODING_TOLERANCE
@@ -188,11 +191,33 @@ def _value_diagnosis(name: str, va: np.ndarray, vb: np.ndarray, config: ModelCon
                 return "rows are in GGUF's permuted Q/K order (llama permutation not undone)"
             if _close(unpermute_rows_from_gguf(va, n_head), vb, tol):
                 return "rows are un-permuted twice (llama Q/K permutation missing on write)"
+    if transforms.is_norm(name):
+        one = np.float32(transforms.NORM_OFFSET)
+        if _close(va + one, vb, tol):
+            return "equals the source + 1 (gemma norm offset applied twice / missing)"
+        if _close(va - one, vb, tol):
+            return "equals the source - 1 (gemma norm offset undone twice)"
+    if va.ndim == 3 and va.shape[0] > 1:
+        order = _expert_order(va, vb, tol)
+        if order is not None:
+            return f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
     if va.size and np.allclose(vb, -va, atol=0):
         return "sign flipped"
     if va.size > 1 and _close(np.sort(va, axis=None), np.sort(vb, axis=None), tol):
         return "same values in another order (layout scrambled)"
     return "values differ"
+
+
+def _expert_order(va: np.ndarray, vb: np.ndarray, tol: float) -> list[int] | None:
+    """The source expert each candidate expert equals, if the candidate is a reordering of the
+    source's experts (axis 0 of a stacked MoE tensor) other than the identity; else None."""
+    order = []
+    for j in range(vb.shape[0]):
+        match = next((i for i in range(va.shape[0]) if _close(va[i], vb[j], tol)), None)
+        if match is None:
+            return None
+        order.append(match)
+    return order if order != list(range(va.shape[0])) and sorted(order) == list(range(va.shape[0])) else None
 
 
 def compare_configs(a: ModelConfig, b: ModelConfig) -> dict:

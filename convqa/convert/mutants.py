@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from convqa import encodings
+from convqa.arch import registry
 from convqa.errors import ConversionError
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
@@ -62,14 +63,14 @@ def transpose_2d(plan, source, src, dst):
 
 
 def skip_qk_permute(plan, source, src, dst):
-    if plan.config.architecture != "llama":
-        raise ConversionError("skip-qk-permute only applies to llama models (qwen2 has no Q/K permutation)")
+    if not registry.get(plan.config.architecture).permute_qk:
+        raise ConversionError(f"skip-qk-permute only applies to architectures with a Q/K permutation (llama, mistral), not {plan.config.architecture}")
     return _with_quirks(plan, llama_permute_qk=False), dst
 
 
 def drop_qkv_bias(plan, source, src, dst):
-    if plan.config.architecture != "qwen2":
-        raise ConversionError("drop-qkv-bias only applies to qwen2 models (llama has no q/k/v biases)")
+    if "self_attn.q_proj.bias" not in registry.get(plan.config.architecture).layer_roles:
+        raise ConversionError(f"drop-qkv-bias only applies to architectures with q/k/v biases (qwen2), not {plan.config.architecture}")
     return _map_tensors(plan, lambda t: None if t.name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")) else t), dst
 
 
@@ -260,6 +261,39 @@ def q4_0_nibble_swap(plan, source, src, dst):
     return _map_tensors(plan, lambda t: _restored(t, swapped) if t.encoding == encodings.Q4_0 else t), dst
 
 
+def gemma_norm_offset_twice(plan, source, src, dst):
+    if not registry.get(plan.config.architecture).norm_offset:
+        raise ConversionError(f"gemma-norm-offset-twice only applies to architectures with a GGUF norm offset (gemma2, gemma3), not {plan.config.architecture}")
+    return _with_quirks(plan, norm_offset_times=2), dst
+
+
+def drop_qk_norm(plan, source, src, dst):
+    if "self_attn.q_norm.weight" not in registry.get(plan.config.architecture).layer_roles:
+        raise ConversionError(f"drop-qk-norm only applies to architectures with q_norm/k_norm (qwen3, gemma3), not {plan.config.architecture}")
+    return _map_tensors(plan, lambda t: None if t.name.endswith(("self_attn.q_norm.weight", "self_attn.k_norm.weight")) else t), dst
+
+
+def fused_qkv_wrong_split(plan, source, src, dst):
+    # A converter that splits phi3's fused qkv_proj to re-fuse it computes the k and v offsets
+    # the wrong way round: q | v | k. Whole rows move (the uint8 row view holds for quantized rows).
+    config = plan.config
+    if "self_attn.qkv_proj.weight" not in registry.get(config.architecture).layer_roles:
+        raise ConversionError(f"fused-qkv-wrong-split only applies to architectures with a fused qkv_proj (phi3), not {config.architecture}")
+    q, k, v = registry.fused_qkv_rows(config.num_heads, config.num_kv_heads, config.head_dim)
+
+    def swapped(t: LazyTensor) -> LazyTensor:
+        if not t.name.endswith("self_attn.qkv_proj.weight"):
+            return t
+
+        def load() -> np.ndarray:
+            rows = t.raw().reshape(t.shape[0], -1)
+            return np.ascontiguousarray(np.concatenate([rows[q], rows[v], rows[k]])).reshape(-1)
+
+        return LazyTensor(t.name, t.shape, t.encoding, load)
+
+    return _map_tensors(plan, swapped), dst
+
+
 MUTANTS = {
     m.name: m
     for m in [
@@ -283,6 +317,9 @@ MUTANTS = {
         Mutant("q8_0-scale-off", "one Q8_0 block scale of one ffn_down tensor 1% too large: inside the Q8_0 error band", "aprender Q3_K read 6-bit scales as 4-bit; scale bugs pass all-zero-block tests", ("gguf",), True, q8_0_scale_off),
         Mutant("q8_0-round-half-down", "Q8_0 rounds exact ties down instead of half away from zero (llama.cpp's roundf)", "quantizer rounding bugs; ties are common in BF16 checkpoints", ("gguf",), True, q8_0_round_half_down),
         Mutant("q4_0-nibble-swap", "Q4_0 nibbles packed in the wrong order within each block (element j+16 in the low nibble)", "aprender Q2_K: 185 of 256 elements wrong", ("gguf",), True, q4_0_nibble_swap),
+        Mutant("gemma-norm-offset-twice", "gemma RMSNorm weights get GGUF's +1 twice (a checkpoint already in llama.cpp's x*w convention offset again): every norm scales by w+2", "convert_hf_to_gguf.py Gemma*Model adds 1 to every norm.weight; transformers' GGUF loader subtracts it (Gemma2TensorProcessor)", ("gguf",), True, gemma_norm_offset_twice),
+        Mutant("drop-qk-norm", "qwen3 q_norm/k_norm dropped by a converter written for qwen2, which has no such tensors", "qwen2 -> qwen3 converter reuse; llama.cpp's qwen3 requires attn_q_norm/attn_k_norm", ("gguf", "apr", "safetensors"), True, drop_qk_norm),
+        Mutant("fused-qkv-wrong-split", "phi3's fused qkv_proj split and re-fused at the wrong offsets: k rows where v belongs and v where k belongs", "fused-projection handling when converters unfuse/refuse Phi-3's qkv_proj (grouped-query: k and v are the same size, so shapes still match)", ("gguf", "apr", "safetensors"), True, fused_qkv_wrong_split),
         Mutant("nan-weight", "one weight value written as NaN (an F16 overflow, an uninitialised buffer)", "F16 export overflow (|x| > 65504 becomes inf, inf - inf NaN)", ("gguf", "apr", "safetensors"), True, nan_weight),
     ]
 }

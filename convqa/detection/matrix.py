@@ -117,8 +117,11 @@ def synthetic_source(preset: str, seed: int) -> dict:
 
 
 def correct_variants(section: dict) -> dict[str, list[str]]:
-    """Per preset, the variants its correct conversion runs in: native plus every mutant's."""
+    """Per preset, the variants its correct conversion runs in: native plus every mutant's (and
+    native for each preset of `correct`, which no mutant uses: an architecture's false-alarm check)."""
     variants: dict[str, list[str]] = {}
+    for preset in section.get("correct") or ():
+        variants.setdefault(preset, ["native"])
     for entry in entries(section):
         found = variants.setdefault(entry.preset, ["native"])
         if entry.variant not in found:

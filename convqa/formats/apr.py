@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from convqa import encodings
-from convqa.arch import HF_ARCHITECTURES, SUPPORTED
-from convqa.arch.names import gguf_to_hf
+from convqa.arch import HF_ARCHITECTURES, SUPPORTED, registry
 from convqa.files import atomic_file
 from convqa.encodings import Encoding
 from convqa.formats.canonical import EMBEDDING, LM_HEAD, canonical_name, is_tied_copy, name_collision, qk_heads, unpermuted_loader
@@ -113,7 +112,9 @@ ALIAS_KEYS = {
 }
 ROPE_TYPE_NORM = 0  # adjacent pairs (llama in llama.cpp)
 ROPE_TYPE_NEOX = 2  # split halves (qwen2)
-ROPE_TYPES = {"qwen2": ROPE_TYPE_NEOX, "llama": ROPE_TYPE_NORM}
+ROPE_TYPES = {
+    name: ROPE_TYPE_NEOX if arch.rope == registry.ROPE_NEOX else ROPE_TYPE_NORM for name, arch in registry.ARCHITECTURES.items()
+}
 _REQUIRED_INT_KEYS = (
     "hidden_size",
     "num_layers",
@@ -124,6 +125,8 @@ _REQUIRED_INT_KEYS = (
     "max_position_embeddings",
 )
 PROVENANCE_KEY = "convqa.provenance"
+# The architecture's registry Params (gemma's sliding window, soft-capping), by name.
+ARCH_PARAMS_KEY = "convqa.arch_params"
 TIED_EMBEDDINGS_KEY = "tied_embeddings"
 EMBEDDING_NAME = EMBEDDING
 LM_HEAD_NAME = LM_HEAD
@@ -416,6 +419,9 @@ def _tokenizer_keys(tok: TokenizerSpec) -> dict:
         "tokenizer.padding_token_id": tok.pad_token_id,
         "tokenizer.add_bos_token": bool(tok.add_bos_token),
         "tokenizer.add_eos_token": bool(tok.add_eos_token),
+        # Not one of aprender's keys: GGUF's add_space_prefix (SentencePiece; Gemma: false), kept
+        # so that A -> G gives llama.cpp the flag back (without it llama.cpp prepends a space).
+        "tokenizer.add_space_prefix": tok.add_space_prefix,
     }
     return {k: v for k, v in keys.items() if v is not None}
 
@@ -459,6 +465,8 @@ def build_metadata(plan: WritePlan, tensors: list[tuple[str, int, tuple[int, ...
     meta["tensor_shapes"] = {name: list(shape) for name, _, shape, _ in sorted(tensors, key=lambda t: sort_key(t[0]))}
     if config.tie_word_embeddings:
         meta[TIED_EMBEDDINGS_KEY] = True
+    if config.params:
+        meta[ARCH_PARAMS_KEY] = dict(sorted(config.params.items()))
     if tok is not None:
         meta |= _tokenizer_keys(tok)
     if plan.metadata:
@@ -749,6 +757,19 @@ def _config_from_metadata(check: _Checker, meta: dict, tied: bool) -> ModelConfi
             "rope_type",
             METADATA_OFFSET,
         )
+    params = meta.get(ARCH_PARAMS_KEY, {})
+    declared = registry.get(architecture).params
+    if not isinstance(params, dict) or set(params) != {p.name for p in declared}:
+        check.fail(
+            f"metadata {ARCH_PARAMS_KEY!r} must name exactly {architecture}'s parameters {[p.name for p in declared]}, got {params!r}",
+            ARCH_PARAMS_KEY, METADATA_OFFSET,
+        )
+    for p in declared:
+        value = params[p.name]
+        ok = _is_int(value) and value > 0 if p.kind == "u32" else isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if not ok:
+            check.fail(f"metadata {ARCH_PARAMS_KEY}.{p.name} must be a positive number, got {value!r}", ARCH_PARAMS_KEY, METADATA_OFFSET)
+    params = {p.name: (int(params[p.name]) if p.kind == "u32" else _canonical_f32(params[p.name])) for p in declared}
     return ModelConfig(
         architecture=architecture,
         vocab_size=ints["vocab_size"],
@@ -762,6 +783,7 @@ def _config_from_metadata(check: _Checker, meta: dict, tied: bool) -> ModelConfi
         rope_theta=floats["rope_theta"],
         rms_norm_eps=floats["rms_norm_eps"],
         tie_word_embeddings=tied,
+        params=params,
     )
 
 
@@ -824,6 +846,7 @@ def _tokenizer_from_metadata(check: _Checker, meta: dict) -> TokenizerSpec | Non
         add_bos_token=typed("tokenizer.add_bos_token", lambda v: isinstance(v, bool), "a boolean", False),
         add_eos_token=typed("tokenizer.add_eos_token", lambda v: isinstance(v, bool), "a boolean", False),
         chat_template=chat_template,
+        add_space_prefix=typed("tokenizer.add_space_prefix", lambda v: isinstance(v, bool), "a boolean"),
     )
 
 
@@ -859,18 +882,19 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
 
         return load
 
-    # Canonical names: files converted by `apr` from a llama GGUF keep GGUF names.
-    stored = {e.name: e for e in entries}
-    name_style = "gguf" if any(gguf_to_hf(name) for name in stored) else "hf"
-    collision = name_collision(stored)
-    if collision is not None:
-        check.fail(collision.message, "name", header.tensor_index_offset)
-    canonical_of = {name: canonical_name(name) for name in stored}
-
     tied_flag = metadata.get(TIED_EMBEDDINGS_KEY, False)
     if not isinstance(tied_flag, bool):
         check.fail(f"metadata {TIED_EMBEDDINGS_KEY!r} must be a boolean", TIED_EMBEDDINGS_KEY, METADATA_OFFSET)
     config = _config_from_metadata(check, metadata, tied_flag)
+
+    # Canonical names: files converted by `apr` from a llama GGUF keep GGUF names.
+    stored = {e.name: e for e in entries}
+    arch = registry.get(config.architecture)
+    name_style = "gguf" if any(registry.gguf_to_hf(arch, name) for name in stored) else "hf"
+    collision = name_collision(stored, config.architecture)
+    if collision is not None:
+        check.fail(collision.message, "name", header.tensor_index_offset)
+    canonical_of = {name: canonical_name(name, config.architecture) for name in stored}
     tokenizer = _tokenizer_from_metadata(check, metadata)
 
     tensors: dict[str, LazyTensor] = {}

@@ -4,6 +4,8 @@
   gets its HF name; two stored names with one canonical name make the file unreadable.
 - Q/K rows: llama's q/k projections (and biases) stored in GGUF order are row-permuted back to
   HF order within each head; whole rows move, so quantized blocks move with their rows.
+- Norm offset: gemma's RMSNorm weights, stored as `w + 1` in GGUF, read back as `w`.
+  (Which tensor gets which transform: convqa.arch.transforms, from the registry's flags.)
 - Tied head: a file that stores a tied `lm_head.weight` (SafeTensors, APR) must store a byte copy
   of the embedding; the canonical view then holds the embedding only.
 
@@ -18,10 +20,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from convqa.arch import PERMUTES_QK_IN_GGUF
-from convqa.arch.names import gguf_to_hf, is_qk_projection
+from convqa.arch import registry
 from convqa.arch.permute import unpermute_rows_from_gguf
-from convqa.model import LazyTensor, ModelConfig
+from convqa.arch.transforms import qk_heads  # noqa: F401  (re-exported: the readers' one import)
+from convqa.model import LazyTensor
 
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
@@ -42,29 +44,19 @@ class NameCollision:
         return f"tensors {self.first!r} and {self.second!r} both map to {self.canonical!r}"
 
 
-def canonical_name(stored: str) -> str:
-    """The HF name of a tensor stored under its llama.cpp name; any other name is kept."""
-    return gguf_to_hf(stored) or stored
+def canonical_name(stored: str, architecture: str) -> str:
+    """The HF name of a tensor stored under its llama.cpp name for `architecture`; any other name is kept."""
+    return registry.gguf_to_hf(registry.get(architecture), stored) or stored
 
 
-def name_collision(stored: Iterable[str]) -> NameCollision | None:
+def name_collision(stored: Iterable[str], architecture: str) -> NameCollision | None:
     """The first pair of stored names with one canonical name, in order (None: all distinct)."""
     first_of: dict[str, str] = {}
     for index, name in enumerate(stored):
-        canonical = canonical_name(name)
+        canonical = canonical_name(name, architecture)
         if canonical in first_of:
             return NameCollision(first_of[canonical], name, canonical, index)
         first_of[canonical] = name
-    return None
-
-
-def qk_heads(config: ModelConfig, canonical: str) -> int | None:
-    """The head count whose rotary pairs a GGUF-order `canonical` tensor has permuted, or None
-    when its rows are stored in HF order (not a q/k projection, or an architecture llama.cpp
-    does not permute)."""
-    is_q, is_k = is_qk_projection(canonical)
-    if PERMUTES_QK_IN_GGUF[config.architecture] and (is_q or is_k):
-        return config.num_heads if is_q else config.num_kv_heads
     return None
 
 

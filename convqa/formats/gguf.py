@@ -12,8 +12,10 @@ that only read it (a GGUF source imported G->S). What both need is in convqa.for
 
 GGUF conventions undone at this boundary and nowhere else (docs/formats.md GGUF 1-3):
 `ne` lists dimensions fastest-first, so the canonical (numpy) shape is `reversed(ne)` and the
-bytes are never transposed; llama's q/k projections are row-permuted within each head; tensors
-use llama.cpp names; `output.weight` is absent when embeddings are tied.
+bytes are never transposed; llama's q/k projections are row-permuted within each head; gemma's
+norms are stored `+ 1`; tensors use llama.cpp names (gguf-py's tables, `convqa.arch.registry`);
+`output.weight` is absent when embeddings are tied; architecture-specific hyperparameters are the
+registry's `Param` keys.
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ import numpy as np
 from gguf.constants import GGUF_DEFAULT_ALIGNMENT, GGUFValueType, Keys, TokenType
 
 from convqa import encodings
-from convqa.arch import SUPPORTED
-from convqa.arch.names import gguf_to_hf
+from convqa.arch import registry, transforms
 from convqa.formats.canonical import canonical_name, name_collision, qk_heads, unpermuted_loader
 from convqa.formats.filerange import read_file_range
-from convqa.formats.gguf_keys import PROVENANCE_KEY, TOKENIZER_PADDING_KEY
+from convqa.formats.gguf_keys import ARCHITECTURE_KEY, PROVENANCE_KEY, TOKENIZER_PADDING_KEY
 from convqa.errors import FormatError
 from convqa.model import LazyTensor, ModelArtifact, ModelConfig, TokenizerSpec
 
@@ -333,12 +334,8 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
     parsed = _parse(path, memoryview(header_map))
     kvs = parsed.kvs
 
-    architecture = _get(path, kvs, Keys.General.ARCHITECTURE, GGUFValueType.STRING)
-    if architecture not in SUPPORTED:
-        kv = kvs[Keys.General.ARCHITECTURE]
-        raise FormatError(
-            path, f"unsupported architecture {architecture!r}; supported: {SUPPORTED}", field=kv.key, offset=kv.offset
-        )
+    gguf_arch = _get(path, kvs, Keys.General.ARCHITECTURE, GGUFValueType.STRING)
+    architecture = _registry_architecture(path, kvs, gguf_arch)
 
     metadata: dict = {
         "gguf_version": parsed.version,
@@ -359,15 +356,16 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
                 path, f"provenance is not JSON: {exc.msg}", field=PROVENANCE_KEY, offset=kvs[PROVENANCE_KEY].offset
             ) from None
 
-    collision = name_collision(info.name for info in parsed.tensors)
+    collision = name_collision((info.name for info in parsed.tensors), architecture)
     if collision is not None:
         info = parsed.tensors[collision.index]
         raise FormatError(path, collision.message, field=info.name, offset=info.info_offset)
-    metadata["unmapped_tensors"] = [info.name for info in parsed.tensors if gguf_to_hf(info.name) is None]
-    names = {canonical_name(info.name): info for info in parsed.tensors}
+    arch = registry.get(architecture)
+    metadata["unmapped_tensors"] = [info.name for info in parsed.tensors if registry.gguf_to_hf(arch, info.name) is None]
+    names = {canonical_name(info.name, architecture): info for info in parsed.tensors}
 
     tokenizer = _read_tokenizer(path, kvs, metadata)
-    config = _read_config(path, kvs, architecture, names, metadata)
+    config = _read_config(path, kvs, architecture, gguf_arch, names, metadata)
     tensors = {canonical: _lazy_tensor(path, canonical, info, config) for canonical, info in names.items()}
     return ModelArtifact(
         path=path,
@@ -377,6 +375,25 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         tensors=tensors,
         metadata=metadata,
     )
+
+
+def _registry_architecture(path: str, kvs: dict, gguf_arch: str) -> str:
+    """The registry name for a file whose general.architecture is `gguf_arch` (and hint key)."""
+    kv = kvs[Keys.General.ARCHITECTURE]
+    default = registry.BY_GGUF_NAME.get(gguf_arch)
+    if default is None:
+        raise FormatError(
+            path, f"unsupported architecture {gguf_arch!r}; supported: {registry.SUPPORTED}", field=kv.key, offset=kv.offset
+        )
+    hint = _get(path, kvs, ARCHITECTURE_KEY, GGUFValueType.STRING, required=False)
+    if hint is None:
+        return default.name
+    if hint not in registry.ARCHITECTURES or registry.ARCHITECTURES[hint].gguf_name != gguf_arch:
+        raise FormatError(
+            path, f"{ARCHITECTURE_KEY} {hint!r} is not an architecture written as {gguf_arch!r}",
+            field=ARCHITECTURE_KEY, offset=kvs[ARCHITECTURE_KEY].offset,
+        )
+    return hint
 
 
 def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConfig) -> LazyTensor:
@@ -390,6 +407,14 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
     if n_head is not None:
         _check_permutable(path, info, shape, n_head)
         load_raw = unpermuted_loader(load_stored, shape[0], n_head)
+    offset = transforms.norm_offset(config, canonical)
+    if offset:
+        if not transforms.can_offset(info.encoding):
+            raise FormatError(
+                path, f"{info.name}: a {info.encoding.name} norm cannot carry {config.architecture}'s +1 offset exactly",
+                field=info.name, offset=info.info_offset,
+            )
+        load_raw = transforms.offset_loader(load_raw, info.encoding, shape, -offset)
 
     return LazyTensor(
         name=canonical,
@@ -449,7 +474,7 @@ def _f32(value: float) -> float:
 
 
 def _read_config(
-    path: str, kvs: dict[str, _KeyValue], arch: str, tensors: dict[str, _TensorInfo], metadata: dict
+    path: str, kvs: dict[str, _KeyValue], architecture: str, arch: str, tensors: dict[str, _TensorInfo], metadata: dict
 ) -> ModelConfig:
     def u32(name: str, default=None, required=True):
         return _get(path, kvs, f"{arch}.{name}", GGUFValueType.UINT32, default, required=required)
@@ -486,8 +511,20 @@ def _read_config(
             path, "no vocabulary size: no vocab_size key, token list or token_embd.weight", field=f"{arch}.vocab_size"
         )
 
+    params = {}
+    for param in registry.get(architecture).params:
+        key = param.gguf_key.format(arch=arch)
+        vtype = GGUFValueType.UINT32 if param.kind == "u32" else GGUFValueType.FLOAT32
+        value = _get(path, kvs, key, vtype, required=False)
+        if value is None:
+            value = _PARAM_DEFAULTS.get((arch, param.name))
+            if value is None:
+                raise FormatError(path, f"key not found in model: {key}", field=key)
+            metadata["defaults_applied"].append(param.name)
+        params[param.name] = _f32(value) if param.kind == "f32" else int(value)
+
     return ModelConfig(
-        architecture=arch,
+        architecture=architecture,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=u32("feed_forward_length"),
@@ -499,7 +536,12 @@ def _read_config(
         rope_theta=_f32(rope_theta),
         rms_norm_eps=_f32(f32("attention.layer_norm_rms_epsilon")),
         tie_word_embeddings="lm_head.weight" not in tensors,
+        params=params,
     )
+
+
+# What llama.cpp (src/llama-model.cpp) uses when a file lacks an optional architecture key.
+_PARAM_DEFAULTS = {("gemma3", "rope_local_theta"): 10000.0}
 
 
 def _read_tokenizer(path: str, kvs: dict[str, _KeyValue], metadata: dict) -> TokenizerSpec | None:
@@ -557,6 +599,7 @@ def _read_tokenizer(path: str, kvs: dict[str, _KeyValue], metadata: dict) -> Tok
         add_bos_token=_get(path, kvs, T.ADD_BOS, GGUFValueType.BOOL, False, required=False),
         add_eos_token=_get(path, kvs, T.ADD_EOS, GGUFValueType.BOOL, False, required=False),
         chat_template=_get(path, kvs, T.CHAT_TEMPLATE, GGUFValueType.STRING, required=False),
+        add_space_prefix=_get(path, kvs, T.ADD_PREFIX, GGUFValueType.BOOL, required=False),
     )
 
 

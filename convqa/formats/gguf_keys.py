@@ -7,3 +7,5 @@ the token list to the embedding rows (llama.cpp needs len(tokens) == n_vocab).
 
 PROVENANCE_KEY = "convqa.provenance"
 TOKENIZER_PADDING_KEY = "convqa.tokenizer.padded_tokens"
+# The registry architecture when it is not the GGUF architecture's default (mistral is written as llama).
+ARCHITECTURE_KEY = "convqa.architecture"

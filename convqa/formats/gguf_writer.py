@@ -4,8 +4,10 @@ Writing goes through gguf-py's GGUFWriter, streaming: every tensor info is decla
 header, key/values and tensor infos are written, then each tensor's bytes one at a time.
 
 The conventions the reader (convqa.formats.gguf) undoes are applied here: `ne` lists dimensions
-fastest-first, llama's q/k projections are row-permuted within each head, tensors use llama.cpp
-names, `output.weight` is left out when embeddings are tied (docs/formats.md GGUF 1-3).
+fastest-first, llama's q/k projections are row-permuted within each head, gemma's norms get + 1
+(convqa.arch.transforms), tensors use llama.cpp names (convqa.arch.registry), `output.weight` is
+left out when embeddings are tied, architecture Params are written as their GGUF keys
+(docs/formats.md GGUF 1-3).
 A module of its own so that its code fingerprint covers only the jobs that write GGUF.
 """
 
@@ -20,11 +22,10 @@ import numpy as np
 from gguf import GGUFWriter
 from gguf.constants import GGML_QUANT_VERSION, GGUFValueType, Keys, LlamaFileType, TokenType
 
-from convqa.arch import PERMUTES_QK_IN_GGUF, SUPPORTED
-from convqa.arch.names import hf_to_gguf, is_qk_projection
+from convqa.arch import registry, transforms
 from convqa.arch.permute import permute_rows_for_gguf
 from convqa.files import atomic_file
-from convqa.formats.gguf_keys import PROVENANCE_KEY, TOKENIZER_PADDING_KEY
+from convqa.formats.gguf_keys import ARCHITECTURE_KEY, PROVENANCE_KEY, TOKENIZER_PADDING_KEY
 from convqa.errors import ConversionError
 from convqa.model import LazyTensor, ModelConfig, WritePlan
 
@@ -51,14 +52,16 @@ _ELEMENT_SHAPE_DTYPE = np.dtype(np.float32)
 def write_gguf(path: str | os.PathLike, plan: WritePlan) -> None:
     """Write `plan` as a GGUF file llama.cpp and transformers load, atomically and streaming."""
     config = plan.config
-    arch = config.architecture
-    if arch not in SUPPORTED:
-        raise ConversionError(f"GGUF writer: unsupported architecture {arch!r}; supported: {SUPPORTED}")
+    if config.architecture not in registry.ARCHITECTURES:
+        raise ConversionError(f"GGUF writer: unsupported architecture {config.architecture!r}; supported: {registry.SUPPORTED}")
+    arch = registry.get(config.architecture)
     gguf_names = _gguf_names(plan)
     with atomic_file(path) as tmp:
-        writer = GGUFWriter(tmp, arch)
+        writer = GGUFWriter(tmp, arch.gguf_name)
         try:
             _add_general(writer, plan)
+            if arch.name != arch.gguf_name:
+                writer.add_string(ARCHITECTURE_KEY, arch.name)
             _add_hyperparameters(writer, config)
             _add_tokenizer(writer, plan)
             for tensor, name in zip(plan.tensors, gguf_names):
@@ -74,8 +77,14 @@ def write_gguf(path: str | os.PathLike, plan: WritePlan) -> None:
 
 def _gguf_names(plan: WritePlan) -> list[str]:
     names = []
+    arch = registry.get(plan.config.architecture)
+    if arch.tied_only and not plan.config.tie_word_embeddings:
+        raise ConversionError(
+            f"GGUF writer: {arch.name} has no untied output head in llama.cpp (its converter drops lm_head); "
+            "an untied model cannot be written faithfully"
+        )
     for tensor in plan.tensors:
-        name = hf_to_gguf(tensor.name)
+        name = registry.hf_to_gguf(arch, tensor.name)
         if name is None:
             raise ConversionError(f"GGUF writer: tensor {tensor.name!r} has no GGUF name")
         if tensor.encoding.ggml_type is None:
@@ -93,7 +102,9 @@ def _gguf_names(plan: WritePlan) -> list[str]:
 
 
 def _add_general(writer: GGUFWriter, plan: WritePlan) -> None:
-    writer.add_name(str(plan.metadata.get("name") or plan.config.architecture))
+    # Fallback: the GGUF architecture, not the registry name: transformers 5.23's GGUF loader takes
+    # a llama file named exactly "mistral" for gguf-py's (absent) mistral tables and refuses it.
+    writer.add_name(str(plan.metadata.get("name") or registry.get(plan.config.architecture).gguf_name))
     weights_2d = [t.encoding.name for t in plan.tensors if len(t.shape) == 2]
     if weights_2d:
         dominant = Counter(weights_2d).most_common(1)[0][0]
@@ -122,9 +133,19 @@ def _add_hyperparameters(writer: GGUFWriter, config: ModelConfig) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(config.head_dim)  # llama.cpp checks it equals head_dim for llama
     writer.add_vocab_size(config.vocab_size)
-    if config.head_dim * config.num_heads != config.hidden_size:
+    if config.head_dim * config.num_heads != config.hidden_size or registry.get(config.architecture).norm_offset:
+        # gemma: llama.cpp's converter always writes them (transformers' GGUF loader reads head_dim there)
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
+    arch = registry.get(config.architecture)
+    for param in arch.params:
+        if param.name not in config.params:
+            raise ConversionError(f"GGUF writer: {arch.name} needs {param.name}, which the config lacks")
+        key, value = param.gguf_key.format(arch=arch.gguf_name), config.params[param.name]
+        if param.kind == "u32":
+            writer.add_uint32(key, int(value))
+        else:
+            writer.add_float32(key, float(value))
 
 
 def _add_tokenizer(writer: GGUFWriter, plan: WritePlan) -> None:
@@ -172,6 +193,8 @@ def _add_tokenizer(writer: GGUFWriter, plan: WritePlan) -> None:
             writer.add_uint32(key, token_id)
     writer.add_add_bos_token(bool(spec.add_bos_token))
     writer.add_add_eos_token(bool(spec.add_eos_token))
+    if spec.add_space_prefix is not None:
+        writer.add_add_space_prefix(spec.add_space_prefix)
     if spec.chat_template:
         writer.add_chat_template(spec.chat_template)
 
@@ -184,15 +207,21 @@ def _add_tensor_info(writer: GGUFWriter, name: str, tensor: LazyTensor, plan: Wr
 
 
 def _stored_rows(tensor: LazyTensor, plan: WritePlan) -> np.ndarray:
-    """The bytes to store for `tensor` (uint8), llama's q/k rows permuted into GGUF order."""
+    """The bytes to store for `tensor` (uint8): llama's q/k rows permuted into GGUF order, gemma's
+    norms + 1 (convqa.arch.transforms decides which)."""
     raw = tensor.raw()
     if raw.size != tensor.nbytes:
         raise ConversionError(
             f"GGUF writer: {tensor.name} has {raw.size} bytes, expected {tensor.nbytes} for {tensor.encoding.name} {list(tensor.shape)}"
         )
-    is_q, is_k = is_qk_projection(tensor.name)
     config = plan.config
-    if not (PERMUTES_QK_IN_GGUF[config.architecture] and plan.quirks.llama_permute_qk and (is_q or is_k)):
+    offset = transforms.norm_offset(config, tensor.name) * plan.quirks.norm_offset_times
+    if offset:
+        if not transforms.can_offset(tensor.encoding):
+            raise ConversionError(f"GGUF writer: cannot add {config.architecture}'s norm offset to the {tensor.encoding.name} {tensor.name}")
+        return transforms.offset_raw(raw, tensor.encoding, tensor.shape, offset)
+    is_q, is_k = transforms.is_qk_projection(tensor.name)
+    if not (registry.get(config.architecture).permute_qk and plan.quirks.llama_permute_qk and (is_q or is_k)):
         return raw
     n_head = config.num_heads if is_q else config.num_kv_heads
     if len(tensor.shape) == 1 and tensor.encoding.block_elems != 1:

@@ -77,6 +77,10 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerSpec | None:
     """Read the tokenizer of an HF model directory; None when it has no tokenizer.json."""
     directory = Path(directory)
     tokenizer_path = directory / TOKENIZER_FILE
+    from convqa.formats import spm_tokenizer
+
+    if spm_tokenizer.is_spm_dir(directory):  # SentencePiece: tokenizer.model carries the vocabulary
+        return spm_tokenizer.tokenizer_from_spm_dir(directory)
     if not tokenizer_path.is_file():
         return None
     tj = load_json_object(tokenizer_path)
@@ -143,7 +147,9 @@ def tokenizer_from_hf_dir(directory: str | os.PathLike) -> TokenizerSpec | None:
     )
 
 
-def write_hf_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, model_max_length: int | None = None) -> None:
+def write_hf_tokenizer(
+    directory: str | os.PathLike, spec: TokenizerSpec, *, model_max_length: int | None = None, architecture: str | None = None
+) -> None:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`.
 
     `AutoTokenizer.from_pretrained(directory)` then tokenizes as llama.cpp does for `spec.pre`,
@@ -153,6 +159,10 @@ def write_hf_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, mod
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
 
     directory = Path(directory)
+    if spec.model == "llama" and architecture is not None:
+        from convqa.formats.spm_tokenizer import write_spm_tokenizer
+
+        return write_spm_tokenizer(directory, spec, architecture=architecture, model_max_length=model_max_length)
     if spec.model != "gpt2":
         raise ConversionError(f"cannot write tokenizer model {spec.model!r} as tokenizer.json; only byte-level BPE (gpt2)")
     if len(spec.token_types) != len(spec.tokens):

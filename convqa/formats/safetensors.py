@@ -244,7 +244,9 @@ def write_safetensors(path: str | os.PathLike, plan: WritePlan, *, max_shard_byt
         write_json(tmp / CONFIG_FILE, hf_config_from(plan.config, plan.tokenizer, dtype=torch_dtype), sort_keys=False, ensure_ascii=False)
         write_json(tmp / GENERATION_CONFIG_FILE, generation_config_from(plan.tokenizer), sort_keys=False, ensure_ascii=False)
         if plan.tokenizer is not None:
-            write_hf_tokenizer(tmp, plan.tokenizer, model_max_length=plan.config.max_position_embeddings)
+            write_hf_tokenizer(
+                tmp, plan.tokenizer, model_max_length=plan.config.max_position_embeddings, architecture=plan.config.architecture
+            )
         if len(shards) == 1:
             _write_file(tmp / SINGLE_FILE, shards[0], file_metadata)
             return

@@ -32,9 +32,9 @@ from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage, kl_statistics
 from convqa.gates.divergence import annotate_divergence
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
-from convqa.workflow.plan import hops
+from convqa.workflow.plan import first_hop, hops
 from convqa.workflow.references import ground_truth, inference_reference, quantized_reference
-from convqa.infer.prompts import CHAT, RUN
+from convqa.infer.prompts import CHAT, NO_CHAT_TEMPLATE, RUN
 
 REPLACEMENT_CHARACTER = "\ufffd"
 # Limit name -> (metric name, aggregate key, True when the value must stay at or below the limit).
@@ -123,6 +123,12 @@ def select_tolerances(variant: str, configured: dict, source_manifest: dict | No
     base = dict(configured.get(variant) or {})
     encoding = weight_encoding(source_manifest)
     key = f"{variant}@{encoding.lower()}" if encoding else None
+    if variant == "native" and key in configured:
+        return key, {**base, **configured[key]}
+    # An architecture whose own ops llama.cpp computes less exactly (gemma's GELU: an F16 table)
+    # has `native@<architecture>` (convqa.arch.registry name), the same way.
+    architecture = ((source_manifest or {}).get("config") or {}).get("architecture")
+    key = f"{variant}@{architecture}" if architecture else None
     if variant == "native" and key in configured:
         return key, {**base, **configured[key]}
     return variant, base
@@ -303,10 +309,23 @@ def inference_rows(model: str, variant: str, runs: dict, tolerances: dict, modal
                 row.status, row.reason = FAIL, record["error"][:500]
             elif broken_reference:
                 row.reason = broken_reference
+            elif modality == CHAT and _no_templates(reference, record):
+                row.status, row.reason = SKIPPED, NO_TEMPLATES
             else:
                 judge(row, compare_runs(reference, record, modality), tolerances.get(engine))
             rows.append(row)
     return rows
+
+
+NO_TEMPLATES = "neither the source nor the artifact carries a chat template"  # as F-CHAT-001 words it
+
+
+def _no_templates(reference: dict, record: dict) -> bool:
+    """Whether no chat prompt could be rendered on either side for want of a chat template (a base
+    model like Gemma-3-270M has none): nothing to compare, a capability absent, not a gap. One
+    side rendering them and the other not is compared, and fails."""
+    chats = [p for run in (reference, record) for p in run.get("prompts") or [] if p.get("modality") == CHAT]
+    return bool(chats) and all(p.get("error") == NO_CHAT_TEMPLATE for p in chats)
 
 
 def _reference_label(variant: str, ref) -> str:
@@ -363,6 +382,8 @@ def reference_rows(model: str, variant: str, references: dict, runs: dict, toler
                 row.reason = f"the reference run for the first hop {hop} was skipped: {reference['skipped']}"
             elif reference.get("error"):  # a correct first hop always has one: its absence is a finding
                 row.status, row.reason = FAIL, reference["error"][:500]
+            elif modality == CHAT and _no_templates(reference, record):
+                row.status, row.reason = SKIPPED, NO_TEMPLATES
             else:
                 judge(row, compare_runs(reference, record, modality), tolerances[engine])
             rows.append(row)

