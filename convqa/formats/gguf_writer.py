@@ -29,6 +29,13 @@ from convqa.formats.gguf_keys import ARCHITECTURE_KEY, PROVENANCE_KEY, TOKENIZER
 from convqa.errors import ConversionError
 from convqa.model import LazyTensor, ModelConfig, WritePlan
 
+# general.name when the plan names no model. Neutral on purpose: consumers key special cases on
+# the name. transformers 5.23's GGUF loader takes a llama file named exactly "mistral" for
+# gguf-py's (absent) mistral tables and refuses it; llama.cpp 0.3.36 gives any model whose name
+# contains "phi3" Phi-3's token attributes, looking up "</s>", "<s>" and "<unk>" (and fails on a
+# vocabulary without them: "error loading model vocabulary: unordered_map::at").
+DEFAULT_NAME = "convqa model"
+
 FILE_TYPE_BY_ENCODING = {
     "F32": LlamaFileType.ALL_F32,
     "F16": LlamaFileType.MOSTLY_F16,
@@ -102,9 +109,7 @@ def _gguf_names(plan: WritePlan) -> list[str]:
 
 
 def _add_general(writer: GGUFWriter, plan: WritePlan) -> None:
-    # Fallback: the GGUF architecture, not the registry name: transformers 5.23's GGUF loader takes
-    # a llama file named exactly "mistral" for gguf-py's (absent) mistral tables and refuses it.
-    writer.add_name(str(plan.metadata.get("name") or registry.get(plan.config.architecture).gguf_name))
+    writer.add_name(str(plan.metadata.get("name") or DEFAULT_NAME))
     weights_2d = [t.encoding.name for t in plan.tensors if len(t.shape) == 2]
     if weights_2d:
         dominant = Counter(weights_2d).most_common(1)[0][0]
