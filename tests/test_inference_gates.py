@@ -217,3 +217,30 @@ def test_chat_rows_are_skipped_when_neither_side_has_a_chat_template(qwen2, tmp_
     assert rows[("F-INF-apr-cpu-run", "transformers")].status == PASS
     chat = rows[("F-INF-apr-cpu-chat", "transformers")]
     assert chat.status == SKIPPED and chat.reason == NO_TEMPLATES
+
+
+# Served vs run answers recorded from real llama.cpp runs of the phi3, qwen3 and mistral tiny
+# presets (byte-level vocabularies emitting lone UTF-8 lead bytes): llama-cpp-python's server kept
+# generating past max_tokens to complete a character, so its answer is the run's, continued.
+@pytest.mark.parametrize("served, run", [
+    ("le4et helpyK npHel\u06b7\u0391", "le4\ufffd\ufffd\ufffd\ufffdet hel\ufffdpyK\ufffd npHel\u06b7\ufffd"),
+    (" cou cou capit cou capit cou capit cou\x0b\uae2d", " cou\ufffd cou capit\ufffd cou capit\ufffd cou capit\ufffd c"),
+    ("umbou ccouameHELazumcouameHELazumumum a", "umbou ccouameHELazumcouameHELazum\ufffdum\ufffd"),
+    ("plain answer", "plain answer"),
+])
+def test_a_served_answer_continued_past_an_unfinished_character_matches(served, run):
+    from convqa.gates.inference import served_text_matches
+
+    assert served_text_matches(served, run)
+
+
+@pytest.mark.parametrize("served, run", [
+    ("plain answer and more", "plain answer"),  # the run ended on a whole character: no continuation
+    ("other text", "le4\ufffd\ufffdet"),
+    ("umbou ccouameHELazumcouameHELaz", "umbou ccouameHELazumcouameHELazum\ufffdum\ufffd"),  # shorter
+    ("", "an answer"),
+])
+def test_a_served_answer_that_differs_from_the_run_does_not_match(served, run):
+    from convqa.gates.inference import served_text_matches
+
+    assert not served_text_matches(served, run)
