@@ -47,17 +47,19 @@ def gemma_gguf(tmp_path_factory) -> Path:
 
 
 _IMPORT = """
-import json, resource, sys
+import json, sys
 from convqa.formats import open_model
+def peak_rss():  # VmHWM: this image's own peak (ru_maxrss keeps the forking pytest's across exec)
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 from convqa.sources.prepare import prepare_source
 with open_model(sys.argv[1]) as m:  # imports and the GGUF's header: the baseline
     largest = max(m.tensors.values(), key=lambda t: np.prod(t.shape))
     sizes = [int(np.prod(largest.shape)) * 4, largest.encoding.nbytes(largest.shape), sum(int(np.prod(t.shape)) * 4 for t in m),
              sum(t.encoding.nbytes(t.shape) for t in m)]
 import torch, transformers.integrations.gguf.gguf_tokenizer_mapping  # what the import loads anyway
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = peak_rss()
 provenance = prepare_source({"kind": "bundled", "name": sys.argv[2]}, sys.argv[3])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({"base": base, "peak": peak, "sizes": sizes, "provenance": provenance}))
 """
 

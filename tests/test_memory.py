@@ -2,7 +2,7 @@
 does not fit becomes a `skipped` record (what it needs, what there is) without loading anything.
 
 Measured on real engines (transformers, llama.cpp) over the bundled SmolLM2-135M: each run is a
-fresh child process whose own peak RSS (ru_maxrss) is compared with the estimate.
+fresh child process whose own peak RSS (VmHWM) is compared with the estimate.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from convqa.infer.run import run_prompts_isolated
 
 MIB = 2**20
 CHILD = """
-import json, resource, sys
+import json, sys
 from convqa.infer.run import run_prompts
 from convqa.infer.prompts import DEFAULT_PROMPTS
 artifact, source, engine = sys.argv[1:4]
 record, logits = run_prompts(artifact, source, engine, "cpu", list(DEFAULT_PROMPTS[:1]), 2, 2)
 assert not record["error"], record["error"]
-print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "logits": len([k for k in logits if not k.startswith("hidden.")])}))
+# VmHWM is this process image's own peak: ru_maxrss carries the forking parent's peak across
+# exec (a pytest process grown to GBs would be measured instead of the engine).
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss": peak, "logits": len([k for k in logits if not k.startswith("hidden.")])}))
 """
 
 

@@ -31,10 +31,7 @@ MIB = 2**20
 F32 = 4
 # Interpreter, torch/transformers or llama-cpp-python and the tokenizer, resident before any
 # weight is loaded (measured RSS of an engine process over a 3 MB model: ~550 MB and ~180 MB).
-# llama.cpp's share is set higher than measured there: over SmolLM2's mmapped Q4_1 GGUF the
-# same run peaked at 513 MB in one test process and 654 MB in another (how much of the mapping
-# and the tokenizer's vocab were resident), against 608 MB estimated with 300 MB.
-RUNTIME_BYTES = {"transformers": 500 * MIB, "llama.cpp": 420 * MIB}
+RUNTIME_BYTES = {"transformers": 500 * MIB, "llama.cpp": 300 * MIB}
 # Copies of one context's logits alive at once (the model output and its NumPy copy).
 LOGIT_COPIES = 2
 DEFAULT_CONTEXT = 512  # the engines' max_context (convqa.infer.engines.base)
