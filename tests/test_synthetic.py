@@ -9,7 +9,7 @@ import pytest
 
 from convqa.arch import expected_tensors
 from convqa.formats.safetensors import read_safetensors
-from convqa.sources.synthetic import SYNTHETIC_PRESETS, build_preset, build_synthetic_model, smollm2_gguf_path
+from convqa.sources.synthetic import PRE_TOKENIZER, SYNTHETIC_PRESETS, build_preset, build_synthetic_model, smollm2_gguf_path
 
 
 def _digests(directory):
@@ -36,7 +36,7 @@ def test_presets_have_the_canonical_tensor_set(tmp_path, preset):
         hub_style = SYNTHETIC_PRESETS[preset].get("checkpoint") == "hub-4.x"
         template = "{%- if tools %}" if hub_style else "{% for message in messages %}"  # Qwen2.5's tool-aware one
         assert model.tokenizer is not None and model.tokenizer.chat_template.startswith(template)
-        assert model.tokenizer.pre == {"qwen2": "qwen2", "llama": "smollm"}[model.config.architecture]
+        assert model.tokenizer.pre == PRE_TOKENIZER[model.config.architecture]
         for name, tensor in model.tensors.items():
             values = tensor.to_float32()
             if name.endswith("_proj.bias"):
