@@ -90,7 +90,8 @@ def test_code_fingerprints_follow_the_formats(J):
     inspect = J.code("inspect.py", J.chain_formats)
     assert inspect(w(chain="st-gguf")) == inspect(w(chain="st-apr-gguf.run2")) != inspect(w(chain="st-apr"))
     assert J.code("inspect.py", ["safetensors"]) == inspect(w(chain="st-gguf-st"))
-    assert J.edge_formats(w(chain="st-gguf-apr")) == ("gguf", "apr")
+    # An edge runs its parent format's reader and its own format's writer (fingerprint.writes).
+    assert J.edge_formats(w(chain="st-gguf-apr")) == ("gguf", "apr:write")
     assert J.inferred_formats(w(model="m", engine="transformers", backend="cpu")) == ("safetensors", "safetensors")
 
 
