@@ -96,6 +96,9 @@ SLIDING_WINDOW = Param("sliding_window", gguf.Keys.Attention.SLIDING_WINDOW, "u3
 ROPE_LOCAL_THETA = Param("rope_local_theta", gguf.Keys.Rope.FREQ_BASE_SWA, "f32")
 ATTN_SOFTCAP = Param("attn_logit_softcapping", gguf.Keys.LLM.ATTN_LOGIT_SOFTCAPPING, "f32")
 FINAL_SOFTCAP = Param("final_logit_softcapping", gguf.Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "f32")
+EXPERT_COUNT = Param("num_experts", gguf.Keys.LLM.EXPERT_COUNT, "u32")
+EXPERT_USED_COUNT = Param("num_experts_per_tok", gguf.Keys.LLM.EXPERT_USED_COUNT, "u32")
+EXPERT_FF = Param("moe_intermediate_size", gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "u32")
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,7 @@ EXPERIMENTAL: dict[str, Architecture] = {
     "qwen3_moe": Architecture(
         "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE,
         {**{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}, **_QK_NORM, **_MOE_ROUTER},
-        ROPE_NEOX, expert_roles=_MOE_EXPERTS,
+        ROPE_NEOX, expert_roles=_MOE_EXPERTS, params=(EXPERT_COUNT, EXPERT_USED_COUNT, EXPERT_FF),
     ),
 }  # fmt: skip
 SUPPORTED = tuple(ARCHITECTURES)
@@ -210,6 +213,14 @@ def fused_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[sl
     """Rows of q, k and v inside a fused qkv_proj (HF's and llama.cpp's order)."""
     q, kv = num_heads * head_dim, num_kv_heads * head_dim
     return slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
+
+
+def declared(name: str) -> Architecture:
+    """The entry of a supported or an EXPERIMENTAL architecture: what the GGUF boundary's
+    transforms (writer, `convqa.arch.transforms`) look up; everything else uses `get`."""
+    if name in EXPERIMENTAL:
+        return EXPERIMENTAL[name]
+    return get(name)
 
 
 def get(name: str) -> Architecture:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from convqa.arch.registry import ARCHITECTURES, Architecture
+from convqa.arch.registry import Architecture, declared
 from convqa.encodings import Encoding
 from convqa.model import ModelConfig
 
@@ -24,7 +24,7 @@ _FLOAT_ENCODINGS = ("F32", "F16", "BF16")
 
 
 def arch_of(config: ModelConfig) -> Architecture:
-    return ARCHITECTURES[config.architecture]
+    return declared(config.architecture)
 
 
 def is_qk_projection(name: str) -> tuple[bool, bool]:
