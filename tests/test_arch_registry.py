@@ -379,6 +379,7 @@ def test_moe_save_pretrained_is_per_expert_and_registry_names_it(moe_model):
     expected |= {registry.EMBEDDING, registry.FINAL_NORM, registry.LM_HEAD}
     assert set(state) == expected
     assert state["model.layers.0.mlp.experts.3.gate_proj.weight"].shape == (MOE_FF, 32)
+    assert expected_tensors(_moe_plan(state).config) == {k: v.shape for k, v in state.items()}
     # the stacked GGUF names are gguf-py's qwen3moe tensors: nothing left over, nothing missing
     gguf_names = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]}
     mapped = {registry.hf_to_gguf(arch, f"model.layers.0.{s}").replace("blk.0.", "blk.{bid}.") for s in arch.layer_roles}
