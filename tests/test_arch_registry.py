@@ -416,6 +416,16 @@ def test_moe_gguf_stacks_experts_as_llama_cpp_and_both_engines_run_it(moe_model,
                 got = transforms.expert_loader(stacked, e, MOE_EXPERTS)().view(np.float32).reshape(want.shape[1:])
                 assert np.array_equal(got, want[e])
 
+    # the GGUF reader's split (reached through read_gguf once qwen3_moe is SUPPORTED)
+    from convqa.formats import gguf as gguf_reader
+
+    parsed = gguf_reader._parse(str(out), memoryview(np.memmap(out, dtype=np.uint8, mode="r")))
+    info = next(i for i in parsed.tensors if i.name == "blk.1.ffn_up_exps.weight")
+    split = gguf_reader._expert_tensors(str(out), info, 1, "up_proj.weight", _moe_plan(state).config)
+    assert list(split) == [f"model.layers.1.mlp.experts.{e}.up_proj.weight" for e in range(MOE_EXPERTS)]
+    for name, t in split.items():
+        assert t.shape == state[name].shape and np.array_equal(t.raw().view(np.float32).reshape(t.shape), state[name])
+
     ids = PROMPT[:12]
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
