@@ -188,20 +188,19 @@ ARCHITECTURES: dict[str, Architecture] = {
             params=(SLIDING_WINDOW, ATTN_SOFTCAP, FINAL_SOFTCAP), swa_pattern=2,
         ),
         Architecture("phi3", "Phi3ForCausalLM", "phi3", gguf.MODEL_ARCH.PHI3, _PHI3_LAYER, ROPE_NEOX),
+        # transformers 5.23's GGUF loader ignores expert_feed_forward_length (moe_intermediate_size
+        # stays at its default, 768) and forces norm_topk_prob=True, as llama.cpp's qwen3moe graph
+        # does (measured): only such models run alike in both engines (convqa.arch.hf_config).
+        Architecture(
+            "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE,
+            {**{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}, **_QK_NORM, **_MOE_ROUTER},
+            ROPE_NEOX, expert_roles=_MOE_EXPERTS, params=(EXPERT_COUNT, EXPERT_USED_COUNT, EXPERT_FF),
+        ),
     )
 }  # fmt: skip
-# Declared and tested at the GGUF boundary (tests/test_arch_registry.py: stacking, llama.cpp and
-# transformers' GGUF loader), not yet wired through the ModelConfig / HF config / presets / workflow,
-# so not SUPPORTED: `get` still refuses it. transformers 5.23's GGUF loader ignores
-# `expert_feed_forward_length` (moe_intermediate_size stays at its default, 768) and forces
-# norm_topk_prob=True, as llama.cpp's qwen3moe graph does: only such models round-trip through it.
-EXPERIMENTAL: dict[str, Architecture] = {
-    "qwen3_moe": Architecture(
-        "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE,
-        {**{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}, **_QK_NORM, **_MOE_ROUTER},
-        ROPE_NEOX, expert_roles=_MOE_EXPERTS, params=(EXPERT_COUNT, EXPERT_USED_COUNT, EXPERT_FF),
-    ),
-}  # fmt: skip
+# Architectures declared at the GGUF boundary (writer, reader, transforms) but not yet supported
+# end to end: `get` refuses them. Empty since qwen3_moe became SUPPORTED; kept for the next one.
+EXPERIMENTAL: dict[str, Architecture] = {}
 SUPPORTED = tuple(ARCHITECTURES)
 BY_HF_CLASS = {a.hf_class: a for a in ARCHITECTURES.values()}
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
