@@ -28,7 +28,7 @@ from convqa.sources.synthetic import SYNTHETIC_PRESETS
 # The tiny preset of each registry architecture.
 PRESETS = {"qwen2": "qwen2-tiny", "llama": "llama-tiny", "qwen3": "qwen3-tiny", "mistral": "mistral-tiny",
            "gemma3": "gemma3-tiny", "gemma2": "gemma2-tiny", "phi3": "phi3-tiny", "qwen3_moe": "qwen3-moe-tiny"}  # fmt: skip
-NEW = ["qwen3", "mistral", "gemma3", "gemma2", "phi3"]
+NEW = ["qwen3", "mistral", "gemma3", "gemma2", "phi3", "qwen3_moe"]
 PROMPT = list(range(5, 45))  # 40 positions: longer than gemma's 8-token sliding window
 def llama_cpp_max_rel(name: str) -> float:
     """config/config.yaml's native llama.cpp tolerance, `native@<architecture>` where it has one
