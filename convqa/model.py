@@ -183,6 +183,8 @@ class WriterQuirks:
     llama_permute_qk: bool = True  # False: skip llama's Q/K permutation when writing GGUF
     norm_offset_times: int = 1  # how often gemma's +1 norm offset is added when writing GGUF (2: twice)
     apr_dtype_override: dict = field(default_factory=dict)  # canonical name -> dtype byte to write
+    # MoE: n_expert -> the expert stacked at each index of a GGUF expert tensor (None: 0..n-1)
+    expert_order: Callable[[int], list[int]] | None = None
 
 
 @dataclass

@@ -27,8 +27,8 @@ from convqa.sources.synthetic import SYNTHETIC_PRESETS
 
 # The tiny preset of each registry architecture.
 PRESETS = {"qwen2": "qwen2-tiny", "llama": "llama-tiny", "qwen3": "qwen3-tiny", "mistral": "mistral-tiny",
-           "gemma3": "gemma3-tiny", "gemma2": "gemma2-tiny", "phi3": "phi3-tiny"}  # fmt: skip
-NEW = ["qwen3", "mistral", "gemma3", "gemma2", "phi3"]
+           "gemma3": "gemma3-tiny", "gemma2": "gemma2-tiny", "phi3": "phi3-tiny", "qwen3_moe": "qwen3-moe-tiny"}  # fmt: skip
+NEW = ["qwen3", "mistral", "gemma3", "gemma2", "phi3", "qwen3_moe"]
 PROMPT = list(range(5, 45))  # 40 positions: longer than gemma's 8-token sliding window
 def llama_cpp_max_rel(name: str) -> float:
     """config/config.yaml's native llama.cpp tolerance, `native@<architecture>` where it has one
@@ -61,6 +61,14 @@ def test_registry_names_are_the_real_hf_models(name, synthetic_dir):
     real = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     assert type(real).__name__ == registry.get(name).hf_class
     names = set(real.state_dict())
+    if registry.get(name).expert_roles:
+        # transformers 5.23 fuses experts in memory (3-D gate_up_proj); save_pretrained writes
+        # the Hub's per-expert tensors, which is what a checkpoint holds
+        from safetensors import safe_open
+
+        real.save_pretrained(path.parent / "resaved")
+        with safe_open(path.parent / "resaved" / "model.safetensors", "np") as f:
+            names = set(f.keys())
     if config.tie_word_embeddings:
         names.discard("lm_head.weight")
     with open_model(path) as model:
@@ -196,6 +204,8 @@ def _config(name):
         config = config.replace(params={"sliding_window": 8, "rope_local_theta": 1e4})
     if name == "gemma2":
         config = config.replace(params={"sliding_window": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0})
+    if name == "qwen3_moe":
+        config = config.replace(params={"num_experts": 12, "num_experts_per_tok": 2, "moe_intermediate_size": 768})
     return config
 
 
@@ -317,3 +327,161 @@ def test_expert_order_diagnosis():
     assert _value_diagnosis("model.layers.0.mlp.experts.down_proj", experts, swapped, None).startswith(
         "experts stacked in the wrong order")
     assert not _value_diagnosis("model.layers.0.mlp.experts.down_proj", experts, experts * 2, None).startswith("experts")
+
+
+# --- MoE (qwen3_moe, registry.EXPERIMENTAL): expert stacking at the GGUF boundary -------------
+# 12 experts (string order 0, 1, 10, 11, 2, ... differs from numeric), top-2, two layers.
+# moe_intermediate_size 768 and norm_topk_prob=True: transformers 5.23's GGUF loader ignores
+# expert_feed_forward_length (keeps its default 768) and forces norm_topk_prob=True (measured).
+MOE_EXPERTS, MOE_FF = 12, 768
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    """A seeded tiny Qwen3MoeForCausalLM, saved by save_pretrained, with perturbed norms."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    hf = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=MOE_FF,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        num_experts=MOE_EXPERTS, num_experts_per_tok=2, norm_topk_prob=True,
+                        max_position_embeddings=64, tie_word_embeddings=False,
+                        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})  # fmt: skip
+    torch.manual_seed(12)
+    model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # norms visible: a dropped or swapped norm changes logits
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif "mlp.experts" in name or name.endswith("mlp.gate.weight"):
+                p.copy_(0.2 * torch.randn_like(p))  # experts and router distinct enough to route
+    path = tmp_path_factory.mktemp("qwen3-moe") / "hf"
+    model.save_pretrained(path)
+    return path, model.eval(), load_file(path / "model.safetensors")
+
+
+def _moe_plan(state: dict, **quirks):
+    from convqa import encodings
+    from convqa.model import LazyTensor, ModelConfig, TokenizerSpec, WriterQuirks, WritePlan
+
+    config = ModelConfig("qwen3_moe", 64, 32, 48, 2, 4, 2, 8, 64, 1000000.0, 1e-6, False,
+                         params={"num_experts": MOE_EXPERTS, "num_experts_per_tok": 2, "moe_intermediate_size": MOE_FF})  # fmt: skip
+    tokens = [f"t{i}" for i in range(64)]
+    tokenizer = TokenizerSpec("gpt2", "qwen2", tokens, [1] * 64, ["t 1"], bos_token_id=0, eos_token_id=1)
+    tensors = [LazyTensor(k, v.shape, encodings.F32, lambda v=v: np.ascontiguousarray(v).view(np.uint8).reshape(-1))
+               for k, v in state.items()]  # fmt: skip
+    return WritePlan(config, tokenizer, tensors, quirks=WriterQuirks(**quirks))
+
+
+def _stacked(state: dict, layer: int, proj: str, order) -> np.ndarray:
+    return np.stack([state[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] for e in order])
+
+
+def test_moe_save_pretrained_is_per_expert_and_registry_names_it(moe_model):
+    """transformers 5.23 fuses experts in memory (3-D gate_up_proj) but save_pretrained writes the
+    Hub's per-expert 2-D tensors; the registry's roles are exactly those names."""
+    _, _, state = moe_model
+    arch = registry.get("qwen3_moe")
+    expected = {f"model.layers.{i}.{s}" for i in range(2) for s in arch.layer_roles}
+    expected |= {registry.expert_name(i, e, s) for i in range(2) for e in range(MOE_EXPERTS) for s in arch.expert_roles}
+    expected |= {registry.EMBEDDING, registry.FINAL_NORM, registry.LM_HEAD}
+    assert set(state) == expected
+    assert state["model.layers.0.mlp.experts.3.gate_proj.weight"].shape == (MOE_FF, 32)
+    assert expected_tensors(_moe_plan(state).config) == {k: v.shape for k, v in state.items()}
+    # the stacked GGUF names are gguf-py's qwen3moe tensors: nothing left over, nothing missing
+    gguf_names = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH.QWEN3MOE]}
+    mapped = {registry.hf_to_gguf(arch, f"model.layers.0.{s}").replace("blk.0.", "blk.{bid}.") for s in arch.layer_roles}
+    mapped |= {registry.stacked_gguf_name(arch, 0, s).replace("blk.0.", "blk.{bid}.") for s in arch.expert_roles}
+    mapped |= {registry.hf_to_gguf(arch, n) for n in (registry.EMBEDDING, registry.FINAL_NORM, registry.LM_HEAD)}
+    assert {n.removesuffix(".weight") for n in mapped} == gguf_names
+
+
+def test_moe_gguf_stacks_experts_as_llama_cpp_and_both_engines_run_it(moe_model, tmp_path):
+    """The writer stacks expert e at index e ([n_expert, rows, cols], llama.cpp's converter);
+    transformers' GGUF loader gives the HF logits bit for bit, llama.cpp within its tolerance, and
+    each expert's bytes come back out of the stack (the reader-side split)."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from convqa.arch import transforms
+    from convqa.formats.filerange import read_file_range
+    from convqa.formats.gguf_writer import write_gguf
+
+    hf_path, model, state = moe_model
+    out = tmp_path / "moe.gguf"
+    write_gguf(out, _moe_plan(state))
+    reader = gguf.GGUFReader(out)
+    by_name = {t.name: t for t in reader.tensors}
+    for layer in range(2):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            t = by_name[f"blk.{layer}.ffn_{proj.split('_')[0]}_exps.weight"]
+            want = _stacked(state, layer, proj, range(MOE_EXPERTS))
+            assert tuple(reversed(t.shape.tolist())) == want.shape
+            assert np.array_equal(np.asarray(t.data).reshape(want.shape), want)
+            stacked = lambda t=t: read_file_range(out, t.data_offset, t.n_bytes)  # noqa: E731
+            for e in (0, 2, 10, MOE_EXPERTS - 1):
+                got = transforms.expert_loader(stacked, e, MOE_EXPERTS)().view(np.float32).reshape(want.shape[1:])
+                assert np.array_equal(got, want[e])
+
+    # the GGUF reader's split (reached through read_gguf once qwen3_moe is SUPPORTED)
+    from convqa.formats import gguf as gguf_reader
+
+    parsed = gguf_reader._parse(str(out), memoryview(np.memmap(out, dtype=np.uint8, mode="r")))
+    info = next(i for i in parsed.tensors if i.name == "blk.1.ffn_up_exps.weight")
+    split = gguf_reader._expert_tensors(str(out), info, 1, "up_proj.weight", _moe_plan(state).config)
+    assert list(split) == [f"model.layers.1.mlp.experts.{e}.up_proj.weight" for e in range(MOE_EXPERTS)]
+    for name, t in split.items():
+        assert t.shape == state[name].shape and np.array_equal(t.raw().view(np.float32).reshape(t.shape), state[name])
+
+    ids = PROMPT[:12]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+        g = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+        assert np.array_equal(g(torch.tensor([ids])).logits[0].numpy(), ref)
+    llm = llama_cpp.Llama(str(out), logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+    llm.eval(ids)
+    lc = np.array(llm.scores[: len(ids)])
+    # Measured 2.4e-4 (max |dlogit| 8.6e-5 on logits of at most 0.36): above config.yaml's native
+    # llama.cpp 1e-4, so a qualifying run needs a `native@qwen3_moe` tolerance (not yet set).
+    assert np.max(np.abs(lc - ref)) / np.max(np.abs(ref)) <= 1e-3
+    assert np.array_equal(lc.argmax(-1), ref.argmax(-1))
+
+
+def test_moe_experts_string_sorted_mutant_is_caught_and_diagnosed(moe_model, tmp_path):
+    """The string-sorted stacking (0, 1, 10, 11, 2, ...) loads in llama.cpp and changes its
+    logits; the comparator names it on the real stacked tensors; the correct stacking is quiet."""
+    import llama_cpp
+
+    from convqa.convert.mutants import EXPERIMENTAL_MUTANTS
+    from convqa.formats.gguf_writer import write_gguf
+
+    _, _, state = moe_model
+    plan = _moe_plan(state)
+    bad_plan, _ = EXPERIMENTAL_MUTANTS["moe-experts-string-sorted"].apply(plan, None, tmp_path, tmp_path / "bad.gguf")
+    scores = {}
+    for label, p in (("good", plan), ("bad", bad_plan)):
+        write_gguf(tmp_path / f"{label}.gguf", p)
+        llm = llama_cpp.Llama(str(tmp_path / f"{label}.gguf"), logits_all=True, verbose=False, n_ctx=64, n_threads=1)
+        llm.eval(PROMPT[:12])
+        scores[label] = np.array(llm.scores[:12])
+    assert np.abs(scores["good"] - scores["bad"]).max() > 1e-2
+
+    source = _stacked(state, 0, "down_proj", range(MOE_EXPERTS))
+    for label, order in (("good", list(range(MOE_EXPERTS))), ("bad", [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9])):
+        t = next(t for t in gguf.GGUFReader(tmp_path / f"{label}.gguf").tensors if t.name == "blk.0.ffn_down_exps.weight")
+        got = np.asarray(t.data).reshape(source.shape)
+        diagnosis = _value_diagnosis("model.layers.0.mlp.experts.down_proj", source, got, None)
+        if label == "good":
+            assert np.array_equal(got, source)
+        else:
+            assert diagnosis == f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
+    with pytest.raises(ConversionError, match="only applies to MoE"):
+        EXPERIMENTAL_MUTANTS["moe-experts-string-sorted"].apply(dataclasses_replace_arch(plan, "qwen3"), None, tmp_path, tmp_path)
+
+
+def dataclasses_replace_arch(plan, arch):
+    import dataclasses
+
+    return dataclasses.replace(plan, config=plan.config.replace(architecture=arch, params={}))

@@ -8,7 +8,8 @@ the intentional HF<->GGUF transforms the format boundary applies.
 from __future__ import annotations
 
 from convqa.arch.registry import (
-    ARCHITECTURES, D, FF, FF2, GLOBAL_ROLES, H, KV, LM_HEAD, Q, QKV, SUPPORTED, V, Architecture, get,
+    ARCHITECTURES, D, E, FF, FF2, GLOBAL_ROLES, H, KV, LM_HEAD, MFF, Q, QKV, SUPPORTED, V, Architecture, declared, expert_name,
+    get,
 )  # fmt: skip
 from convqa.model import ModelConfig
 
@@ -26,18 +27,24 @@ def dims(config: ModelConfig) -> dict[str, int]:
         D: config.head_dim,
         QKV: (config.num_heads + 2 * config.num_kv_heads) * config.head_dim,
         FF2: 2 * config.intermediate_size,
+        # MoE (registry Params; 0 for dense architectures, which have no such roles)
+        E: int(config.params.get("num_experts", 0)),
+        MFF: int(config.params.get("moe_intermediate_size", 0)),
     }
 
 
 def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Canonical name -> canonical shape of every tensor a model with `config` must have."""
-    arch = get(config.architecture)
+    arch = declared(config.architecture)
     size = dims(config)
     out = {name: tuple(size[d] for d in shape) for name, shape in GLOBAL_ROLES.items()}
     head = out.pop(LM_HEAD)
     for i in range(config.num_layers):
         for suffix, shape in arch.layer_roles.items():
             out[f"model.layers.{i}.{suffix}"] = tuple(size[d] for d in shape)
+        for expert in range(size[E]):
+            for suffix, shape in arch.expert_roles.items():
+                out[expert_name(i, expert, suffix)] = tuple(size[d] for d in shape)
     if not config.tie_word_embeddings:
         out[LM_HEAD] = head
     return out

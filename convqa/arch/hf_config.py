@@ -38,7 +38,11 @@ _DEFAULTS = {
     "gemma3": _COMMON | _GEMMA | {"max_position_embeddings": 131072, "rope_local_base_freq": 10000.0},
     "phi3": _COMMON | {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "num_key_value_heads": None, "sliding_window": None},
     "gemma2": _COMMON | _GEMMA | {"max_position_embeddings": 8192, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "qwen3_moe": _COMMON | {"max_position_embeddings": 32768, "num_key_value_heads": 4, "head_dim": None,
+                            "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
 }
+# transformers 5.23's GGUF loader: moe_intermediate_size is never read from GGUF (stays 768)
+TRANSFORMERS_GGUF_MOE_FF = 768
 GEMMA_ACTIVATION = "gelu_pytorch_tanh"
 # transformers' RoPE default when a config names no theta (modeling_rope_utils).
 DEFAULT_ROPE_THETA = 10000.0
@@ -76,6 +80,8 @@ def config_from_hf(hf: dict, path: str | os.PathLike | None) -> ModelConfig:
         rope_theta, params = _rope_theta(hf, path), {}
     if arch in ("gemma2", "gemma3"):
         params |= _gemma_params(hf, arch, layers, head_dim, path)
+    if registry.get(arch).expert_roles:
+        params |= _moe_params(hf, arch, path)
     return ModelConfig(
         architecture=arch,
         vocab_size=vocab,
@@ -95,6 +101,24 @@ def config_from_hf(hf: dict, path: str | os.PathLike | None) -> ModelConfig:
         tie_word_embeddings=_bool(hf.get("tie_word_embeddings", defaults["tie_word_embeddings"]), "tie_word_embeddings", path),
         params=params,
     )
+
+
+def _moe_params(hf: dict, arch: str, path) -> dict:
+    """Qwen3-MoE's expert geometry; refuses what llama.cpp's qwen3moe graph cannot run as written."""
+    d = _DEFAULTS[arch]
+    if "num_local_experts" in hf:  # transformers 5.23 saves num_experts under this name; the Hub's configs: num_experts
+        hf = {**hf, "num_experts": hf["num_local_experts"]}
+    params = {k: _positive_int({k: hf.get(k, d[k])}, k, path) for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size")}
+    if params["num_experts_per_tok"] > params["num_experts"]:
+        raise FormatError(path, f"num_experts_per_tok {params['num_experts_per_tok']} exceeds num_experts {params['num_experts']}",
+                          field="num_experts_per_tok")
+    if not hf.get("norm_topk_prob", False):
+        raise FormatError(path, "unsupported: norm_topk_prob is false; llama.cpp's qwen3moe always renormalises the top-k "
+                                "router weights (and transformers' GGUF loader sets it true)", field="norm_topk_prob")
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise FormatError(path, "unsupported: dense MLP layers (decoder_sparse_step != 1 or mlp_only_layers); "
+                                "GGUF's qwen3moe has experts in every layer", field="mlp_only_layers")
+    return params
 
 
 def _gemma_params(hf: dict, arch: str, layers: int, head_dim: int, path) -> dict:
@@ -206,8 +230,18 @@ def hf_config_from(config: ModelConfig, tokenizer: TokenizerSpec | None, *, dtyp
         hf |= {"sliding_window": None, "original_max_position_embeddings": config.max_position_embeddings}
         del hf["head_dim"]  # Phi3Config derives it (hidden / heads); it has no such key
     else:
-        if arch.name == "qwen3":
+        if arch.name in ("qwen3", "qwen3_moe"):
             hf["attention_bias"] = False
+        if arch.expert_roles:
+            p = config.params
+            hf |= {
+                "num_experts": p["num_experts"],
+                "num_experts_per_tok": p["num_experts_per_tok"],
+                "moe_intermediate_size": p["moe_intermediate_size"],
+                "norm_topk_prob": True,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+            }
         hf |= {
             "use_sliding_window": False,
             "sliding_window": None,
@@ -286,11 +320,11 @@ def _refuse_unsupported(hf: dict, arch: str, path) -> None:
     act = hf.get("hidden_act", "silu")
     if act != "silu" and not registry.get(arch).norm_offset:  # gemma: hidden_activation, checked with its params
         raise FormatError(path, f"unsupported hidden_act {act!r}; llama.cpp's {arch} graph uses silu", field="hidden_act")
-    if arch in ("llama", "mistral", "qwen3", "gemma2", "gemma3"):
+    if arch in ("llama", "mistral", "qwen3", "qwen3_moe", "gemma2", "gemma3"):
         for key in ("attention_bias", "mlp_bias"):
             if hf.get(key, False):
                 raise FormatError(path, f"unsupported: {key} is true; the llama tensor set has no biases", field=key)
-    if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window", False):
+    if arch in ("qwen2", "qwen3", "qwen3_moe") and hf.get("use_sliding_window", False):
         raise FormatError(path, f"unsupported: use_sliding_window is true; GGUF's {arch} has no sliding window", field="use_sliding_window")
     if arch in ("mistral", "phi3"):
         # transformers' GGUF loader reads no sliding window for either: only one that never

@@ -33,6 +33,7 @@ import gguf
 # Symbolic dimensions of a tensor role: resolved against a ModelConfig by `convqa.arch.shape`.
 H, V, FF, Q, KV, D = "hidden", "vocab", "ff", "q_rows", "kv_rows", "head_dim"
 QKV, FF2 = "qkv_rows", "ff_gate_up"  # fused projections: q|k|v rows, gate|up rows
+E, MFF = "num_experts", "moe_ff"  # MoE: expert count, one expert's intermediate size
 
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
@@ -68,6 +69,13 @@ _PHI3_LAYER = {
     "mlp.down_proj.weight": (H, FF),
 }
 
+# Qwen3-MoE: the dense MLP is replaced by a router (`mlp.gate`, GGUF ffn_gate_inp) and per-expert
+# 2-D projections, `mlp.experts.{e}.<proj>` as the Hub and transformers 5.23's save_pretrained
+# spell them (measured: save_pretrained un-fuses its in-memory 3-D gate_up_proj again).
+_MOE_ROUTER = {"mlp.gate.weight": (E, H)}
+_MOE_EXPERTS = {"gate_proj.weight": (MFF, H), "up_proj.weight": (MFF, H), "down_proj.weight": (H, MFF)}
+EXPERT_PREFIX = "mlp.experts."
+
 ROPE_NORM, ROPE_NEOX = "norm", "neox"  # llama.cpp rope types: adjacent pairs / split halves
 
 
@@ -88,6 +96,9 @@ SLIDING_WINDOW = Param("sliding_window", gguf.Keys.Attention.SLIDING_WINDOW, "u3
 ROPE_LOCAL_THETA = Param("rope_local_theta", gguf.Keys.Rope.FREQ_BASE_SWA, "f32")
 ATTN_SOFTCAP = Param("attn_logit_softcapping", gguf.Keys.LLM.ATTN_LOGIT_SOFTCAPPING, "f32")
 FINAL_SOFTCAP = Param("final_logit_softcapping", gguf.Keys.LLM.FINAL_LOGIT_SOFTCAPPING, "f32")
+EXPERT_COUNT = Param("num_experts", gguf.Keys.LLM.EXPERT_COUNT, "u32")
+EXPERT_USED_COUNT = Param("num_experts_per_tok", gguf.Keys.LLM.EXPERT_USED_COUNT, "u32")
+EXPERT_FF = Param("moe_intermediate_size", gguf.Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, "u32")
 
 
 @dataclass(frozen=True)
@@ -108,9 +119,14 @@ class Architecture:
     # Roles llama.cpp loads when present but the HF class never has (llama's optional q/k/v
     # biases): named in the bijection, not expected of a model.
     optional_roles: dict = field(default_factory=dict)
+    # MoE: per-expert roles (suffix after `model.layers.N.mlp.experts.E.`) that GGUF stacks into
+    # one [n_expert, rows, cols] tensor per layer (`convqa.arch.transforms.stack_experts`).
+    expert_roles: dict = field(default_factory=dict)
     # hf -> gguf suffix maps, derived from gguf-py in __post_init__
     layer_to_gguf: dict = field(default_factory=dict, compare=False, repr=False)
     global_to_gguf: dict = field(default_factory=dict, compare=False, repr=False)
+    # per-expert suffix -> stacked GGUF layer suffix ("gate_proj.weight" -> "ffn_gate_exps.weight")
+    expert_to_gguf: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def gguf_name(self) -> str:
@@ -127,7 +143,14 @@ class Architecture:
             if not name.startswith("blk.0."):
                 raise AssertionError(f"{self.name}: {suffix} maps to {name}, outside the layer stack")
             self.layer_to_gguf[suffix] = name[len("blk.0.") :]
-        for table in (self.global_to_gguf, self.layer_to_gguf):
+        for suffix in self.expert_roles:
+            # gguf-py names the stacked tensor by the fused HF spelling, without the expert index.
+            fused = f"model.layers.0.{EXPERT_PREFIX}{suffix.removesuffix('.weight')}"
+            name = tmap.get_name(fused)
+            if name is None or not name.startswith("blk.0."):
+                raise AssertionError(f"{self.name}: gguf-py's {self.gguf_name} tables have no stacked tensor for {fused}")
+            self.expert_to_gguf[suffix] = name[len("blk.0.") :] + ".weight"
+        for table in (self.global_to_gguf, {**self.layer_to_gguf, **self.expert_to_gguf}):
             if len(set(table.values())) != len(table):
                 raise AssertionError(f"{self.name}: HF -> GGUF names are not one-to-one: {table}")
 
@@ -165,8 +188,19 @@ ARCHITECTURES: dict[str, Architecture] = {
             params=(SLIDING_WINDOW, ATTN_SOFTCAP, FINAL_SOFTCAP), swa_pattern=2,
         ),
         Architecture("phi3", "Phi3ForCausalLM", "phi3", gguf.MODEL_ARCH.PHI3, _PHI3_LAYER, ROPE_NEOX),
+        # transformers 5.23's GGUF loader ignores expert_feed_forward_length (moe_intermediate_size
+        # stays at its default, 768) and forces norm_topk_prob=True, as llama.cpp's qwen3moe graph
+        # does (measured): only such models run alike in both engines (convqa.arch.hf_config).
+        Architecture(
+            "qwen3_moe", "Qwen3MoeForCausalLM", "qwen3_moe", gguf.MODEL_ARCH.QWEN3MOE,
+            {**{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith("mlp.")}, **_QK_NORM, **_MOE_ROUTER},
+            ROPE_NEOX, expert_roles=_MOE_EXPERTS, params=(EXPERT_COUNT, EXPERT_USED_COUNT, EXPERT_FF),
+        ),
     )
 }  # fmt: skip
+# Architectures declared at the GGUF boundary (writer, reader, transforms) but not yet supported
+# end to end: `get` refuses them. Empty since qwen3_moe became SUPPORTED; kept for the next one.
+EXPERIMENTAL: dict[str, Architecture] = {}
 SUPPORTED = tuple(ARCHITECTURES)
 BY_HF_CLASS = {a.hf_class: a for a in ARCHITECTURES.values()}
 BY_MODEL_TYPE = {a.model_type: a for a in ARCHITECTURES.values()}
@@ -178,6 +212,14 @@ def fused_qkv_rows(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[sl
     """Rows of q, k and v inside a fused qkv_proj (HF's and llama.cpp's order)."""
     q, kv = num_heads * head_dim, num_kv_heads * head_dim
     return slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)
+
+
+def declared(name: str) -> Architecture:
+    """The entry of a supported or an EXPERIMENTAL architecture: what the GGUF boundary's
+    transforms (writer, `convqa.arch.transforms`) look up; everything else uses `get`."""
+    if name in EXPERIMENTAL:
+        return EXPERIMENTAL[name]
+    return get(name)
 
 
 def get(name: str) -> Architecture:
@@ -192,8 +234,39 @@ _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _GGUF_LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
+_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(.+)$")
+
+
+def expert_of(arch: Architecture, name: str) -> tuple[int, int, str] | None:
+    """(layer, expert, per-expert suffix) of a canonical per-expert tensor of `arch`, else None."""
+    m = _HF_EXPERT.match(name)
+    if m and m.group(3) in arch.expert_roles:
+        return int(m.group(1)), int(m.group(2)), m.group(3)
+    return None
+
+
+def stacked_gguf_name(arch: Architecture, layer: int, suffix: str) -> str:
+    """The GGUF tensor that stacks every expert's `suffix` of `layer` ("blk.0.ffn_up_exps.weight")."""
+    return f"blk.{layer}.{arch.expert_to_gguf[suffix]}"
+
+
+def stacked_to_hf(arch: Architecture, name: str) -> tuple[int, str] | None:
+    """(layer, per-expert suffix) of a stacked GGUF expert tensor of `arch`, else None."""
+    m = _GGUF_LAYER.match(name)
+    if m:
+        for suffix, g in arch.expert_to_gguf.items():
+            if g == m.group(2):
+                return int(m.group(1)), suffix
+    return None
+
+
+def expert_name(layer: int, expert: int, suffix: str) -> str:
+    return f"model.layers.{layer}.{EXPERT_PREFIX}{expert}.{suffix}"
+
+
 def hf_to_gguf(arch: Architecture, name: str) -> str | None:
-    """Canonical HF name -> GGUF name for `arch`, or None if it has no GGUF counterpart."""
+    """Canonical HF name -> GGUF name for `arch`, or None if it has no GGUF counterpart
+    (a per-expert tensor has none of its own: see `stacked_gguf_name`)."""
     if name in arch.global_to_gguf:
         return arch.global_to_gguf[name]
     m = _HF_LAYER.match(name)

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from convqa.arch.registry import ARCHITECTURES, Architecture
+from convqa.arch.registry import Architecture, declared
 from convqa.encodings import Encoding
 from convqa.model import ModelConfig
 
@@ -24,7 +24,7 @@ _FLOAT_ENCODINGS = ("F32", "F16", "BF16")
 
 
 def arch_of(config: ModelConfig) -> Architecture:
-    return ARCHITECTURES[config.architecture]
+    return declared(config.architecture)
 
 
 def is_qk_projection(name: str) -> tuple[bool, bool]:
@@ -68,3 +68,35 @@ def offset_loader(load: Callable[[], np.ndarray], encoding: Encoding, shape: tup
         return offset_raw(load(), encoding, shape, delta)
 
     return load_offset
+
+
+# MoE expert stacking (`Architecture.expert_roles`): GGUF holds one [n_expert, rows, cols] tensor
+# per layer and projection where HF holds n_expert 2-D tensors, expert e at index e (llama.cpp's
+# convert_hf_to_gguf.py: `datas = [experts[f"...experts.{xid}..."] for xid in range(n_experts)]`,
+# `np.stack(datas)`). Each expert's rows are whole rows of the stack, so the stacked bytes are the
+# experts' stored bytes one after another, exact for quantized blocks too.
+
+
+def expert_order(n_expert: int) -> list[int]:
+    """The stacking order: expert e at index e, numerically (never sorted as strings)."""
+    return list(range(n_expert))
+
+
+def stack_experts(loads: list[Callable[[], np.ndarray]]) -> np.ndarray:
+    """The stored bytes of one stacked expert tensor, flat uint8, from each expert's loader in
+    stacking order; one group in memory at a time (the writer streams group by group)."""
+    return np.concatenate([np.ascontiguousarray(load()).reshape(-1).view(np.uint8) for load in loads])
+
+
+def expert_loader(load_stacked: Callable[[], np.ndarray], expert: int, n_expert: int) -> Callable[[], np.ndarray]:
+    """Expert `expert`'s stored bytes (flat uint8) out of a stacked tensor's loader: its equal
+    share of the stack, expert e at index e."""
+
+    def load_expert() -> np.ndarray:
+        raw = load_stacked().reshape(-1)
+        if raw.size % n_expert:
+            raise ValueError(f"{raw.size} stacked bytes do not split into {n_expert} experts")
+        size = raw.size // n_expert
+        return raw[expert * size : (expert + 1) * size]
+
+    return load_expert

@@ -294,6 +294,14 @@ def fused_qkv_wrong_split(plan, source, src, dst):
     return _map_tensors(plan, swapped), dst
 
 
+def moe_experts_string_sorted(plan, source, src, dst):
+    # A converter that collects `mlp.experts.N.*` names and sorts them as strings stacks expert 10
+    # at index 2: 0, 1, 10, 11, 2, ... (visible from 11 experts on; below that the order is numeric).
+    if not registry.declared(plan.config.architecture).expert_roles:
+        raise ConversionError(f"moe-experts-string-sorted only applies to MoE architectures, not {plan.config.architecture}")
+    return _with_quirks(plan, expert_order=lambda n: sorted(range(n), key=str)), dst
+
+
 MUTANTS = {
     m.name: m
     for m in [
@@ -321,6 +329,16 @@ MUTANTS = {
         Mutant("drop-qk-norm", "qwen3 q_norm/k_norm dropped by a converter written for qwen2, which has no such tensors", "qwen2 -> qwen3 converter reuse; llama.cpp's qwen3 requires attn_q_norm/attn_k_norm", ("gguf", "apr", "safetensors"), True, drop_qk_norm),
         Mutant("fused-qkv-wrong-split", "phi3's fused qkv_proj split and re-fused at the wrong offsets: k rows where v belongs and v where k belongs", "fused-projection handling when converters unfuse/refuse Phi-3's qkv_proj (grouped-query: k and v are the same size, so shapes still match)", ("gguf", "apr", "safetensors"), True, fused_qkv_wrong_split),
         Mutant("nan-weight", "one weight value written as NaN (an F16 overflow, an uninitialised buffer)", "F16 export overflow (|x| > 65504 becomes inf, inf - inf NaN)", ("gguf", "apr", "safetensors"), True, nan_weight),
+    ]
+}
+
+
+# Mutants of EXPERIMENTAL architectures (convqa.arch.registry): tested against the GGUF boundary
+# (tests/test_arch_registry.py), not yet in the detection matrix, which needs a supported preset.
+EXPERIMENTAL_MUTANTS = {
+    m.name: m
+    for m in [
+        Mutant("moe-experts-string-sorted", "MoE experts stacked in string order (0, 1, 10, 11, 2, ...) because the converter sorted the expert tensor names as strings", "convert_hf_to_gguf.py stacks experts by `range(n_experts)` index precisely to avoid name order", ("gguf",), True, moe_experts_string_sorted),
     ]
 }
 

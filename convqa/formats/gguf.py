@@ -361,12 +361,21 @@ def read_gguf(path: str | os.PathLike) -> ModelArtifact:
         info = parsed.tensors[collision.index]
         raise FormatError(path, collision.message, field=info.name, offset=info.info_offset)
     arch = registry.get(architecture)
-    metadata["unmapped_tensors"] = [info.name for info in parsed.tensors if registry.gguf_to_hf(arch, info.name) is None]
+    metadata["unmapped_tensors"] = [
+        info.name for info in parsed.tensors
+        if registry.gguf_to_hf(arch, info.name) is None and registry.stacked_to_hf(arch, info.name) is None
+    ]  # fmt: skip
     names = {canonical_name(info.name, architecture): info for info in parsed.tensors}
 
     tokenizer = _read_tokenizer(path, kvs, metadata)
     config = _read_config(path, kvs, architecture, gguf_arch, names, metadata)
-    tensors = {canonical: _lazy_tensor(path, canonical, info, config) for canonical, info in names.items()}
+    tensors = {}
+    for canonical, info in names.items():
+        stacked = registry.stacked_to_hf(arch, info.name) if arch.expert_roles else None
+        if stacked is None:
+            tensors[canonical] = _lazy_tensor(path, canonical, info, config)
+        else:
+            tensors.update(_expert_tensors(path, info, *stacked, config))
     return ModelArtifact(
         path=path,
         format="gguf",
@@ -425,6 +434,29 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
         stored_shape=info.ne,
         file_offset=info.offset,
     )
+
+
+def _expert_tensors(path: str, info: _TensorInfo, layer: int, suffix: str, config: ModelConfig) -> dict[str, LazyTensor]:
+    """A stacked MoE tensor [n_expert, rows, cols] split back into its per-expert canonical
+    tensors, expert e from index e (convqa.arch.transforms.expert_loader), each read lazily."""
+    shape = tuple(reversed(info.ne))
+    n_expert = int(config.params.get("num_experts", 0))
+    if len(shape) != 3 or shape[0] != n_expert:
+        raise FormatError(
+            path, f"{info.name}: shape {list(shape)} is not [{n_expert} experts, rows, cols]", field=info.name, offset=info.info_offset
+        )
+
+    def load_stacked() -> np.ndarray:
+        return read_file_range(path, info.offset, info.nbytes)
+
+    size = info.nbytes // n_expert
+    return {
+        (name := registry.expert_name(layer, e, suffix)): LazyTensor(
+            name=name, shape=shape[1:], encoding=info.encoding, load_raw=transforms.expert_loader(load_stacked, e, n_expert),
+            stored_name=info.name, stored_shape=info.ne, file_offset=info.offset + e * size,
+        )
+        for e in range(n_expert)
+    }
 
 
 def _check_permutable(path: str, info: _TensorInfo, shape: tuple[int, ...], n_head: int) -> None:

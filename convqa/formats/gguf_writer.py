@@ -17,6 +17,7 @@ import json
 import math
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGUFWriter
@@ -59,10 +60,11 @@ _ELEMENT_SHAPE_DTYPE = np.dtype(np.float32)
 def write_gguf(path: str | os.PathLike, plan: WritePlan) -> None:
     """Write `plan` as a GGUF file llama.cpp and transformers load, atomically and streaming."""
     config = plan.config
-    if config.architecture not in registry.ARCHITECTURES:
+    if config.architecture not in registry.ARCHITECTURES and config.architecture not in registry.EXPERIMENTAL:
         raise ConversionError(f"GGUF writer: unsupported architecture {config.architecture!r}; supported: {registry.SUPPORTED}")
-    arch = registry.get(config.architecture)
-    gguf_names = _gguf_names(plan)
+    arch = registry.declared(config.architecture)
+    entries = _entries(plan)
+    gguf_names = _gguf_names(plan, entries)
     with atomic_file(path) as tmp:
         writer = GGUFWriter(tmp, arch.gguf_name)
         try:
@@ -71,27 +73,86 @@ def write_gguf(path: str | os.PathLike, plan: WritePlan) -> None:
                 writer.add_string(ARCHITECTURE_KEY, arch.name)
             _add_hyperparameters(writer, config)
             _add_tokenizer(writer, plan)
-            for tensor, name in zip(plan.tensors, gguf_names):
-                _add_tensor_info(writer, name, tensor, plan)
+            for entry, name in zip(entries, gguf_names):
+                _add_tensor_info(writer, name, entry, plan)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for tensor in plan.tensors:
-                writer.write_tensor_data(_stored_rows(tensor, plan))
+            for entry in entries:  # one tensor, or one stacked expert group, in memory at a time
+                writer.write_tensor_data(_stored_bytes(entry, plan))
         finally:
             writer.close()
 
 
-def _gguf_names(plan: WritePlan) -> list[str]:
+@dataclass(frozen=True)
+class _ExpertStack:
+    """The per-expert tensors of one layer and projection, stacked into one GGUF tensor
+    [n_expert, rows, cols] (convqa.arch.transforms.stack_experts), in stacking order."""
+
+    name: str  # the stacked GGUF name
+    experts: list  # LazyTensor per stacked index
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.experts), *self.experts[0].shape)
+
+    @property
+    def encoding(self):
+        return self.experts[0].encoding
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.experts)
+
+
+def _entries(plan: WritePlan) -> list:
+    """The plan's tensors as the GGUF file holds them: each tensor as itself, except MoE experts,
+    grouped per layer and projection into one `_ExpertStack` where the group's first expert was."""
+    arch = registry.declared(plan.config.architecture)
+    if not arch.expert_roles:
+        return list(plan.tensors)
+    groups: dict[tuple[int, str], dict[int, LazyTensor]] = {}
+    entries: list = []
+    for tensor in plan.tensors:
+        found = registry.expert_of(arch, tensor.name)
+        if found is None:
+            entries.append(tensor)
+            continue
+        layer, expert, suffix = found
+        if (layer, suffix) not in groups:
+            groups[(layer, suffix)] = {}
+            entries.append((layer, suffix))
+        groups[(layer, suffix)][expert] = tensor
+    n_expert = int(plan.config.params.get("num_experts", 0))
+    order = plan.quirks.expert_order(n_expert) if plan.quirks.expert_order else transforms.expert_order(n_expert)
+    stacked = []
+    for entry in entries:
+        if not isinstance(entry, tuple):
+            stacked.append(entry)
+            continue
+        layer, suffix = entry
+        experts = groups[entry]
+        if sorted(experts) != list(range(n_expert)):
+            raise ConversionError(
+                f"GGUF writer: layer {layer} {suffix} has experts {sorted(experts)}, expected 0..{n_expert - 1}"
+            )
+        members = [experts[e] for e in order]
+        if len({(t.shape, t.encoding) for t in members}) != 1:
+            raise ConversionError(f"GGUF writer: layer {layer} {suffix} experts differ in shape or encoding")
+        stacked.append(_ExpertStack(registry.stacked_gguf_name(arch, layer, suffix), members))
+    return stacked
+
+
+def _gguf_names(plan: WritePlan, entries: list) -> list[str]:
     names = []
-    arch = registry.get(plan.config.architecture)
+    arch = registry.declared(plan.config.architecture)
     if arch.tied_only and not plan.config.tie_word_embeddings:
         raise ConversionError(
             f"GGUF writer: {arch.name} has no untied output head in llama.cpp (its converter drops lm_head); "
             "an untied model cannot be written faithfully"
         )
-    for tensor in plan.tensors:
-        name = registry.hf_to_gguf(arch, tensor.name)
+    for tensor in entries:
+        name = tensor.name if isinstance(tensor, _ExpertStack) else registry.hf_to_gguf(arch, tensor.name)
         if name is None:
             raise ConversionError(f"GGUF writer: tensor {tensor.name!r} has no GGUF name")
         if tensor.encoding.ggml_type is None:
@@ -138,11 +199,11 @@ def _add_hyperparameters(writer: GGUFWriter, config: ModelConfig) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(config.head_dim)  # llama.cpp checks it equals head_dim for llama
     writer.add_vocab_size(config.vocab_size)
-    if config.head_dim * config.num_heads != config.hidden_size or registry.get(config.architecture).norm_offset:
+    if config.head_dim * config.num_heads != config.hidden_size or registry.declared(config.architecture).norm_offset:
         # gemma: llama.cpp's converter always writes them (transformers' GGUF loader reads head_dim there)
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
-    arch = registry.get(config.architecture)
+    arch = registry.declared(config.architecture)
     for param in arch.params:
         if param.name not in config.params:
             raise ConversionError(f"GGUF writer: {arch.name} needs {param.name}, which the config lacks")
@@ -211,6 +272,15 @@ def _add_tensor_info(writer: GGUFWriter, name: str, tensor: LazyTensor, plan: Wr
     writer.add_tensor_info(name, shape, _ELEMENT_SHAPE_DTYPE, tensor.nbytes, raw_dtype=tensor.encoding.ggml_type)
 
 
+def _stored_bytes(entry, plan: WritePlan) -> np.ndarray:
+    if isinstance(entry, _ExpertStack):
+        raw = transforms.stack_experts([t.raw for t in entry.experts])
+        if raw.size != entry.nbytes:
+            raise ConversionError(f"GGUF writer: {entry.name} has {raw.size} bytes, expected {entry.nbytes}")
+        return raw
+    return _stored_rows(entry, plan)
+
+
 def _stored_rows(tensor: LazyTensor, plan: WritePlan) -> np.ndarray:
     """The bytes to store for `tensor` (uint8): llama's q/k rows permuted into GGUF order, gemma's
     norms + 1 (convqa.arch.transforms decides which)."""
@@ -226,7 +296,7 @@ def _stored_rows(tensor: LazyTensor, plan: WritePlan) -> np.ndarray:
             raise ConversionError(f"GGUF writer: cannot add {config.architecture}'s norm offset to the {tensor.encoding.name} {tensor.name}")
         return transforms.offset_raw(raw, tensor.encoding, tensor.shape, offset)
     is_q, is_k = transforms.is_qk_projection(tensor.name)
-    if not (registry.get(config.architecture).permute_qk and plan.quirks.llama_permute_qk and (is_q or is_k)):
+    if not (registry.declared(config.architecture).permute_qk and plan.quirks.llama_permute_qk and (is_q or is_k)):
         return raw
     n_head = config.num_heads if is_q else config.num_kv_heads
     if len(tensor.shape) == 1 and tensor.encoding.block_elems != 1:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 from convqa import arch
+from convqa.arch import registry
 
 from convqa.formats import no_artifact
 from convqa.model import ModelConfig
@@ -98,12 +99,19 @@ def gguf_layout(manifest: dict | None, subject: str) -> GateRow:
     if reason := no_tensors(manifest):
         row.reason = reason
         return row
-    expected = arch.expected_tensors(_config_of(manifest))
+    config = _config_of(manifest)
+    expected = arch.expected_tensors(config)
+    moe = registry.declared(config.architecture)
     problems = []
     for t in manifest["tensors"]:
         want = expected.get(t["name"])
-        if want is not None and list(t["stored_shape"]) != list(reversed(want)):
-            problems.append(f"{t['name']}: ne {t['stored_shape']}, expected {list(reversed(want))}")
+        if want is None:
+            continue
+        ne = list(reversed(want))
+        if registry.expert_of(moe, t["name"]) is not None:
+            ne.append(int(config.params["num_experts"]))  # stored in its layer's [n_expert, rows, cols] stack
+        if list(t["stored_shape"]) != ne:
+            problems.append(f"{t['name']}: ne {t['stored_shape']}, expected {ne}")
     return verdict(row, len(problems), problems)
 
 

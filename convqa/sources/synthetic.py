@@ -35,7 +35,7 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 USER_DEFINED_TOKENS = ("<tool_call>", "</tool_call>")
 CHECKPOINT_STYLES = ("transformers-5", "hub-4.x")
 # llama.cpp pre-tokenizer each synthetic tokenizer is trained with (and so declares).
-PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm", "qwen3": "qwen2", "mistral": "smollm", "gemma3": "smollm", "gemma2": "smollm", "phi3": "smollm"}
+PRE_TOKENIZER = {"qwen2": "qwen2", "llama": "smollm", "qwen3": "qwen2", "mistral": "smollm", "gemma3": "smollm", "gemma2": "smollm", "phi3": "smollm", "qwen3_moe": "qwen2"}
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -131,6 +131,14 @@ SYNTHETIC_PRESETS = {
     "phi3-tiny": dict(
         architecture="phi3", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
         vocab_size=512, tie_word_embeddings=False, rms_norm_eps=1e-5,
+    ),
+    # qwen3_moe: router, 12 experts (string order 0, 1, 10, 11, 2, ... is not numeric), top-2, q/k
+    # norms. moe_intermediate_size 768 and norm_topk_prob: what transformers' GGUF loader assumes
+    # (convqa.arch.hf_config); head_dim 32 != hidden / heads so GGUF carries key_length.
+    "qwen3-moe-tiny": dict(
+        architecture="qwen3_moe", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        vocab_size=512, tie_word_embeddings=False, head_dim=32, rope_theta=1000000.0,
+        arch_config={"num_experts": 12, "num_experts_per_tok": 2, "moe_intermediate_size": 768, "norm_topk_prob": True},
     ),
 }  # fmt: skip
 

@@ -76,8 +76,10 @@ def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         targets.pop(TIED_HEAD, None)
-    missing = sorted(set(targets) - set(artifact.tensors))
-    unexpected = sorted(set(artifact.tensors) - set(targets))
+    values_of = _fused_experts({name: t.to_float32 for name, t in artifact.tensors.items()}, artifact.config)
+    shapes = {name: t.shape for name, t in artifact.tensors.items()}
+    missing = sorted(set(targets) - set(values_of))
+    unexpected = sorted(set(values_of) - set(targets))
     if missing or unexpected:
         raise FormatError(
             artifact.path,
@@ -87,22 +89,51 @@ def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
             field="tensors",
         )
     with torch.no_grad():
-        for name, tensor in artifact.tensors.items():
+        for name, load in values_of.items():
             target = targets[name]
-            if tuple(target.shape) != tensor.shape:
+            tensor = artifact.tensors.get(name)
+            if tensor is not None and tuple(target.shape) != tensor.shape:
                 raise FormatError(
                     artifact.path,
                     f"tensor {name} has shape {list(tensor.shape)}, {type(model).__name__} expects {list(target.shape)}",
                     field=name,
                     offset=tensor.file_offset if tensor.file_offset >= 0 else None,
                 )
-            values = np.require(tensor.to_float32(), dtype=np.float32, requirements=["C", "W"])
+            values = np.require(load(), dtype=np.float32, requirements=["C", "W"])
+            if tuple(target.shape) != values.shape:
+                raise FormatError(artifact.path, f"{name}: experts give {list(values.shape)}, {type(model).__name__} expects {list(target.shape)}", field=name)
             target.copy_(torch.from_numpy(values))
     if tied:
         head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
         if head.data_ptr() != embedding.data_ptr():
             model.get_output_embeddings().weight = embedding
     return model.eval()
+
+
+def _fused_experts(loads: dict, config) -> dict:
+    """`loads` (canonical name -> float32 loader) keyed as transformers 5.23's MoE modules hold
+    them in memory: per layer one `mlp.experts.gate_up_proj` [E, 2*ff, H] (each expert's gate
+    rows, then its up rows) and one `mlp.experts.down_proj` [E, H, ff], expert e at index e.
+    (from_pretrained makes the same fusion from a checkpoint's per-expert tensors.)"""
+    from convqa.arch import registry
+
+    arch = registry.declared(config.architecture)
+    if not arch.expert_roles:
+        return loads
+    n_expert = int(config.params["num_experts"])
+    out = {name: load for name, load in loads.items() if registry.expert_of(arch, name) is None}
+    for layer in range(config.num_layers):
+        def part(e, suffix, layer=layer):
+            return loads[registry.expert_name(layer, e, suffix)]()
+
+        if all(registry.expert_name(layer, e, s) in loads for e in range(n_expert) for s in arch.expert_roles):
+            prefix = f"model.layers.{layer}.{registry.EXPERT_PREFIX}"
+            out[prefix + "gate_up_proj"] = lambda part=part: np.stack(
+                [np.concatenate([part(e, "gate_proj.weight"), part(e, "up_proj.weight")]) for e in range(n_expert)])
+            out[prefix + "down_proj"] = lambda part=part: np.stack([part(e, "down_proj.weight") for e in range(n_expert)])
+        else:  # leave them as they are: the strict name check reports what is missing
+            out |= {n: l for n, l in loads.items() if (f := registry.expert_of(arch, n)) and f[0] == layer}
+    return out
 
 
 def capture_points(model) -> list[tuple[dict, object]]:
