@@ -454,12 +454,12 @@ def test_moe_experts_string_sorted_mutant_is_caught_and_diagnosed(moe_model, tmp
     logits; the comparator names it on the real stacked tensors; the correct stacking is quiet."""
     import llama_cpp
 
-    from convqa.convert.mutants import EXPERIMENTAL_MUTANTS
+    from convqa.convert.mutants import MUTANTS
     from convqa.formats.gguf_writer import write_gguf
 
     _, _, state = moe_model
     plan = _moe_plan(state)
-    bad_plan, _ = EXPERIMENTAL_MUTANTS["moe-experts-string-sorted"].apply(plan, None, tmp_path, tmp_path / "bad.gguf")
+    bad_plan, _ = MUTANTS["moe-experts-string-sorted"].apply(plan, None, tmp_path, tmp_path / "bad.gguf")
     scores = {}
     for label, p in (("good", plan), ("bad", bad_plan)):
         write_gguf(tmp_path / f"{label}.gguf", p)
@@ -478,7 +478,7 @@ def test_moe_experts_string_sorted_mutant_is_caught_and_diagnosed(moe_model, tmp
         else:
             assert diagnosis == f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
     with pytest.raises(ConversionError, match="only applies to MoE"):
-        EXPERIMENTAL_MUTANTS["moe-experts-string-sorted"].apply(dataclasses_replace_arch(plan, "qwen3"), None, tmp_path, tmp_path)
+        MUTANTS["moe-experts-string-sorted"].apply(dataclasses_replace_arch(plan, "qwen3"), None, tmp_path, tmp_path)
 
 
 def dataclasses_replace_arch(plan, arch):

@@ -164,7 +164,7 @@ def test_every_mutant_is_documented_and_tested():
               # tests/test_quantizer_gate.py
               "q8_0-scale-off", "q8_0-round-half-down", "q4_0-nibble-swap",
               # tests/test_arch_registry.py
-              "gemma-norm-offset-twice", "drop-qk-norm", "fused-qkv-wrong-split"}
+              "gemma-norm-offset-twice", "drop-qk-norm", "fused-qkv-wrong-split", "moe-experts-string-sorted"}
     assert set(MUTANTS) == tested
     for m in MUTANTS.values():
         assert m.bug and m.origin and m.targets

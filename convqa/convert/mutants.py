@@ -328,19 +328,12 @@ MUTANTS = {
         Mutant("gemma-norm-offset-twice", "gemma RMSNorm weights get GGUF's +1 twice (a checkpoint already in llama.cpp's x*w convention offset again): every norm scales by w+2", "convert_hf_to_gguf.py Gemma*Model adds 1 to every norm.weight; transformers' GGUF loader subtracts it (Gemma2TensorProcessor)", ("gguf",), True, gemma_norm_offset_twice),
         Mutant("drop-qk-norm", "qwen3 q_norm/k_norm dropped by a converter written for qwen2, which has no such tensors", "qwen2 -> qwen3 converter reuse; llama.cpp's qwen3 requires attn_q_norm/attn_k_norm", ("gguf", "apr", "safetensors"), True, drop_qk_norm),
         Mutant("fused-qkv-wrong-split", "phi3's fused qkv_proj split and re-fused at the wrong offsets: k rows where v belongs and v where k belongs", "fused-projection handling when converters unfuse/refuse Phi-3's qkv_proj (grouped-query: k and v are the same size, so shapes still match)", ("gguf", "apr", "safetensors"), True, fused_qkv_wrong_split),
+        Mutant("moe-experts-string-sorted", "MoE experts stacked in string order (0, 1, 10, 11, 2, ...) because the converter sorted the expert tensor names as strings", "convert_hf_to_gguf.py stacks experts by `range(n_experts)` index precisely to avoid name order", ("gguf",), True, moe_experts_string_sorted),
         Mutant("nan-weight", "one weight value written as NaN (an F16 overflow, an uninitialised buffer)", "F16 export overflow (|x| > 65504 becomes inf, inf - inf NaN)", ("gguf", "apr", "safetensors"), True, nan_weight),
     ]
 }
 
 
-# Mutants of EXPERIMENTAL architectures (convqa.arch.registry): tested against the GGUF boundary
-# (tests/test_arch_registry.py), not yet in the detection matrix, which needs a supported preset.
-EXPERIMENTAL_MUTANTS = {
-    m.name: m
-    for m in [
-        Mutant("moe-experts-string-sorted", "MoE experts stacked in string order (0, 1, 10, 11, 2, ...) because the converter sorted the expert tensor names as strings", "convert_hf_to_gguf.py stacks experts by `range(n_experts)` index precisely to avoid name order", ("gguf",), True, moe_experts_string_sorted),
-    ]
-}
 
 
 def apply_mutant(name: str, plan: WritePlan, source: ModelArtifact, target_format: str, src: Path, dst: Path) -> tuple[WritePlan, Path]:
