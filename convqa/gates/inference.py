@@ -32,7 +32,7 @@ from convqa.formats import no_artifact
 from convqa.compare.inference import compare_greedy, compare_logits, detect_garbage, kl_statistics
 from convqa.gates.divergence import annotate_divergence
 from convqa.gates.rows import FAIL, NOT_EVALUATED, PASS, SKIPPED, GateRow, label
-from convqa.workflow.plan import first_hop, hops
+from convqa.workflow.plan import hops
 from convqa.workflow.references import ground_truth, inference_reference, quantized_reference
 from convqa.infer.prompts import CHAT, NO_CHAT_TEMPLATE, RUN
 

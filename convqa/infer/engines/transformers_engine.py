@@ -77,7 +77,6 @@ def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
     if tied:
         targets.pop(TIED_HEAD, None)
     values_of = _fused_experts({name: t.to_float32 for name, t in artifact.tensors.items()}, artifact.config)
-    shapes = {name: t.shape for name, t in artifact.tensors.items()}
     missing = sorted(set(targets) - set(values_of))
     unexpected = sorted(set(values_of) - set(targets))
     if missing or unexpected:
