@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup setup-cuda run run-gemma test detection clean-results lint
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
