@@ -481,6 +481,50 @@ def test_moe_experts_string_sorted_mutant_is_caught_and_diagnosed(moe_model, tmp
         MUTANTS["moe-experts-string-sorted"].apply(dataclasses_replace_arch(plan, "qwen3"), None, tmp_path, tmp_path)
 
 
+def test_edge_row_names_experts_stacked_in_string_order(synthetic_dir, tmp_path):
+    """The real preset through the real mutant: the GGUF reader splits the stack back into
+    per-expert tensors, so each moved expert is a whole source expert at another index. The
+    comparison finds the permutation per layer and role, and the S->G edge row says so once per
+    group instead of listing 60 value differences; the correct GGUF gets no such diagnosis."""
+    import json
+
+    from convqa.gates.edges import check_rows
+    from convqa.workflow.plan import Check
+
+    src = synthetic_dir("qwen3-moe-tiny")
+    string_order = [0, 1, 10, 11, 2, 3, 4, 5, 6, 7, 8, 9]
+    convert(src, tmp_path / "good.gguf", "gguf")
+    convert(src, tmp_path / "bad.gguf", "gguf", mutant="moe-experts-string-sorted")
+    check = Check("F-CONV-S-G", "st-gguf", "st")
+    results = {}
+    for label in ("good", "bad"):
+        with open_model(src) as a, open_model(tmp_path / f"{label}.gguf") as b:
+            comparison = compare_models(a, b).as_dict()
+        results[label] = (comparison, check_rows(check, {"comparison": comparison}, "qwen3-moe-tiny", "native")[0])
+
+    good, good_row = results["good"]
+    assert good["ok"] and good["expert_orders"] == [] and good_row.status == "pass"
+    assert not any("experts" in t["diagnosis"] for t in good["tensors"])
+
+    bad, bad_row = results["bad"]
+    diagnosis = f"experts stacked in the wrong order (candidate expert i is source expert {string_order}[i])"
+    arch = registry.get("qwen3_moe")
+    groups = {(g["layer"], g["role"]): g for g in bad["expert_orders"]}
+    assert set(groups) == {(layer, role) for layer in range(2) for role in arch.expert_roles}
+    for (layer, role), group in groups.items():
+        assert group["order"] == string_order and group["diagnosis"] == diagnosis
+        assert group["tensors"] == f"model.layers.{layer}.mlp.experts.*.{role}"
+        assert group["moved"] == [registry.expert_name(layer, e, role) for e in range(2, 12)]
+    off = [t for t in bad["tensors"] if t["status"] != "identical"]
+    assert {t["name"] for t in off} == {n for g in groups.values() for n in g["moved"]}
+    assert all(t["diagnosis"] == diagnosis for t in off)
+
+    assert bad_row.status == "fail"
+    problems = json.loads(bad_row.details)["problems"]
+    assert problems == [f"{g['tensors']}: {diagnosis}" for g in bad["expert_orders"]]  # six, not sixty
+    assert bad_row.reason.startswith(f"model.layers.0.mlp.experts.*.down_proj.weight: {diagnosis}")
+
+
 def dataclasses_replace_arch(plan, arch):
     import dataclasses
 

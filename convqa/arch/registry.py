@@ -260,7 +260,8 @@ def stacked_to_hf(arch: Architecture, name: str) -> tuple[int, str] | None:
     return None
 
 
-def expert_name(layer: int, expert: int, suffix: str) -> str:
+def expert_name(layer: int, expert: int | str, suffix: str) -> str:
+    """A per-expert canonical name; `expert` "*" names the whole group of a layer and role."""
     return f"model.layers.{layer}.{EXPERT_PREFIX}{expert}.{suffix}"
 
 

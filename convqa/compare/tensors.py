@@ -7,6 +7,11 @@ tolerance of the lossier encoding. When values disagree, the diagnosis says what
 off by the GGUF +1 offset, experts stacked in another order, all zeros, so a layout bug names
 itself instead of showing up as "95% different". The intentional transforms it recognises are the
 registry's (convqa.arch.transforms).
+
+MoE experts are compared twice: tensor by tensor, as every reader splits a GGUF stack back into
+per-expert tensors, and per layer and role (`expert_orders`), because a converter that stacks the
+experts in another order leaves every expert intact but at another index. Which tensors are
+experts, and of which layer and role, is the registry's (`registry.expert_of`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from convqa.arch import transforms
+from convqa.arch import registry, transforms
 from convqa.arch.permute import permute_rows_for_gguf, unpermute_rows_from_gguf
 from convqa.compare.blocks import is_quantization, reference_blocks
 from convqa.encodings import ENCODING_TOLERANCE
@@ -54,6 +59,9 @@ class ModelComparison:
     tensors: list[TensorComparison]
     config_differences: dict = field(default_factory=dict)  # field -> [ref, cand]
     tokenizer_differences: dict = field(default_factory=dict)  # field -> summary
+    # MoE: one entry per layer and expert role whose experts are the source's in another order
+    # (`ExpertOrder`); the per-expert rows of such a group carry the same diagnosis.
+    expert_orders: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -65,6 +73,7 @@ class ModelComparison:
             "tensors": [asdict(t) for t in self.tensors],
             "config_differences": self.config_differences,
             "tokenizer_differences": self.tokenizer_differences,
+            "expert_orders": [asdict(e) for e in self.expert_orders],
             "summary": self.summary(),
         }
 
@@ -104,7 +113,57 @@ def compare_models(ref: ModelArtifact, cand: ModelArtifact, *, tolerance: float 
     for name, b in cand.tensors.items():
         if name not in ref.tensors:
             rows.append(TensorComparison(name, "extra_in_candidate", cand_shape=list(b.shape), cand_encoding=b.encoding.name))
-    return ModelComparison(rows, compare_configs(ref.config, cand.config), compare_tokenizers(ref.tokenizer, cand.tokenizer))
+    orders = expert_orders(ref, cand, rows)
+    return ModelComparison(rows, compare_configs(ref.config, cand.config), compare_tokenizers(ref.tokenizer, cand.tokenizer),
+                           orders)
+
+
+@dataclass
+class ExpertOrder:
+    """One layer's experts of one role, all present, each the source's expert `order[i]` at index
+    i for a permutation other than the identity: the experts were stacked in the wrong order."""
+
+    layer: int
+    role: str  # the per-expert suffix, "down_proj.weight"
+    tensors: str  # the group's names, the expert index as `*`
+    order: list[int]
+    moved: list[str]  # the per-expert tensors that are not where the source has them
+    diagnosis: str
+
+
+def expert_orders(ref: ModelArtifact, cand: ModelArtifact, rows: list[TensorComparison]) -> list[ExpertOrder]:
+    """The expert groups of `ref`'s architecture whose candidate experts are the source's in
+    another order; sets that diagnosis on each of the group's differing rows. Groups where every
+    expert compared ok cost nothing (no tensor is read again)."""
+    try:
+        arch = registry.declared(ref.config.architecture)
+    except KeyError:
+        return []
+    if not arch.expert_roles:
+        return []
+    by_name = {row.name: row for row in rows}
+    groups: dict[tuple[int, str], dict[int, str]] = {}
+    for name in ref.tensors:
+        if (found := registry.expert_of(arch, name)) is not None:
+            layer, expert, role = found
+            groups.setdefault((layer, role), {})[expert] = name
+    found_orders = []
+    for (layer, role), members in sorted(groups.items()):
+        names = [members[e] for e in sorted(members)]
+        if sorted(members) != list(range(len(members))) or all(by_name[n].ok for n in names):
+            continue
+        if any(not by_name[n].ok and by_name[n].status != "differ" for n in names):
+            continue  # a missing or reshaped expert: its own row says so
+        source = [ref.tensors[n].to_float32() for n in names]
+        order = _permutation(source, [cand.tensors[n].to_float32() for n in names], 1e-2)
+        if order is None:
+            continue
+        diagnosis = f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
+        moved = [n for i, n in enumerate(names) if order[i] != i]
+        for n in moved:
+            by_name[n].diagnosis = diagnosis
+        found_orders.append(ExpertOrder(layer, role, registry.expert_name(layer, "*", role), order, moved, diagnosis))
+    return found_orders
 
 
 def _missing_diagnosis(name: str, ref: ModelArtifact, cand: ModelArtifact) -> str:
@@ -211,13 +270,21 @@ def _value_diagnosis(name: str, va: np.ndarray, vb: np.ndarray, config: ModelCon
 def _expert_order(va: np.ndarray, vb: np.ndarray, tol: float) -> list[int] | None:
     """The source expert each candidate expert equals, if the candidate is a reordering of the
     source's experts (axis 0 of a stacked MoE tensor) other than the identity; else None."""
+    return _permutation(list(va), list(vb), tol)
+
+
+def _permutation(source: list[np.ndarray], candidate: list[np.ndarray], tol: float) -> list[int] | None:
+    """`order` with candidate[i] equal to source[order[i]] for every i, if that is a permutation
+    other than the identity; else None. An expert still at its own index matches there first, so
+    duplicate experts do not make up a reordering."""
+    n = len(source)
     order = []
-    for j in range(vb.shape[0]):
-        match = next((i for i in range(va.shape[0]) if _close(va[i], vb[j], tol)), None)
+    for j, b in enumerate(candidate):
+        match = j if _close(source[j], b, tol) else next((i for i in range(n) if _close(source[i], b, tol)), None)
         if match is None:
             return None
         order.append(match)
-    return order if order != list(range(va.shape[0])) and sorted(order) == list(range(va.shape[0])) else None
+    return order if order != list(range(n)) and sorted(order) == list(range(n)) else None
 
 
 def compare_configs(a: ModelConfig, b: ModelConfig) -> dict:

@@ -111,7 +111,13 @@ def comparison_row(row: GateRow, comparison: dict | None, tolerance: float) -> G
     worst = max((t.get("normalized_max_abs") or 0.0) for t in tensors)
     row.value, row.threshold = fmt(worst), fmt(tolerance)
     problems = []
+    # A group of experts stacked in the wrong order is one problem, not one per moved expert.
+    reordered = {name for group in comparison.get("expert_orders", []) for name in group["moved"]}
+    for group in comparison.get("expert_orders", []):
+        problems.append(f"{group['tensors']}: {group['diagnosis']}")
     for t in tensors:
+        if t["name"] in reordered:
+            continue
         err = t.get("normalized_max_abs")
         if t["status"] in ("missing_in_candidate", "extra_in_candidate", "shape_mismatch"):
             problems.append(f"{t['name']}: {t['status']} {t.get('diagnosis', '')}".strip())
