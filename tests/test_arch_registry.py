@@ -295,29 +295,36 @@ def test_gemma_norm_offset_mutant_refuses_other_architectures(synthetic_dir, tmp
         convert(synthetic_dir("qwen3-tiny"), tmp_path / "bad.gguf", "gguf", mutant="gemma-norm-offset-twice")
 
 
-def test_drop_qk_norm_loses_exactly_the_qk_norms(synthetic_dir, tmp_path):
-    src = synthetic_dir("qwen3-tiny")
-    convert(src, tmp_path / "bad.apr", "apr", mutant="drop-qk-norm")
-    with open_model(src) as a, open_model(tmp_path / "bad.apr") as b:
-        result = compare_models(a, b)
-    missing = sorted(t.name for t in result.tensors if t.status == "missing_in_candidate")
-    assert missing == sorted(f"model.layers.{i}.self_attn.{n}_norm.weight" for i in range(2) for n in "qk")
-    assert all(t.ok for t in result.tensors if t.status != "missing_in_candidate")
-    with pytest.raises(ConversionError, match="q_norm"):
-        convert(synthetic_dir("mistral-tiny"), tmp_path / "m.apr", "apr", mutant="drop-qk-norm")
+def _qkv_rows_are_q_v_k(source, bad):
+    q, k, v = registry.fused_qkv_rows(4, 2, 16)
+    good, got = (m.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32() for m in (source, bad))
+    assert np.array_equal(got[q], good[q]) and not np.array_equal(got[k], good[k])
+    assert np.array_equal(got[k], good[v]) and np.array_equal(got[v], good[k])
 
 
-def test_fused_qkv_wrong_split_moves_exactly_k_and_v(synthetic_dir, tmp_path):
-    src = synthetic_dir("phi3-tiny")
-    convert(src, tmp_path / "bad.apr", "apr", mutant="fused-qkv-wrong-split")
+@pytest.mark.parametrize(
+    "mutant, preset, roles, status, rows_check, refusing_preset, refusal",
+    [
+        ("drop-qk-norm", "qwen3-tiny", ("self_attn.q_norm.weight", "self_attn.k_norm.weight"), "missing_in_candidate", None,
+         "mistral-tiny", "q_norm"),
+        ("fused-qkv-wrong-split", "phi3-tiny", ("self_attn.qkv_proj.weight",), "differ", _qkv_rows_are_q_v_k,
+         "mistral-tiny", "fused qkv_proj"),
+    ],
+)  # fmt: skip
+def test_architecture_mutant_changes_exactly_its_tensors(mutant, preset, roles, status, rows_check, refusing_preset,
+                                                         refusal, synthetic_dir, tmp_path):  # fmt: skip
+    """S->A through the mutant: exactly its roles in both layers are lost or changed, every other
+    tensor is unchanged, and an architecture without those roles is refused."""
+    src = synthetic_dir(preset)
+    convert(src, tmp_path / "bad.apr", "apr", mutant=mutant)
     with open_model(src) as a, open_model(tmp_path / "bad.apr") as b:
         result = compare_models(a, b)
-        off = {t.name for t in result.tensors if not t.ok}
-        assert off == {f"model.layers.{i}.self_attn.qkv_proj.weight" for i in range(2)}
-        q, k, v = registry.fused_qkv_rows(4, 2, 16)
-        good, bad = a.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32(), b.tensors["model.layers.0.self_attn.qkv_proj.weight"].to_float32()
-        assert np.array_equal(bad[q], good[q]) and not np.array_equal(bad[k], good[k])
-        assert np.array_equal(bad[k], good[v]) and np.array_equal(bad[v], good[k])
+        changed = {t.name: t.status for t in result.tensors if not t.ok}
+        assert changed == {f"model.layers.{i}.{role}": status for i in range(2) for role in roles}
+        if rows_check is not None:
+            rows_check(a, b)
+    with pytest.raises(ConversionError, match=refusal):
+        convert(synthetic_dir(refusing_preset), tmp_path / "m.apr", "apr", mutant=mutant)
 
 
 def test_expert_order_diagnosis():
