@@ -203,9 +203,16 @@ def write_hf_tokenizer(
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(directory / TOKENIZER_FILE))
+    write_tokenizer_config(directory, spec, names, model_max_length)
+
+
+def write_tokenizer_config(directory: Path, spec: TokenizerSpec, names: dict, model_max_length: int | None) -> None:
+    """tokenizer_config.json and special_tokens_map.json beside a written tokenizer.json (BPE
+    here, SentencePiece in convqa.formats.spm_tokenizer). `names`: bos/eos/unk/pad -> token text
+    or None."""
     tokenizer_config = {
         # The generic class loads tokenizer.json as written; model classes (GPT2Tokenizer,
-        # Qwen2Tokenizer) rebuild their own pre-tokenizer in transformers 5.
+        # Qwen2Tokenizer, GemmaTokenizer) rebuild their own pipeline in transformers 5.
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": spec.add_bos_token,
         "add_eos_token": spec.add_eos_token,

@@ -27,13 +27,12 @@ import struct
 from pathlib import Path
 
 from convqa.errors import ConversionError, FormatError
-from convqa.files import atomic_file, write_json
+from convqa.files import atomic_file
 from convqa.model import TokenizerSpec
 
 SPM_MODEL_FILE = "tokenizer.model"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
 # sentencepiece_model.proto field numbers.
 _MODEL_PIECES, _MODEL_TRAINER, _MODEL_NORMALIZER = 1, 2, 3
@@ -165,7 +164,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 def write_spm_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, architecture: str, model_max_length: int | None = None) -> None:
     """tokenizer.model, tokenizer.json (transformers' converter), tokenizer_config.json and
     special_tokens_map.json; `tokenizer_from_spm_dir(directory)` gives `spec` back."""
-    from convqa.formats.hf_tokenizer import _template_processing, _token_name
+    from convqa.formats.hf_tokenizer import _template_processing, _token_name, write_tokenizer_config
 
     if spec.model != "llama":
         raise ConversionError(f"write_spm_tokenizer: tokenizer model {spec.model!r} is not SentencePiece (llama)")
@@ -200,20 +199,7 @@ def write_spm_tokenizer(directory: str | os.PathLike, spec: TokenizerSpec, *, ar
     else:
         tokenizer.post_processor = None
     tokenizer.save(str(directory / TOKENIZER_FILE))
-
-    tokenizer_config = {
-        # The generic class loads tokenizer.json as written (GemmaTokenizer would rebuild it).
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": spec.add_bos_token,
-        "add_eos_token": spec.add_eos_token,
-        "clean_up_tokenization_spaces": False,
-        **{f"{key}_token": name for key, name in names.items()},
-        "model_max_length": model_max_length if model_max_length is not None else int(1e30),
-    }
-    if spec.chat_template is not None:
-        tokenizer_config["chat_template"] = spec.chat_template
-    write_json(directory / TOKENIZER_CONFIG_FILE, tokenizer_config, sort_keys=False, ensure_ascii=False)
-    write_json(directory / SPECIAL_TOKENS_MAP_FILE, {f"{key}_token": name for key, name in names.items() if name is not None}, sort_keys=False, ensure_ascii=False)
+    write_tokenizer_config(directory, spec, names, model_max_length)
 
 
 def _model_proto(spec: TokenizerSpec) -> bytes:
