@@ -531,6 +531,14 @@ def test_edge_row_names_experts_stacked_in_string_order(synthetic_dir, tmp_path)
     assert problems == [f"{g['tensors']}: {diagnosis}" for g in bad["expert_orders"]]  # six, not sixty
     assert bad_row.reason.startswith(f"model.layers.0.mlp.experts.*.down_proj.weight: {diagnosis}")
 
+    # Quantized, each expert is the source's within Q8_0's error, and still found at its new index.
+    convert(src, tmp_path / "bad-q8_0.gguf", "gguf", quant="q8_0", mutant="moe-experts-string-sorted")
+    convert(src, tmp_path / "good-q8_0.gguf", "gguf", quant="q8_0")
+    with open_model(src) as a, open_model(tmp_path / "bad-q8_0.gguf") as b:
+        assert [g.order for g in compare_models(a, b).expert_orders] == [string_order] * 6
+    with open_model(src) as a, open_model(tmp_path / "good-q8_0.gguf") as b:
+        assert compare_models(a, b).expert_orders == []
+
 
 def dataclasses_replace_arch(plan, arch):
     import dataclasses

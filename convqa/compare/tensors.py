@@ -17,6 +17,7 @@ experts, and of which layer and role, is the registry's (`registry.expert_of`).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -154,16 +155,20 @@ def expert_orders(ref: ModelArtifact, cand: ModelArtifact, rows: list[TensorComp
             continue
         if any(not by_name[n].ok and by_name[n].status != "differ" for n in names):
             continue  # a missing or reshaped expert: its own row says so
-        source = [ref.tensors[n].to_float32() for n in names]
-        order = _permutation(source, [cand.tensors[n].to_float32() for n in names], 1e-2)
+        # structure, not rounding: quantization noise allowed, as in `_value_diagnosis`
+        order = _permutation([ref.tensors[n].to_float32 for n in names], [cand.tensors[n].to_float32 for n in names], 1e-2)
         if order is None:
             continue
-        diagnosis = f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
+        diagnosis = experts_reordered(order)
         moved = [n for i, n in enumerate(names) if order[i] != i]
         for n in moved:
             by_name[n].diagnosis = diagnosis
         found_orders.append(ExpertOrder(layer, role, registry.expert_name(layer, "*", role), order, moved, diagnosis))
     return found_orders
+
+
+def experts_reordered(order: list[int]) -> str:
+    return f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
 
 
 def _missing_diagnosis(name: str, ref: ModelArtifact, cand: ModelArtifact) -> str:
@@ -259,7 +264,7 @@ def _value_diagnosis(name: str, va: np.ndarray, vb: np.ndarray, config: ModelCon
     if va.ndim == 3 and va.shape[0] > 1:
         order = _expert_order(va, vb, tol)
         if order is not None:
-            return f"experts stacked in the wrong order (candidate expert i is source expert {order}[i])"
+            return experts_reordered(order)
     if va.size and np.allclose(vb, -va, atol=0):
         return "sign flipped"
     if va.size > 1 and _close(np.sort(va, axis=None), np.sort(vb, axis=None), tol):
@@ -270,21 +275,43 @@ def _value_diagnosis(name: str, va: np.ndarray, vb: np.ndarray, config: ModelCon
 def _expert_order(va: np.ndarray, vb: np.ndarray, tol: float) -> list[int] | None:
     """The source expert each candidate expert equals, if the candidate is a reordering of the
     source's experts (axis 0 of a stacked MoE tensor) other than the identity; else None."""
-    return _permutation(list(va), list(vb), tol)
+    return _permutation([lambda e=e: e for e in va], [lambda e=e: e for e in vb], tol)
 
 
-def _permutation(source: list[np.ndarray], candidate: list[np.ndarray], tol: float) -> list[int] | None:
-    """`order` with candidate[i] equal to source[order[i]] for every i, if that is a permutation
-    other than the identity; else None. An expert still at its own index matches there first, so
-    duplicate experts do not make up a reordering."""
+def _permutation(source: list[Callable[[], np.ndarray]], candidate: list[Callable[[], np.ndarray]],
+                 tol: float) -> list[int] | None:
+    """`order` with candidate[i]'s values equal to source[order[i]]'s for every i, if that is a
+    permutation other than the identity; else None. Each side is a list of loaders, so one expert
+    is in memory at a time: a cheap probe (first values, scale) picks the source experts worth a
+    full comparison. An expert still at its own index matches there first, so duplicate experts do
+    not make up a reordering."""
     n = len(source)
+    probes = [_probe(load()) for load in source]
     order = []
-    for j, b in enumerate(candidate):
-        match = j if _close(source[j], b, tol) else next((i for i in range(n) if _close(source[i], b, tol)), None)
+    for j, load in enumerate(candidate):
+        b = load()
+        head = _probe(b)[0]
+        tried = [j, *(i for i in range(n) if i != j)]
+        match = next((i for i in tried if _probe_close(probes[i], head, tol) and _close(source[i](), b, tol)), None)
         if match is None:
             return None
         order.append(match)
     return order if order != list(range(n)) and sorted(order) == list(range(n)) else None
+
+
+_PROBE_VALUES = 256
+
+
+def _probe(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """The first values and the scale of a tensor: `_close` on the probe is necessary for `_close`
+    on the whole tensor (same scale), at a fraction of its cost."""
+    flat = values.reshape(-1)
+    return flat[:_PROBE_VALUES].astype(np.float64), float(np.max(np.abs(flat))) if flat.size else 0.0
+
+
+def _probe_close(probe: tuple[np.ndarray, float], head: np.ndarray, tol: float) -> bool:
+    values, scale = probe
+    return values.shape == head.shape and float(np.max(np.abs(values - head), initial=0.0)) <= max(tol, 1e-7) * (scale or 1.0)
 
 
 def compare_configs(a: ModelConfig, b: ModelConfig) -> dict:
