@@ -28,8 +28,11 @@ from convqa.infer.engines.base import DEFAULT_THREADS
 from convqa.infer.server import DEFAULT_MAX_CONTEXT, HOST
 
 # Readiness timeout: a fixed start-up cost plus loading time proportional to the artifact's size.
-STARTUP_BASE_S = 30.0
-STARTUP_PER_GB_S = 20.0
+# Generous on purpose: a server that dies is seen at once (wait_ready polls the process), so the
+# deadline only bounds a hung one, while a tight one turned a loaded machine into a false F-SERVE
+# failure (30 s missed by a healthy transformers server on 2 cores at load 18; issue 12 mvp run).
+STARTUP_BASE_S = 120.0
+STARTUP_PER_GB_S = 60.0
 HEALTH_POLL_S = 0.2
 # After SIGTERM, how long the process group gets before SIGKILL.
 TERMINATE_GRACE_S = 10.0
