@@ -79,5 +79,17 @@ def smollm2_st(smollm2_gguf, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def qwen2_mvp(tmp_path_factory):
+    """qwen2-tiny in q8_0 through the mvp tier, run once per session (tests/workflow_runs.py).
+    Read it as it is; a test that changes it works on a clone (Workflow.clone)."""
+    from workflow_copy import Workflow
+    from workflow_runs import run_config
+
+    wf = Workflow.create(tmp_path_factory.mktemp("run"), run_config())
+    wf.run("mvp")
+    return wf
+
+
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())

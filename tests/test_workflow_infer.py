@@ -1,7 +1,9 @@
 """The inference matrix in a real workflow run (smoke tier, one tiny synthetic model, both
 variants): runs, servers, the inference gate table and the report's inference section.
 
-The workflow and the package are copied into a temporary directory (tests/workflow_copy.py).
+The run extends a clone of the session's q8_0 mvp run (tests/workflow_runs.py) to the smoke tier
+with native and the default matrix; the workflow and the package are copied into a temporary
+directory (tests/workflow_copy.py).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_copy import REPO, Workflow
+from workflow_copy import REPO
+from workflow_runs import run_config
 
 MODEL = "qwen2-tiny"
 
@@ -21,11 +24,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
+def workdir(qwen2_mvp, tmp_path_factory) -> Path:
+    """The smoke tier with the default inference matrix (both variants, cpu and gpu, servers), run
+    in a clone of the session's q8_0 mvp run (tests/workflow_runs.py): its source, ground truth on
+    cpu and q8_0 first hops with their cpu runs are reused, everything else runs here."""
     config = yaml.safe_load((REPO / "config/examples/synthetic-only.yaml").read_text())
     config["models"] = {MODEL: config["models"][MODEL]}
     config["tier"] = "smoke"
-    wf = Workflow.create(tmp_path_factory.mktemp("infer-wf"), config)
+    assert config["models"] == run_config()["models"], "the same model as the run it extends"
+    wf = qwen2_mvp.clone(tmp_path_factory.mktemp("infer-wf"))
+    wf.write_config(config)
     wf.run("smoke")
     return wf.workdir
 

@@ -22,23 +22,11 @@ import yaml
 from convqa.workflow import plan
 from convqa.encodings import QUANT_TARGETS
 from workflow_copy import Workflow
+from workflow_runs import CONVQA_COMMAND, MODEL, VARIANT, run_config
 
 CONVERT_RULES = {"convert_to_gguf", "convert_to_apr", "convert_to_safetensors"}
-MODEL, VARIANT = "qwen2-tiny", "q8_0"
-CONVQA_COMMAND = "convqa convert {input} {output} --to {format} {quant_arg} --json"
 
 pytestmark = pytest.mark.slow
-
-
-def run_config(converter: str = "convqa", extra_converters: dict | None = None) -> dict:
-    converters = {"convqa": {"command": CONVQA_COMMAND, "json_record": True}, **(extra_converters or {})}
-    return {
-        "tier": "mvp",
-        "variants": [VARIANT],
-        "converter": converter,
-        "converters": converters,
-        "models": {MODEL: {"source": {"kind": "synthetic", "preset": "qwen2-tiny", "seed": 0}}},
-    }
 
 
 def artifact_path(chain: str) -> str:
@@ -49,10 +37,9 @@ def artifact_path(chain: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Workflow:
-    wf = Workflow.create(tmp_path_factory.mktemp("run"), run_config())
-    wf.run("mvp")
-    return wf
+def built(qwen2_mvp) -> Workflow:
+    """The session's mvp run (conftest.py, tests/workflow_runs.py). Tests that change it clone it."""
+    return qwen2_mvp
 
 
 def test_run_writes_reports_and_sidecars(built):
@@ -90,13 +77,14 @@ def test_nothing_to_do_after_a_run(built):
     assert built.planned_jobs("mvp") == []
 
 
-def test_touching_converter_code_reruns_nothing(built):
+def test_touching_converter_code_reruns_nothing(built, tmp_path):
+    wf = built.clone(tmp_path / "touched")  # the run is the session's: other files clone it too
     future = time.time() + 60
     for module in ("gguf.py", "gguf_writer.py"):
-        os.utime(built.package / "formats" / module, (future, future))
-    for script in (built.workdir / "rules").iterdir():
+        os.utime(wf.package / "formats" / module, (future, future))
+    for script in (wf.workdir / "rules").iterdir():
         os.utime(script, (future, future))
-    assert built.planned_jobs("mvp") == []
+    assert wf.planned_jobs("mvp") == []
 
 
 def test_a_comment_in_the_gguf_writer_reruns_nothing(built, tmp_path):
