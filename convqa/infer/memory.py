@@ -8,13 +8,15 @@ is dequantized), and `fits` compares it with what the host (or the job's `mem_mb
 The estimate is in bytes of host memory; a device-memory check (the gpu backend) can reuse
 `bytes_needed` for the weights and compare with the device's free memory instead.
 
-What each engine holds at its peak (measured on the tiny models, SmolLM2-135M and a 1.5B
-geometry; see bench/scale.py):
-- transformers, SafeTensors: the model in F32, plus the file mapped while it is upcast when it
-  is stored in BF16/F16 (an F32 file's mapped pages are the model);
-- transformers, GGUF: transformers' GGUF loader dequantizes every tensor to a NumPy F32 copy and
-  then builds the F32 model from it: two F32 copies;
-- transformers, APR (convqa's loader): the F32 model plus one tensor being converted;
+What each engine holds at its peak (measured on SmolLM2-135M and a 1.5B BF16 geometry; see
+bench/scale.py and tests/test_memory.py). transformers builds the model in its compute dtype
+(convqa.infer.compute_dtype: the source's, bfloat16 for a BF16 checkpoint, float32 otherwise):
+- transformers, SafeTensors: the model in the compute dtype, plus the file mapped while it is
+  upcast when it is stored narrower than that (a file in the compute dtype is loaded in place);
+- transformers, GGUF: transformers' GGUF loader dequantizes every tensor and keeps the whole
+  state dict in the compute dtype before the model takes it over, while the file is mapped;
+- transformers, APR (convqa's loader): the model in the compute dtype plus one tensor's stored
+  bytes and one slice of it decoded;
 - llama.cpp: the file mapped (weights stay in their encoding), the F32 KV cache and the logits of
   every position (`logits_all`);
 plus, for every engine, the logits of a full context and the interpreter with its libraries.
