@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 from convqa.files import path_size
+from convqa.infer.compute_dtype import BYTES_PER_ELEMENT, compute_dtype_of
 
 MIB = 2**20
 F32 = 4
@@ -37,6 +38,12 @@ RUNTIME_BYTES = {"transformers": 500 * MIB, "llama.cpp": 300 * MIB}
 # Copies of one context's logits alive at once (the model output and its NumPy copy).
 LOGIT_COPIES = 2
 DEFAULT_CONTEXT = 512  # the engines' max_context (convqa.infer.engines.base)
+# Elements convqa's APR loader (transformers_engine.model_from_artifact) decodes at a time: an F32
+# temporary of a whole 151936 x 1536 embedding would be 0.9 GB on top of a BF16 model.
+COPY_CHUNK_ELEMENTS = 16 << 20
+# transformers' GGUF loader keeps its state dict until the model takes it over: measured on the
+# 1.5B geometry (see the module doc).
+GGUF_LOADING_OVERHEAD = 1.0
 ENGINES = tuple(RUNTIME_BYTES)
 
 
@@ -51,6 +58,8 @@ class Shape:
     num_layers: int
     kv_width: int  # num_kv_heads * head_dim
     format: str
+    largest_tensor_bytes: int = 0  # stored bytes of the largest tensor
+    compute_dtype: str = "float32"  # the artifact's own (convqa.infer.compute_dtype); a run takes its source's
 
 
 def artifact_shape(path: str | os.PathLike) -> Shape:
@@ -59,6 +68,7 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
 
     with open_model(path) as artifact:
         counts = [_elements(t.shape) for t in artifact.tensors.values()]
+        stored = [t.nbytes for t in artifact.tensors.values()]
         config = artifact.config
         return Shape(
             file_bytes=path_size(path),
@@ -68,6 +78,8 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
             num_layers=config.num_layers,
             kv_width=config.num_kv_heads * config.head_dim,
             format=artifact.format,
+            largest_tensor_bytes=max(stored, default=0),
+            compute_dtype=compute_dtype_of(artifact),
         )
 
 
@@ -78,29 +90,50 @@ def _elements(shape) -> int:
     return n
 
 
-def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT) -> int:
-    """Estimated peak RSS of `engine` over an artifact of this shape (see the module doc)."""
+def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT, compute_dtype: str | None = None) -> int:
+    """Estimated peak RSS of `engine` over an artifact of this shape (see the module doc).
+    `compute_dtype`: what transformers builds the model in (a run passes its source's,
+    convqa.infer.compute_dtype); None takes the artifact's own."""
     if engine not in RUNTIME_BYTES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     logits = LOGIT_COPIES * context * shape.vocab_size * F32
     if engine == "llama.cpp":
         kv_cache = 2 * context * shape.num_layers * shape.kv_width * F32
         return shape.file_bytes + kv_cache + logits + RUNTIME_BYTES[engine]
-    model = shape.parameters * F32
+    element = BYTES_PER_ELEMENT[compute_dtype or shape.compute_dtype]
+    model = shape.parameters * element
     if shape.format == "gguf":
-        loading = model  # the NumPy F32 copy transformers' GGUF loader builds the model from
+        # Per tensor: gguf-py's F32 dequantization, the loader's F32 copy of it and the cast
+        # (the file's mapped pages are dropped per tensor, transformers_engine.mapped_pages_dropped_per_tensor).
+        loading = GGUF_LOADING_OVERHEAD * model + shape.largest_tensor * (2 * F32 + element)
     elif shape.format == "safetensors":
-        # A BF16/F16 file is mapped while its tensors are upcast; an F32 one is used in place.
+        # A file stored in the compute dtype is used in place; a narrower one stays mapped while upcast.
         loading = 0 if shape.file_bytes >= 0.95 * model else shape.file_bytes
     else:
-        loading = shape.largest_tensor * F32
+        # convqa's loader: one tensor's stored bytes, and one slice of it decoded to F32.
+        loading = shape.largest_tensor_bytes + min(shape.largest_tensor, COPY_CHUNK_ELEMENTS) * F32
     return model + loading + logits + RUNTIME_BYTES[engine]
 
 
-def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT) -> int:
+def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT,
+                 compute_dtype: str | None = None) -> int:
     """Estimated peak resident bytes of `engine` ("transformers" or "llama.cpp") running the
-    artifact at `artifact_path`. Raises FormatError when the artifact cannot be read."""
-    return shape_bytes_needed(artifact_shape(artifact_path), engine, context)
+    artifact at `artifact_path` in `compute_dtype` (None: the artifact's own). Raises
+    FormatError when the artifact cannot be read."""
+    return shape_bytes_needed(artifact_shape(artifact_path), engine, context, compute_dtype)
+
+
+def source_compute_dtype(source: str | os.PathLike | None) -> str | None:
+    """The compute dtype a run of `source`'s artifacts takes, None when it cannot be read (the
+    estimate then falls back to the artifact's own)."""
+    if source is None:
+        return None
+    from convqa.infer.compute_dtype import compute_dtype_for
+
+    try:
+        return compute_dtype_for(source)
+    except Exception:  # not there yet (DAG evaluation) or unreadable: the artifact decides
+        return None
 
 
 def host_memory_bytes() -> int | None:
@@ -140,11 +173,12 @@ def available_bytes(mem_mb: float | None = None) -> tuple[int | None, str]:
 
 
 def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None = None,
-            context: int = DEFAULT_CONTEXT) -> str | None:
+            context: int = DEFAULT_CONTEXT, source: str | os.PathLike | None = None) -> str | None:
     """The `skipped` reason when the estimate exceeds what the job may use; None when it fits
-    or cannot be told (an unreadable artifact: the run itself reports that)."""
+    or cannot be told (an unreadable artifact: the run itself reports that). `source`: the
+    model's ground truth, whose compute dtype the run takes."""
     try:
-        needed = bytes_needed(artifact_path, engine, context)
+        needed = bytes_needed(artifact_path, engine, context, source_compute_dtype(source))
     except Exception:  # unreadable (FormatError) or odd: not judged here, the run reports why
         return None
     limit, source = available_bytes(mem_mb)
@@ -154,11 +188,12 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
             f"(estimate, convqa.infer.memory), {limit / MIB:,.0f} MB {source}")
 
 
-def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1) -> int:
+def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1,
+               source: str | os.PathLike | None = None) -> int:
     """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry;
-    2000 MB where the artifact cannot be read yet (a dry run) or at all."""
+    2000 MB where the artifact cannot be read yet (a dry run) or at all. `source` as in too_big."""
     try:
-        needed = bytes_needed(artifact_path, engine)
+        needed = bytes_needed(artifact_path, engine, compute_dtype=source_compute_dtype(source))
     except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
         return 2000 * attempt
     return int(needed * 1.1 / MIB * attempt) + 1

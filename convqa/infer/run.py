@@ -95,7 +95,7 @@ def run_prompts(
         record["error"] = f"artifact unreadable: {exc}"[:2000]
         record["no_artifact"] = getattr(exc, "failure", None)  # a failed conversion's placeholder
         return record, {}
-    if _short_of_device_memory(record, artifact_path, engine_name, backend):
+    if _short_of_device_memory(record, artifact_path, engine_name, backend, source_dir):
         return record, {}
     options = {}
     if engine_name == "transformers":  # every artifact of a model computes like its ground truth
@@ -111,14 +111,15 @@ def run_prompts(
         return record, _run_loaded(engine, tokenizer, spec, prompts, max_new_tokens, record)
 
 
-def _short_of_device_memory(record: dict, artifact_path, engine_name: str, backend: str) -> bool:
-    """On gpu: record the device's free memory against the run's estimate, and mark the run
-    skipped (True) when it would not fit, instead of letting the engine die of a CUDA OOM."""
+def _short_of_device_memory(record: dict, artifact_path, engine_name: str, backend: str, source_dir) -> bool:
+    """On gpu: record the device's free memory against the run's estimate (in the source's compute
+    dtype), and mark the run skipped (True) when it would not fit, instead of a CUDA OOM."""
     if backend != "gpu":
         return False
     from convqa.infer.device import check_artifact
 
-    reason, record["device_memory"] = check_artifact(artifact_path, engine_name)
+    reason, record["device_memory"] = check_artifact(artifact_path, engine_name,
+                                                     compute_dtype=compute_dtype_for(source_dir))
     if reason:
         record["skipped"] = reason
     return bool(reason)
@@ -187,7 +188,7 @@ def run_reference(
     if not available:
         record["skipped"] = reason
         return record, {}
-    if _short_of_device_memory(record, source_dir, "transformers", backend):
+    if _short_of_device_memory(record, source_dir, "transformers", backend, source_dir):
         return record, {}
     tokenizer = ground_truth_tokenizer(source_dir)
     record["compute_dtype"] = compute_dtype_for(source_dir)  # the ground truth's, as the artifact's run
@@ -234,7 +235,7 @@ def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, 
     # The capability check (no CUDA device: skipped) happens in the child: asking torch here would
     # import it twice per job.
     record = _new_record(os.fspath(artifact), engine, backend, max_new_tokens)
-    if _skipped_too_big(record, artifact, engine, mem_mb, json_path, npz_path):
+    if _skipped_too_big(record, artifact, engine, mem_mb, json_path, npz_path, source=source):
         return record
     kwargs = dict(artifact=os.fspath(artifact), source=os.fspath(source), engine=engine, backend=backend,
                   max_new_tokens=max_new_tokens, threads=threads, json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
@@ -255,11 +256,13 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
     return _finish_isolated("convqa.infer.run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
 
 
-def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str) -> bool:
-    """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit."""
+def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str,
+                     source: str | None = None) -> bool:
+    """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit
+    (computed in `source`'s dtype, as the run will be)."""
     from convqa.infer.memory import too_big
 
-    reason = too_big(artifact, engine, mem_mb)
+    reason = too_big(artifact, engine, mem_mb, source=source)
     if reason is None:
         return False
     record["skipped"] = reason
@@ -352,7 +355,7 @@ def serve_prompts(
         return record
     from convqa.infer.memory import too_big
 
-    if reason := too_big(artifact_path, engine_name, mem_mb):  # the server loads the whole model
+    if reason := too_big(artifact_path, engine_name, mem_mb, source=source_dir):  # the server loads the whole model
         record["skipped"] = reason
         return record
     if failure := no_artifact.read(artifact_path):  # a failed conversion: nothing to serve

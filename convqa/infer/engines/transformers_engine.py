@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from convqa.infer.compute_dtype import COMPUTE_DTYPES, compute_dtype_for
 from convqa.infer.engines.base import Engine
+from convqa.infer.memory import COPY_CHUNK_ELEMENTS
 from convqa.errors import FormatError
 from convqa.formats import detect_format, open_model
 from convqa.model import ModelArtifact
@@ -30,9 +32,6 @@ SEED = 0
 # Eager attention is the plainest kernel path; every loader below uses it so they stay comparable.
 ATTN_IMPLEMENTATION = "eager"
 TIED_HEAD = "lm_head.weight"
-# Decoded elements at a time when a tensor is converted into the model's dtype: an F32 temporary of
-# a whole 151936 x 1536 embedding would be 0.9 GB on top of the model.
-COPY_CHUNK_ELEMENTS = 16 << 20
 # Encodings whose rows can be decoded independently (a row is whole blocks along the last axis);
 # APR's int8/int4 carry one header for the whole tensor.
 _ROW_DECODABLE = {"F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -178,6 +177,45 @@ def _fused_experts(loads: dict, config) -> dict:
     return out
 
 
+@contextmanager
+def mapped_pages_dropped_per_tensor():
+    """transformers' GGUF loader reads every tensor through gguf-py's memory map of the whole file
+    (`GGUFReader`), and mapped pages count toward the process's RSS for as long as the map lives:
+    by the last tensor the whole file is resident beside the model built from it (a BF16 GGUF of
+    3.1 GB: 3.1 GB more at the peak). While this is active, each `gguf.dequantize` call (the
+    loader's per-tensor read) first drops the pages this process holds of the map it reads from
+    (MADV_DONTNEED; the map is read-only, so a page read again faults back in from the page
+    cache): at most about one tensor's pages stay resident. The loader itself is unchanged."""
+    import gguf
+
+    original = gguf.dequantize
+
+    def dequantize(data, qtype):
+        _drop_resident_pages(data)
+        return original(data, qtype)
+
+    gguf.dequantize = dequantize
+    try:
+        yield
+    finally:
+        gguf.dequantize = original
+
+
+def _drop_resident_pages(array) -> None:
+    """MADV_DONTNEED on the whole memory map `array` views (a numpy memmap), if it is one."""
+    import mmap
+
+    mapping = getattr(array, "_mmap", None)
+    while mapping is None and getattr(array, "base", None) is not None:
+        array = array.base
+        mapping = getattr(array, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed map or a kernel that refuses: only memory is at stake
+            pass
+
+
 def capture_points(model) -> list[tuple[dict, object]]:
     """(point, module) pairs to hook: the input embedding; per decoder layer every direct child
     module (its norms, self_attn, mlp: the model's own names, so any architecture's sub-layers
@@ -236,9 +274,10 @@ class TransformersEngine(Engine):
                 model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
             )
         elif fmt == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
-            )
+            with mapped_pages_dropped_per_tensor():
+                model = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+                )
         else:
             with open_model(path) as artifact:
                 model = model_from_artifact(artifact, dtype=self.compute_dtype)
