@@ -41,9 +41,7 @@ DEFAULT_CONTEXT = 512  # the engines' max_context (convqa.infer.engines.base)
 # Elements convqa's APR loader (transformers_engine.model_from_artifact) decodes at a time: an F32
 # temporary of a whole 151936 x 1536 embedding would be 0.9 GB on top of a BF16 model.
 COPY_CHUNK_ELEMENTS = 16 << 20
-# transformers' GGUF loader keeps its state dict until the model takes it over: measured on the
-# 1.5B geometry (see the module doc).
-GGUF_LOADING_OVERHEAD = 1.0
+
 ENGINES = tuple(RUNTIME_BYTES)
 
 
@@ -59,6 +57,8 @@ class Shape:
     kv_width: int  # num_kv_heads * head_dim
     format: str
     largest_tensor_bytes: int = 0  # stored bytes of the largest tensor
+    first_tensor: int = 0  # elements of the first tensor in file order (a GGUF's token_embd)
+    largest_after_first: int = 0  # elements of the largest tensor after it
     compute_dtype: str = "float32"  # the artifact's own (convqa.infer.compute_dtype); a run takes its source's
 
 
@@ -79,6 +79,8 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
             kv_width=config.num_kv_heads * config.head_dim,
             format=artifact.format,
             largest_tensor_bytes=max(stored, default=0),
+            first_tensor=counts[0] if counts else 0,
+            largest_after_first=max(counts[1:], default=0),
             compute_dtype=compute_dtype_of(artifact),
         )
 
@@ -103,9 +105,13 @@ def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT
     element = BYTES_PER_ELEMENT[compute_dtype or shape.compute_dtype]
     model = shape.parameters * element
     if shape.format == "gguf":
-        # Per tensor: gguf-py's F32 dequantization, the loader's F32 copy of it and the cast
-        # (the file's mapped pages are dropped per tensor, transformers_engine.mapped_pages_dropped_per_tensor).
-        loading = GGUF_LOADING_OVERHEAD * model + shape.largest_tensor * (2 * F32 + element)
+        # Tensor by tensor, in file order: gguf-py's F32 dequantization, the loader's F32 copy of it
+        # and its cast, beside the state dict built so far, which the model then takes over without
+        # a copy (the file's mapped pages are dropped per tensor,
+        # transformers_engine.mapped_pages_dropped_per_tensor). The first tensor (the embedding)
+        # meets an empty state dict.
+        per_element = 2 * F32 + element
+        loading = max(shape.first_tensor * per_element - model, shape.largest_after_first * per_element)
     elif shape.format == "safetensors":
         # A file stored in the compute dtype is used in place; a narrower one stays mapped while upcast.
         loading = 0 if shape.file_bytes >= 0.95 * model else shape.file_bytes
