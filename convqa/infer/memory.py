@@ -113,8 +113,9 @@ def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT
         per_element = 2 * F32 + element
         loading = max(shape.first_tensor * per_element - model, shape.largest_after_first * per_element)
     elif shape.format == "safetensors":
-        # A file stored in the compute dtype is used in place; a narrower one stays mapped while upcast.
-        loading = 0 if shape.file_bytes >= 0.95 * model else shape.file_bytes
+        # A file stored in the compute dtype is used in place (its mapped pages are the model);
+        # one in another dtype (narrower, or an F32 round trip of a BF16 model) stays mapped while cast.
+        loading = 0 if abs(shape.file_bytes - model) <= 0.05 * model else shape.file_bytes
     else:
         # convqa's loader: one tensor's stored bytes, and one slice of it decoded to F32.
         loading = shape.largest_tensor_bytes + min(shape.largest_tensor, COPY_CHUNK_ELEMENTS) * F32
