@@ -34,8 +34,8 @@ def bf16_model(synthetic_dir, tmp_path_factory):
     return src, artifacts
 
 
-def run(artifact, source, **kwargs):
-    record, arrays = run_prompts(artifact, source, "transformers", "cpu", PROMPTS, MAX_NEW_TOKENS, 2, **kwargs)
+def run(artifact, source):
+    record, arrays = run_prompts(artifact, source, "transformers", "cpu", PROMPTS, MAX_NEW_TOKENS, 2)
     assert not record["error"] and not record["skipped"], record
     logits = {k: v for k, v in arrays.items() if not k.startswith("hidden.")}
     assert len(logits) == len(PROMPTS)

@@ -38,6 +38,9 @@ RUNTIME_BYTES = {"transformers": 500 * MIB, "llama.cpp": 300 * MIB}
 # Copies of one context's logits alive at once (the model output and its NumPy copy).
 LOGIT_COPIES = 2
 DEFAULT_CONTEXT = 512  # the engines' max_context (convqa.infer.engines.base)
+# The reference model's job beyond the source's run: measured 4526 MB against 3503 MB on the 1.5B
+# BF16 geometry (a Q8_0 reference): 2.3x its largest tensor's stored bytes (445 MiB), with a margin.
+REFERENCE_EXTRA_TENSORS = 2.5
 # Elements convqa's APR loader (transformers_engine.model_from_artifact) decodes at a time: an F32
 # temporary of a whole 151936 x 1536 embedding would be 0.9 GB on top of a BF16 model.
 COPY_CHUNK_ELEMENTS = 16 << 20
@@ -123,11 +126,15 @@ def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT
 
 
 def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT,
-                 compute_dtype: str | None = None) -> int:
+                 compute_dtype: str | None = None, reference: bool = False) -> int:
     """Estimated peak resident bytes of `engine` ("transformers" or "llama.cpp") running the
-    artifact at `artifact_path` in `compute_dtype` (None: the artifact's own). Raises
-    FormatError when the artifact cannot be read."""
-    return shape_bytes_needed(artifact_shape(artifact_path), engine, context, compute_dtype)
+    artifact at `artifact_path` in `compute_dtype` (None: the artifact's own). `reference`: the
+    reference-quantized model built from this source (convqa.infer.reference_model), which also
+    holds a tensor's source bytes and its re-encoding while it is loaded. Raises FormatError when
+    the artifact cannot be read."""
+    shape = artifact_shape(artifact_path)
+    extra = REFERENCE_EXTRA_TENSORS * shape.largest_tensor_bytes if reference else 0
+    return shape_bytes_needed(shape, engine, context, compute_dtype) + extra
 
 
 def source_compute_dtype(source: str | os.PathLike | None) -> str | None:
@@ -180,12 +187,13 @@ def available_bytes(mem_mb: float | None = None) -> tuple[int | None, str]:
 
 
 def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None = None,
-            context: int = DEFAULT_CONTEXT, source: str | os.PathLike | None = None) -> str | None:
+            context: int = DEFAULT_CONTEXT, source: str | os.PathLike | None = None,
+            reference: bool = False) -> str | None:
     """The `skipped` reason when the estimate exceeds what the job may use; None when it fits
     or cannot be told (an unreadable artifact: the run itself reports that). `source`: the
     model's ground truth, whose compute dtype the run takes."""
     try:
-        needed = bytes_needed(artifact_path, engine, context, source_compute_dtype(source))
+        needed = bytes_needed(artifact_path, engine, context, source_compute_dtype(source), reference)
     except Exception:  # unreadable (FormatError) or odd: not judged here, the run reports why
         return None
     limit, source = available_bytes(mem_mb)
@@ -196,11 +204,11 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
 
 
 def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1,
-               source: str | os.PathLike | None = None) -> int:
+               source: str | os.PathLike | None = None, reference: bool = False) -> int:
     """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry;
     2000 MB where the artifact cannot be read yet (a dry run) or at all. `source` as in too_big."""
     try:
-        needed = bytes_needed(artifact_path, engine, compute_dtype=source_compute_dtype(source))
+        needed = bytes_needed(artifact_path, engine, compute_dtype=source_compute_dtype(source), reference=reference)
     except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
         return 2000 * attempt
     return int(needed * 1.1 / MIB * attempt) + 1

@@ -249,7 +249,7 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
     record = _new_record(f"reference: {os.fspath(source)} in the encodings of {os.fspath(encoded)}",
                          "transformers", backend, max_new_tokens)
     # The reference model is the source's tensors in its compute dtype, as the ground truth run holds them.
-    if _skipped_too_big(record, source, "transformers", mem_mb, json_path, npz_path):
+    if _skipped_too_big(record, source, "transformers", mem_mb, json_path, npz_path, reference=True):
         return record
     kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
                   json_path=os.fspath(json_path), npz_path=os.fspath(npz_path), backend=backend)
@@ -257,12 +257,12 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
 
 
 def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str,
-                     source: str | None = None) -> bool:
+                     source: str | None = None, reference: bool = False) -> bool:
     """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit
     (computed in `source`'s dtype, as the run will be)."""
     from convqa.infer.memory import too_big
 
-    reason = too_big(artifact, engine, mem_mb, source=source)
+    reason = too_big(artifact, engine, mem_mb, source=source, reference=reference)
     if reason is None:
         return False
     record["skipped"] = reason

@@ -86,7 +86,7 @@ def inference_mem_mb(wildcards, input, attempt):
 
 
 def reference_mem_mb(wildcards, input, attempt):
-    return memory.job_mem_mb(input.source, "transformers", attempt)
+    return memory.job_mem_mb(input.source, "transformers", attempt, reference=True)
 
 
 def gpu_count(wildcards):
