@@ -56,9 +56,14 @@ def test_the_estimate_follows_the_format_and_engine(smollm2_gguf, smollm2_st):
     gguf = memory.artifact_shape(smollm2_gguf)
     assert gguf.parameters == shape.parameters  # same tensors (tied head absent from both)
     assert gguf.file_bytes < shape.file_bytes / 4  # Q4_1 against F32
-    # transformers dequantizes a GGUF to F32 twice over; llama.cpp maps the Q4_1 blocks as they are.
+    # transformers dequantizes a GGUF into its compute dtype (F32 here: SmolLM2's ground truth is
+    # F32); llama.cpp maps the Q4_1 blocks as they are.
+    assert gguf.compute_dtype == shape.compute_dtype == "float32"
     assert memory.shape_bytes_needed(gguf, "transformers") > memory.shape_bytes_needed(shape, "transformers") * 0.9
-    assert memory.shape_bytes_needed(gguf, "llama.cpp") < memory.shape_bytes_needed(gguf, "transformers") / 2
+    assert memory.shape_bytes_needed(gguf, "llama.cpp") < memory.shape_bytes_needed(gguf, "transformers") * 0.6
+    # In BF16 (a BF16 ground truth's artifacts) the model takes half the bytes.
+    bf16 = memory.shape_bytes_needed(gguf, "transformers", compute_dtype="bfloat16")
+    assert bf16 <= memory.shape_bytes_needed(gguf, "transformers") - 0.9 * 2 * gguf.parameters
     with pytest.raises(ValueError, match="unknown engine"):
         memory.shape_bytes_needed(shape, "vllm")
 
@@ -83,3 +88,44 @@ def test_a_run_that_cannot_fit_is_a_skipped_record_and_loads_nothing(smollm2_st,
     assert record["skipped"].startswith("too big for this machine") and record["error"] is None
     assert json.loads(json_path.read_text())["skipped"] == record["skipped"]
     assert npz_path.is_file() and not log.exists()  # no child process was started
+
+
+# A BF16 checkpoint whose embedding is a small part of it, as at 1.5B (15%): 108M parameters, 216 MB.
+BF16_GEOMETRY = dict(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=2,
+                     vocab_size=8192)
+
+
+@pytest.fixture(scope="module")
+def bf16_models(synthetic_dir, tmp_path_factory):
+    """{size: (source, {format: artifact})} for the tiny BF16 preset (the runtime alone) and the
+    BF16_GEOMETRY one, each with its native GGUF and APR from convqa's converter."""
+    from convqa.convert.builtin import convert
+
+    models = {}
+    for size, overrides in (("tiny", {}), ("mid", BF16_GEOMETRY)):
+        src = synthetic_dir("qwen2.5-tiny-bf16", "bfloat16", **overrides)
+        out = tmp_path_factory.mktemp(f"bf16-{size}")
+        artifacts = {"safetensors": src, "gguf": out / "native.gguf", "apr": out / "native.apr"}
+        convert(src, artifacts["gguf"], "gguf")
+        convert(src, artifacts["apr"], "apr")
+        models[size] = (src, artifacts)
+    return models
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf", "apr"])
+def test_transformers_holds_a_bf16_model_once_through_every_loader(bf16_models, fmt):
+    """Issue 13: no inference job above 1.5x the model's bytes. The model's share of a job's peak
+    RSS (its peak minus the same loader's peak over the tiny model: the runtime) stays within
+    1.5x its BF16 bytes through from_pretrained, transformers' GGUF loader and convqa's APR
+    loader; an F32 upcast alone would be 2x, a state-dict copy beside the model 2x, a mapped
+    file beside it 2x. The estimate bounds the whole peak."""
+    (tiny_src, tiny), (src, mid) = bf16_models["tiny"], bf16_models["mid"]
+    model_bytes = memory.artifact_shape(src).file_bytes
+    assert 200 * MIB < model_bytes < 230 * MIB
+    runtime = measured_peak_rss(tiny[fmt], tiny_src, "transformers")
+    peak = measured_peak_rss(mid[fmt], src, "transformers")
+    share = (peak - runtime) / model_bytes
+    print(f"{fmt}: peak {peak / MIB:.0f} MB, runtime {runtime / MIB:.0f} MB, model {model_bytes / MIB:.0f} MB: {share:.2f}x")
+    assert share <= 1.5, f"{fmt}: the model took {share:.2f}x its bytes ({peak / MIB:.0f} MB peak, {runtime / MIB:.0f} MB runtime)"
+    estimate = memory.bytes_needed(mid[fmt], "transformers", compute_dtype=memory.source_compute_dtype(src))
+    assert peak <= estimate, f"{fmt}: held {peak / MIB:.0f} MB, more than the {estimate / MIB:.0f} MB estimate"

@@ -8,7 +8,8 @@ needs; too little gives `skipped` with both numbers, like any absent capability.
 The estimate is the artifact's tensors as the engine holds them on the device, plus a margin. It is
 not convqa.infer.memory's host estimate: that one also counts host-only copies made while loading
 and the interpreter with its libraries, which the device never holds.
-transformers dequantizes every tensor to its float32 compute dtype; llama.cpp keeps the file's
+transformers dequantizes every tensor to its compute dtype (convqa.infer.compute_dtype: the
+source's, bfloat16 for a BF16 checkpoint, float32 otherwise); llama.cpp keeps the file's
 encodings (GGML blocks stay blocks). The margin covers activations, the KV cache of the short
 prompt set, cuBLAS workspaces and the caching allocator's rounding; the CUDA context is already
 taken when mem_get_info answers, so it is not in it.
@@ -19,21 +20,23 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-COMPUTE_BYTES_PER_ELEMENT = 4  # float32: transformers' compute dtype (convqa.infer.engines.transformers_engine)
 MARGIN_FRACTION = 0.2
 MARGIN_BYTES = 256 * 2**20
 GIB = 2**30
 
 
-def weight_bytes(artifact_path: str | os.PathLike, engine: str) -> int:
-    """Bytes the engine holds for the artifact's tensors on the device: float32 of every element
-    under transformers, the stored encoding's bytes under llama.cpp."""
+def weight_bytes(artifact_path: str | os.PathLike, engine: str, compute_dtype: str | None = None) -> int:
+    """Bytes the engine holds for the artifact's tensors on the device: every element in the
+    compute dtype under transformers (None: the artifact's own), the stored encoding's bytes
+    under llama.cpp."""
     from convqa.formats import open_model
+    from convqa.infer.compute_dtype import BYTES_PER_ELEMENT, compute_dtype_of
 
     with open_model(artifact_path) as artifact:
         if engine == "llama.cpp":
             return sum(t.nbytes for t in artifact)
-        return sum(t.n_elements for t in artifact) * COMPUTE_BYTES_PER_ELEMENT
+        element = BYTES_PER_ELEMENT[compute_dtype or compute_dtype_of(artifact)]
+        return sum(t.n_elements for t in artifact) * element
 
 
 def bytes_needed(weights: int) -> int:
@@ -68,7 +71,9 @@ def skip_reason(memory: dict | None) -> str:
 
 
 def check_artifact(artifact_path: str | os.PathLike, engine: str,
-                   mem_get_info: Callable[[], tuple[int, int]] | None = None) -> tuple[str, dict | None]:
-    """(skip reason or '', the numbers) for running `artifact_path` under `engine` on the gpu."""
-    memory = device_memory(bytes_needed(weight_bytes(artifact_path, engine)), mem_get_info)
+                   mem_get_info: Callable[[], tuple[int, int]] | None = None,
+                   compute_dtype: str | None = None) -> tuple[str, dict | None]:
+    """(skip reason or '', the numbers) for running `artifact_path` under `engine` on the gpu
+    (transformers in `compute_dtype`, None: the artifact's own)."""
+    memory = device_memory(bytes_needed(weight_bytes(artifact_path, engine, compute_dtype)), mem_get_info)
     return skip_reason(memory), memory

@@ -8,13 +8,15 @@ is dequantized), and `fits` compares it with what the host (or the job's `mem_mb
 The estimate is in bytes of host memory; a device-memory check (the gpu backend) can reuse
 `bytes_needed` for the weights and compare with the device's free memory instead.
 
-What each engine holds at its peak (measured on the tiny models, SmolLM2-135M and a 1.5B
-geometry; see bench/scale.py):
-- transformers, SafeTensors: the model in F32, plus the file mapped while it is upcast when it
-  is stored in BF16/F16 (an F32 file's mapped pages are the model);
-- transformers, GGUF: transformers' GGUF loader dequantizes every tensor to a NumPy F32 copy and
-  then builds the F32 model from it: two F32 copies;
-- transformers, APR (convqa's loader): the F32 model plus one tensor being converted;
+What each engine holds at its peak (measured on SmolLM2-135M and a 1.5B BF16 geometry; see
+bench/scale.py and tests/test_memory.py). transformers builds the model in its compute dtype
+(convqa.infer.compute_dtype: the source's, bfloat16 for a BF16 checkpoint, float32 otherwise):
+- transformers, SafeTensors: the model in the compute dtype, plus the file mapped while it is
+  upcast when it is stored narrower than that (a file in the compute dtype is loaded in place);
+- transformers, GGUF: transformers' GGUF loader dequantizes every tensor and keeps the whole
+  state dict in the compute dtype before the model takes it over, while the file is mapped;
+- transformers, APR (convqa's loader): the model in the compute dtype plus one tensor's stored
+  bytes and one slice of it decoded;
 - llama.cpp: the file mapped (weights stay in their encoding), the F32 KV cache and the logits of
   every position (`logits_all`);
 plus, for every engine, the logits of a full context and the interpreter with its libraries.
@@ -26,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 from convqa.files import path_size
+from convqa.infer.compute_dtype import BYTES_PER_ELEMENT, compute_dtype_of
 
 MIB = 2**20
 F32 = 4
@@ -35,6 +38,13 @@ RUNTIME_BYTES = {"transformers": 500 * MIB, "llama.cpp": 300 * MIB}
 # Copies of one context's logits alive at once (the model output and its NumPy copy).
 LOGIT_COPIES = 2
 DEFAULT_CONTEXT = 512  # the engines' max_context (convqa.infer.engines.base)
+# The reference model's job beyond the source's run: measured 4526 MB against 3503 MB on the 1.5B
+# BF16 geometry (a Q8_0 reference): 2.3x its largest tensor's stored bytes (445 MiB), with a margin.
+REFERENCE_EXTRA_TENSORS = 2.5
+# Elements convqa's APR loader (transformers_engine.model_from_artifact) decodes at a time: an F32
+# temporary of a whole 151936 x 1536 embedding would be 0.9 GB on top of a BF16 model.
+COPY_CHUNK_ELEMENTS = 16 << 20
+
 ENGINES = tuple(RUNTIME_BYTES)
 
 
@@ -49,6 +59,10 @@ class Shape:
     num_layers: int
     kv_width: int  # num_kv_heads * head_dim
     format: str
+    largest_tensor_bytes: int = 0  # stored bytes of the largest tensor
+    first_tensor: int = 0  # elements of the first tensor in file order (a GGUF's token_embd)
+    largest_after_first: int = 0  # elements of the largest tensor after it
+    compute_dtype: str = "float32"  # the artifact's own (convqa.infer.compute_dtype); a run takes its source's
 
 
 def artifact_shape(path: str | os.PathLike) -> Shape:
@@ -57,6 +71,7 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
 
     with open_model(path) as artifact:
         counts = [_elements(t.shape) for t in artifact.tensors.values()]
+        stored = [t.nbytes for t in artifact.tensors.values()]
         config = artifact.config
         return Shape(
             file_bytes=path_size(path),
@@ -66,6 +81,10 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
             num_layers=config.num_layers,
             kv_width=config.num_kv_heads * config.head_dim,
             format=artifact.format,
+            largest_tensor_bytes=max(stored, default=0),
+            first_tensor=counts[0] if counts else 0,
+            largest_after_first=max(counts[1:], default=0),
+            compute_dtype=compute_dtype_of(artifact),
         )
 
 
@@ -76,29 +95,59 @@ def _elements(shape) -> int:
     return n
 
 
-def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT) -> int:
-    """Estimated peak RSS of `engine` over an artifact of this shape (see the module doc)."""
+def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT, compute_dtype: str | None = None) -> int:
+    """Estimated peak RSS of `engine` over an artifact of this shape (see the module doc).
+    `compute_dtype`: what transformers builds the model in (a run passes its source's,
+    convqa.infer.compute_dtype); None takes the artifact's own."""
     if engine not in RUNTIME_BYTES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     logits = LOGIT_COPIES * context * shape.vocab_size * F32
     if engine == "llama.cpp":
         kv_cache = 2 * context * shape.num_layers * shape.kv_width * F32
         return shape.file_bytes + kv_cache + logits + RUNTIME_BYTES[engine]
-    model = shape.parameters * F32
+    element = BYTES_PER_ELEMENT[compute_dtype or shape.compute_dtype]
+    model = shape.parameters * element
     if shape.format == "gguf":
-        loading = model  # the NumPy F32 copy transformers' GGUF loader builds the model from
+        # Tensor by tensor, in file order: gguf-py's F32 dequantization, the loader's F32 copy of it
+        # and its cast, beside the state dict built so far, which the model then takes over without
+        # a copy (the file's mapped pages are dropped per tensor,
+        # transformers_engine.mapped_pages_dropped_per_tensor). The first tensor (the embedding)
+        # meets an empty state dict.
+        per_element = 2 * F32 + element
+        loading = max(shape.first_tensor * per_element - model, shape.largest_after_first * per_element)
     elif shape.format == "safetensors":
-        # A BF16/F16 file is mapped while its tensors are upcast; an F32 one is used in place.
-        loading = 0 if shape.file_bytes >= 0.95 * model else shape.file_bytes
+        # A file stored in the compute dtype is used in place (its mapped pages are the model);
+        # one in another dtype (narrower, or an F32 round trip of a BF16 model) stays mapped while cast.
+        loading = 0 if abs(shape.file_bytes - model) <= 0.05 * model else shape.file_bytes
     else:
-        loading = shape.largest_tensor * F32
+        # convqa's loader: one tensor's stored bytes, and one slice of it decoded to F32.
+        loading = shape.largest_tensor_bytes + min(shape.largest_tensor, COPY_CHUNK_ELEMENTS) * F32
     return model + loading + logits + RUNTIME_BYTES[engine]
 
 
-def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT) -> int:
+def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT,
+                 compute_dtype: str | None = None, reference: bool = False) -> int:
     """Estimated peak resident bytes of `engine` ("transformers" or "llama.cpp") running the
-    artifact at `artifact_path`. Raises FormatError when the artifact cannot be read."""
-    return shape_bytes_needed(artifact_shape(artifact_path), engine, context)
+    artifact at `artifact_path` in `compute_dtype` (None: the artifact's own). `reference`: the
+    reference-quantized model built from this source (convqa.infer.reference_model), which also
+    holds a tensor's source bytes and its re-encoding while it is loaded. Raises FormatError when
+    the artifact cannot be read."""
+    shape = artifact_shape(artifact_path)
+    extra = REFERENCE_EXTRA_TENSORS * shape.largest_tensor_bytes if reference else 0
+    return shape_bytes_needed(shape, engine, context, compute_dtype) + extra
+
+
+def source_compute_dtype(source: str | os.PathLike | None) -> str | None:
+    """The compute dtype a run of `source`'s artifacts takes, None when it cannot be read (the
+    estimate then falls back to the artifact's own)."""
+    if source is None:
+        return None
+    from convqa.infer.compute_dtype import compute_dtype_for
+
+    try:
+        return compute_dtype_for(source)
+    except Exception:  # not there yet (DAG evaluation) or unreadable: the artifact decides
+        return None
 
 
 def host_memory_bytes() -> int | None:
@@ -138,11 +187,13 @@ def available_bytes(mem_mb: float | None = None) -> tuple[int | None, str]:
 
 
 def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None = None,
-            context: int = DEFAULT_CONTEXT) -> str | None:
+            context: int = DEFAULT_CONTEXT, source: str | os.PathLike | None = None,
+            reference: bool = False) -> str | None:
     """The `skipped` reason when the estimate exceeds what the job may use; None when it fits
-    or cannot be told (an unreadable artifact: the run itself reports that)."""
+    or cannot be told (an unreadable artifact: the run itself reports that). `source`: the
+    model's ground truth, whose compute dtype the run takes."""
     try:
-        needed = bytes_needed(artifact_path, engine, context)
+        needed = bytes_needed(artifact_path, engine, context, source_compute_dtype(source), reference)
     except Exception:  # unreadable (FormatError) or odd: not judged here, the run reports why
         return None
     limit, source = available_bytes(mem_mb)
@@ -152,11 +203,12 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
             f"(estimate, convqa.infer.memory), {limit / MIB:,.0f} MB {source}")
 
 
-def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1) -> int:
+def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1,
+               source: str | os.PathLike | None = None, reference: bool = False) -> int:
     """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry;
-    2000 MB where the artifact cannot be read yet (a dry run) or at all."""
+    2000 MB where the artifact cannot be read yet (a dry run) or at all. `source` as in too_big."""
     try:
-        needed = bytes_needed(artifact_path, engine)
+        needed = bytes_needed(artifact_path, engine, compute_dtype=source_compute_dtype(source), reference=reference)
     except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
         return 2000 * attempt
     return int(needed * 1.1 / MIB * attempt) + 1

@@ -23,6 +23,7 @@ import numpy as np
 
 from convqa.formats import no_artifact
 from convqa.files import atomic_file, write_json
+from convqa.infer.compute_dtype import compute_dtype_for
 from convqa.infer.engines import capability, engine_for
 from convqa.infer.server.supervisor import ServerError, ServerProcess
 from convqa.errors import ConversionError, FormatError
@@ -32,6 +33,8 @@ from convqa.infer.reference_model import reference_quantized
 
 # Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
 LLAMACPP_GREEDY = {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
+# What a llama.cpp run's numbers were computed in, for the record (transformers': a dtype name).
+LLAMACPP_COMPUTE = "ggml: weights in their stored encodings, F32 activations and KV cache"
 # .npz keys of the hidden-state capture; a prompt id never starts with it (load_run splits on it).
 HIDDEN_PREFIX = "hidden."
 
@@ -92,9 +95,14 @@ def run_prompts(
         record["error"] = f"artifact unreadable: {exc}"[:2000]
         record["no_artifact"] = getattr(exc, "failure", None)  # a failed conversion's placeholder
         return record, {}
-    if _short_of_device_memory(record, artifact_path, engine_name, backend):
+    if _short_of_device_memory(record, artifact_path, engine_name, backend, source_dir):
         return record, {}
-    with engine_for(engine_name, backend, threads=threads) as engine:
+    options = {}
+    if engine_name == "transformers":  # every artifact of a model computes like its ground truth
+        options["compute_dtype"] = record["compute_dtype"] = compute_dtype_for(source_dir)
+    else:
+        record["compute_dtype"] = LLAMACPP_COMPUTE
+    with engine_for(engine_name, backend, threads=threads, **options) as engine:
         try:
             engine.load(artifact_path)
         except Exception as exc:  # a broken artifact is a finding for the gates, not a crash
@@ -103,14 +111,15 @@ def run_prompts(
         return record, _run_loaded(engine, tokenizer, spec, prompts, max_new_tokens, record)
 
 
-def _short_of_device_memory(record: dict, artifact_path, engine_name: str, backend: str) -> bool:
-    """On gpu: record the device's free memory against the run's estimate, and mark the run
-    skipped (True) when it would not fit, instead of letting the engine die of a CUDA OOM."""
+def _short_of_device_memory(record: dict, artifact_path, engine_name: str, backend: str, source_dir) -> bool:
+    """On gpu: record the device's free memory against the run's estimate (in the source's compute
+    dtype), and mark the run skipped (True) when it would not fit, instead of a CUDA OOM."""
     if backend != "gpu":
         return False
     from convqa.infer.device import check_artifact
 
-    reason, record["device_memory"] = check_artifact(artifact_path, engine_name)
+    reason, record["device_memory"] = check_artifact(artifact_path, engine_name,
+                                                     compute_dtype=compute_dtype_for(source_dir))
     if reason:
         record["skipped"] = reason
     return bool(reason)
@@ -166,8 +175,8 @@ def run_reference(
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(record, logits) of the reference-quantized model (convqa.infer.reference_model) under
     transformers on `backend`: the source's tensors in the encodings `encoded_path` stores them in.
-    On gpu it is skipped like any run when there is no device or too little free memory (the
-    model is built in float32, the size of the source's elements).
+    On gpu it is skipped like any run when there is no device or too little free memory. It
+    computes in the source's compute dtype (convqa.infer.compute_dtype), as the artifact's run does.
 
     When the reference cannot be built (the artifact is unreadable, or holds an encoding with no
     reference encoder), the record carries `error` and no logits: the gates fail on it.
@@ -179,10 +188,11 @@ def run_reference(
     if not available:
         record["skipped"] = reason
         return record, {}
-    if _short_of_device_memory(record, source_dir, "transformers", backend):
+    if _short_of_device_memory(record, source_dir, "transformers", backend, source_dir):
         return record, {}
     tokenizer = ground_truth_tokenizer(source_dir)
-    with engine_for("transformers", backend, threads=threads) as engine:
+    record["compute_dtype"] = compute_dtype_for(source_dir)  # the ground truth's, as the artifact's run
+    with engine_for("transformers", backend, threads=threads, compute_dtype=record["compute_dtype"]) as engine:
         try:
             with open_model(source_dir) as source, open_model(encoded_path) as encoded:
                 reference = reference_quantized(source, encoded)
@@ -225,7 +235,7 @@ def run_prompts_isolated(artifact: str, source: str, engine: str, backend: str, 
     # The capability check (no CUDA device: skipped) happens in the child: asking torch here would
     # import it twice per job.
     record = _new_record(os.fspath(artifact), engine, backend, max_new_tokens)
-    if _skipped_too_big(record, artifact, engine, mem_mb, json_path, npz_path):
+    if _skipped_too_big(record, artifact, engine, mem_mb, json_path, npz_path, source=source):
         return record
     kwargs = dict(artifact=os.fspath(artifact), source=os.fspath(source), engine=engine, backend=backend,
                   max_new_tokens=max_new_tokens, threads=threads, json_path=os.fspath(json_path), npz_path=os.fspath(npz_path))
@@ -238,19 +248,21 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
     """run_reference_job in a child process, with the same guarantees as run_prompts_isolated."""
     record = _new_record(f"reference: {os.fspath(source)} in the encodings of {os.fspath(encoded)}",
                          "transformers", backend, max_new_tokens)
-    # The reference model is the source's tensors in F32, as the ground truth run holds them.
-    if _skipped_too_big(record, source, "transformers", mem_mb, json_path, npz_path):
+    # The reference model is the source's tensors in its compute dtype, as the ground truth run holds them.
+    if _skipped_too_big(record, source, "transformers", mem_mb, json_path, npz_path, reference=True):
         return record
     kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
                   json_path=os.fspath(json_path), npz_path=os.fspath(npz_path), backend=backend)
     return _finish_isolated("convqa.infer.run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
 
 
-def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str) -> bool:
-    """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit."""
+def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str,
+                     source: str | None = None, reference: bool = False) -> bool:
+    """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit
+    (computed in `source`'s dtype, as the run will be)."""
     from convqa.infer.memory import too_big
 
-    reason = too_big(artifact, engine, mem_mb)
+    reason = too_big(artifact, engine, mem_mb, source=source, reference=reference)
     if reason is None:
         return False
     record["skipped"] = reason
@@ -343,7 +355,7 @@ def serve_prompts(
         return record
     from convqa.infer.memory import too_big
 
-    if reason := too_big(artifact_path, engine_name, mem_mb):  # the server loads the whole model
+    if reason := too_big(artifact_path, engine_name, mem_mb, source=source_dir):  # the server loads the whole model
         record["skipped"] = reason
         return record
     if failure := no_artifact.read(artifact_path):  # a failed conversion: nothing to serve
@@ -352,8 +364,9 @@ def serve_prompts(
     tokenizer = ground_truth_tokenizer(source_dir)
     stop_ids = stop_ids_of(tokenizer)
     if engine_name == "transformers":
+        record["compute_dtype"] = compute_dtype_for(source_dir)  # answers compared with the run's, same dtype
         server = ServerProcess.transformers(artifact_path, source_dir, threads=threads, stop_ids=stop_ids,
-                                            log_path=log_path)
+                                            log_path=log_path, compute_dtype=record["compute_dtype"])
     else:
         server = ServerProcess.llama_cpp(artifact_path, threads=threads, log_path=log_path)
     try:

@@ -82,11 +82,11 @@ def comparison_mem_mb(wildcards, input, attempt):
 def inference_mem_mb(wildcards, input, attempt):
     # What the engine needs for this artifact (convqa.infer.memory), so that Snakemake's
     # --resources mem_mb=N never starts two big models at once; doubles on retry.
-    return memory.job_mem_mb(input.artifact, engine_name(wildcards), attempt)
+    return memory.job_mem_mb(input.artifact, engine_name(wildcards), attempt, source=getattr(input, "source", None))
 
 
 def reference_mem_mb(wildcards, input, attempt):
-    return memory.job_mem_mb(input.source, "transformers", attempt)
+    return memory.job_mem_mb(input.source, "transformers", attempt, reference=True)
 
 
 def gpu_count(wildcards):

@@ -2,23 +2,28 @@
 
 - SafeTensors: `AutoModelForCausalLM.from_pretrained(dir)`, the ground truth path.
 - GGUF: transformers' own GGUF loader (`from_pretrained(dir, gguf_file=name)`), which dequantizes
-  every tensor to float32 with gguf-py; an independent reader of the file.
+  every tensor with gguf-py; an independent reader of the file.
 - APR (or any artifact convqa can open): `model_from_artifact`, which builds the same model class
-  from the artifact's config and loads its float32 tensors one by one, strictly.
+  from the artifact's config and loads its tensors one by one, strictly.
 
-Everything runs in float32 with eager attention and fixed threads/seeds, so a lossless artifact
-gives logits bit-identical to the SafeTensors ground truth.
+Every loader builds the model in one compute dtype (convqa.infer.compute_dtype: the ground
+truth's, bfloat16 for a BF16 checkpoint, float32 otherwise), with eager attention and fixed
+threads/seeds, so a lossless artifact gives logits bit-identical to the SafeTensors ground truth
+and no loader holds an F32 copy of a BF16 model.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from convqa.infer.compute_dtype import COMPUTE_DTYPES, compute_dtype_for
 from convqa.infer.engines.base import Engine
+from convqa.infer.memory import COPY_CHUNK_ELEMENTS
 from convqa.errors import FormatError
 from convqa.formats import detect_format, open_model
 from convqa.model import ModelArtifact
@@ -27,6 +32,9 @@ SEED = 0
 # Eager attention is the plainest kernel path; every loader below uses it so they stay comparable.
 ATTN_IMPLEMENTATION = "eager"
 TIED_HEAD = "lm_head.weight"
+# Encodings whose rows can be decoded independently (a row is whole blocks along the last axis);
+# APR's int8/int4 carry one header for the whole tensor.
+_ROW_DECODABLE = {"F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 
 
 def _torch():
@@ -47,14 +55,24 @@ def configure_determinism(threads: int) -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
-    """The HF model class for `artifact`, holding the artifact's float32 tensors.
+def torch_dtype(name: str):
+    """The torch dtype of a compute dtype name (convqa.infer.compute_dtype)."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}")
+    return getattr(_torch(), name)
+
+
+def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None, dtype: str = "float32"):
+    """The HF model class for `artifact`, holding the artifact's tensors in `dtype` (a compute
+    dtype name: float32 or bfloat16).
 
     `hf_config` is the config.json dict to build the model from; by default it is derived from
     the artifact's own config and tokenizer (`convqa.arch.hf_config.hf_config_from`). Loading is
     strict: every parameter the model expects must be present with its exact shape, and no
     tensor may be left over. Tied embeddings: the artifact has no `lm_head.weight`, and the model's
-    head must share the embedding's storage.
+    head must share the embedding's storage. Each value is decoded to float32 (a BF16 tensor into a
+    bfloat16 model: its bits, as stored) and cast to `dtype` with torch's rounding (to nearest
+    even), in slices of rows, so the peak is the model plus one slice.
     """
     torch = _torch()
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,7 +88,7 @@ def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
     config._attn_implementation = ATTN_IMPLEMENTATION
     # Weights are overwritten right below; random initialisation would only cost time.
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
 
     targets = model.state_dict()  # views sharing storage with the parameters
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -98,15 +116,39 @@ def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None):
                     field=name,
                     offset=tensor.file_offset if tensor.file_offset >= 0 else None,
                 )
+            if tensor is not None and load == tensor.to_float32:  # a plain tensor, not fused experts
+                _copy_tensor(target, tensor)
+                continue
             values = np.require(load(), dtype=np.float32, requirements=["C", "W"])
             if tuple(target.shape) != values.shape:
                 raise FormatError(artifact.path, f"{name}: experts give {list(values.shape)}, {type(model).__name__} expects {list(target.shape)}", field=name)
             target.copy_(torch.from_numpy(values))
+            del values
     if tied:
         head, embedding = model.get_output_embeddings().weight, model.get_input_embeddings().weight
         if head.data_ptr() != embedding.data_ptr():
             model.get_output_embeddings().weight = embedding
     return model.eval()
+
+
+def _copy_tensor(target, tensor) -> None:
+    """`tensor` (a LazyTensor of the target's shape) into the model parameter `target`."""
+    torch = _torch()
+    raw = tensor.raw()
+    if tensor.encoding.name == "BF16" and target.dtype == torch.bfloat16:  # the stored bits are the value
+        target.copy_(torch.from_numpy(raw.view(np.int16).reshape(tensor.shape)).view(torch.bfloat16))
+        return
+    rows = tensor.shape[0] if len(tensor.shape) >= 2 and tensor.encoding.name in _ROW_DECODABLE else 1
+    per_row = tensor.n_elements // max(1, rows)
+    step = max(1, COPY_CHUNK_ELEMENTS // max(1, per_row))
+    if rows <= step:
+        target.copy_(torch.from_numpy(np.require(tensor.to_float32(), dtype=np.float32, requirements=["C", "W"])))
+        return
+    stored = raw.reshape(rows, -1)
+    for start in range(0, rows, step):
+        part = stored[start:start + step]
+        values = tensor.encoding.decode(part, (part.shape[0], *tensor.shape[1:]))
+        target[start:start + step].copy_(torch.from_numpy(np.require(values, dtype=np.float32, requirements=["C", "W"])))
 
 
 def _fused_experts(loads: dict, config) -> dict:
@@ -135,6 +177,45 @@ def _fused_experts(loads: dict, config) -> dict:
     return out
 
 
+@contextmanager
+def mapped_pages_dropped_per_tensor():
+    """transformers' GGUF loader reads every tensor through gguf-py's memory map of the whole file
+    (`GGUFReader`), and mapped pages count toward the process's RSS for as long as the map lives:
+    by the last tensor the whole file is resident beside the model built from it (a BF16 GGUF of
+    3.1 GB: 3.1 GB more at the peak). While this is active, each `gguf.dequantize` call (the
+    loader's per-tensor read) first drops the pages this process holds of the map it reads from
+    (MADV_DONTNEED; the map is read-only, so a page read again faults back in from the page
+    cache): at most about one tensor's pages stay resident. The loader itself is unchanged."""
+    import gguf
+
+    original = gguf.dequantize
+
+    def dequantize(data, qtype):
+        _drop_resident_pages(data)
+        return original(data, qtype)
+
+    gguf.dequantize = dequantize
+    try:
+        yield
+    finally:
+        gguf.dequantize = original
+
+
+def _drop_resident_pages(array) -> None:
+    """MADV_DONTNEED on the whole memory map `array` views (a numpy memmap), if it is one."""
+    import mmap
+
+    mapping = getattr(array, "_mmap", None)
+    while mapping is None and getattr(array, "base", None) is not None:
+        array = array.base
+        mapping = getattr(array, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed map or a kernel that refuses: only memory is at stake
+            pass
+
+
 def capture_points(model) -> list[tuple[dict, object]]:
     """(point, module) pairs to hook: the input embedding; per decoder layer every direct child
     module (its norms, self_attn, mlp: the model's own names, so any architecture's sub-layers
@@ -157,10 +238,16 @@ def capture_points(model) -> list[tuple[dict, object]]:
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, backend: str = "cpu", threads: int = 2, max_context: int = 512):
+    def __init__(self, backend: str = "cpu", threads: int = 2, max_context: int = 512, compute_dtype: str | None = None):
+        """`compute_dtype` (convqa.infer.compute_dtype): the dtype the model is built and run in;
+        None takes it from the artifact being loaded (a run pins its source's, so that every
+        artifact of a model computes like its ground truth)."""
         super().__init__(backend=backend, threads=threads, max_context=max_context)
+        if compute_dtype is not None:
+            torch_dtype(compute_dtype)  # an unknown name fails here, not at load
         self.model = None
         self.device = "cuda" if backend == "gpu" else "cpu"
+        self.compute_dtype = compute_dtype
 
     @classmethod
     def capability(cls, backend: str) -> tuple[bool, str]:
@@ -176,28 +263,35 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM
 
         configure_determinism(self.threads)
-        torch = _torch()
         path = Path(artifact_path)
         fmt = detect_format(path)
+        if self.compute_dtype is None:
+            self.compute_dtype = compute_dtype_for(path)
+        dtype = torch_dtype(self.compute_dtype)
         if fmt == "safetensors":
             model_dir = path if path.is_dir() else path.parent
             model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
+                model_dir, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
             )
         elif fmt == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=torch.float32, attn_implementation=ATTN_IMPLEMENTATION
-            )
+            with mapped_pages_dropped_per_tensor():
+                model = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=dtype, attn_implementation=ATTN_IMPLEMENTATION
+                )
         else:
             with open_model(path) as artifact:
-                model = model_from_artifact(artifact)
+                model = model_from_artifact(artifact, dtype=self.compute_dtype)
         self.model = model.to(self.device).eval()
 
     def load_artifact(self, artifact: ModelArtifact) -> "TransformersEngine":
         """Load an open artifact, which may live only in memory (convqa.infer.reference_model)."""
+        from convqa.infer.compute_dtype import compute_dtype_of
+
         start = time.perf_counter()
         configure_determinism(self.threads)
-        self.model = model_from_artifact(artifact).to(self.device).eval()
+        if self.compute_dtype is None:
+            self.compute_dtype = compute_dtype_of(artifact)
+        self.model = model_from_artifact(artifact, dtype=self.compute_dtype).to(self.device).eval()
         self.timings.load_s = time.perf_counter() - start
         self.artifact_path = artifact.path
         return self
