@@ -9,7 +9,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from convqa.workflow import jobs, paths, plan
+from convqa.workflow import intermediates, jobs, paths, plan
 from convqa.workflow.paths import SOURCE_CHAIN
 
 validate(config, schema="../config/schema.yaml")
@@ -35,6 +35,8 @@ wildcard_constraints:
 
 
 def maybe_temp(path):
-    """Converted artifacts are intermediates when `temp_intermediates` is on: the gates need
-    only their manifests, comparisons and sidecars (which hold the sha256)."""
+    """A side-by-side converter's artifact is Snakemake's temp() when `temp_intermediates` is on
+    (only its own manifest and comparisons read it). The primary chains' artifacts are released
+    by rules/intermediates.smk instead, so that a deleted parent comes back without rerunning its
+    other readers (convqa.workflow.intermediates)."""
     return temp(path) if config["temp_intermediates"] else path

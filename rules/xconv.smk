@@ -16,7 +16,7 @@
 
 rule xconv_convert:
     input:
-        artifact=J.conversion_input,
+        artifact=J.depends(J.conversion_input),
     output:
         artifact=maybe_temp(
             directory(
@@ -45,6 +45,7 @@ rule xconv_convert:
         env=J.converter("env"),
         fingerprint=J.converter("fingerprint"),
         code=J.code("xconv_convert.py", J.edge_formats),
+        artifacts=J.located(J.conversion_input),
     script:
         "../scripts/xconv_convert.py"
 
@@ -76,7 +77,7 @@ rule xconv_inspect:
 
 rule xconv_compare:
     input:
-        unpack(J.side_compared),
+        unpack(J.depends(J.side_compared)),
     output:
         comparison=paths.side_comparison_path(
             "{model}", "{variant}", "{converter}", "{chain}", "{against}"
@@ -94,6 +95,7 @@ rule xconv_compare:
         mem_mb=2000,
     params:
         fingerprint=J.code("xconv_compare.py", J.side_compared_formats),
+        artifacts=J.side_compared,
     script:
         "../scripts/xconv_compare.py"
 
