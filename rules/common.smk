@@ -5,11 +5,12 @@
 # rule's `output:` and by every consumer's `input:`, so a path that nobody produces is a DAG
 # error at dry-run time, never a file discovered (or missed) by globbing.
 
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from convqa.workflow import intermediates, jobs, paths, plan
+from convqa.workflow import fingerprint as fingerprints, jobs, paths, plan
 from convqa.workflow.paths import SOURCE_CHAIN
 
 validate(config, schema="../config/schema.yaml")

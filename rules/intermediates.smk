@@ -14,10 +14,13 @@ rule release_artifact:
     wildcard_constraints:
         chain=plan.CONVERTED_CHAIN_PATTERN,
     localrule: True
+    params:
+        python=sys.executable,
+        artifact=lambda wildcards: paths.artifact_path(
+            wildcards.model, wildcards.variant, wildcards.chain
+        ),
+        fingerprint=fingerprints.fingerprint(("convqa.workflow.intermediates",), ()),
     # Before anything else that is ready: the bytes go as soon as the last reader is done.
     priority: 100
-    run:
-        intermediates.write_release(
-            paths.artifact_path(wildcards.model, wildcards.variant, wildcards.chain),
-            output.record,
-        )
+    shell:
+        "{params.python:q} -m convqa.workflow.intermediates release {params.artifact:q} {output.record:q}"

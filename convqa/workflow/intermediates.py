@@ -160,7 +160,7 @@ def release(artifact: str | os.PathLike) -> dict:
     """Delete a converted artifact whose readers are all done; what was done, for the record."""
     path = Path(artifact)
     record = {"artifact": os.fspath(path), "deleted": False, "bytes": 0}
-    if not is_intermediate(path):
+    if not sidecar_of(path).is_file():  # (not is_intermediate: this runs without convqa.formats)
         record["reason"] = "not a converted artifact (no sidecar beside it)"
         return record
     sidecar = read_sidecar(path)
@@ -171,9 +171,7 @@ def release(artifact: str | os.PathLike) -> dict:
         if not path.exists():
             record["reason"] = "already deleted"
             return record
-        from convqa.files import path_size
-
-        record["bytes"] = path_size(path)
+        record["bytes"] = sum(f.stat().st_size for f in [path, *path.rglob("*")] if f.is_file())
         _remove(path)
     record.update(deleted=True, reason="every job of the tier that reads it is done")
     return record
@@ -181,8 +179,17 @@ def release(artifact: str | os.PathLike) -> dict:
 
 def write_release(artifact: str | os.PathLike, record_path: str | os.PathLike) -> dict:
     """Rule release_artifact: delete the artifact, write what was done."""
-    from convqa.files import write_json
-
     record = release(artifact)
-    write_json(record_path, record)
+    Path(record_path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
+
+
+if __name__ == "__main__":
+    # rules/intermediates.smk: `python -m convqa.workflow.intermediates release ARTIFACT RECORD`, a
+    # shell job (a `run:` job would start a whole Snakemake process to parse the workflow again).
+    import sys
+
+    command, artifact_arg, record_arg = sys.argv[1:]
+    if command != "release":
+        raise SystemExit(f"unknown command {command!r}; expected: release ARTIFACT RECORD")
+    write_release(artifact_arg, record_arg)

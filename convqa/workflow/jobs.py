@@ -24,7 +24,7 @@ from convqa.files import path_size
 from convqa.gates.rows import label
 from convqa.infer import memory
 from convqa.sources.prepare import input_files, kind_fingerprint_args
-from convqa.workflow import paths, plan, references
+from convqa.workflow import gpu, paths, plan, references
 from convqa.workflow.fingerprint import script_fingerprint, writes
 from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
 
@@ -81,6 +81,20 @@ def artifact_size_mb(dependency):
         return 0.0
 
 
+def input_bytes(files) -> int:
+    """Bytes a job reads: each input counted as the artifact it stands for (a converted artifact's
+    sidecar as the artifact, on disk or as recorded), a directory as the files inside. The SLURM
+    profile's memory and runtime expressions scale with this."""
+    total = 0.0
+    for f in files:
+        f = str(f)
+        if paths.artifact_of(f) != f:
+            total += artifact_size_mb(f) * 2**20
+        elif Path(f).exists():
+            total += path_size(f)
+    return int(total)
+
+
 def conversion_mem_mb(wildcards, input, attempt):
     # One tensor in memory at a time plus the interpreter; 3x the input covers a
     # dequantized copy of the largest tensor with room to spare. Doubles on retry.
@@ -129,6 +143,8 @@ class Jobs:
         self.output_path_entries = {
             e.mutant: e for e in self.detection_entries if e.check == detection.OUTPUT_PATH
         }
+        # None: the gpu backend's jobs are planned; else why its cells are skipped without a job.
+        self.gpu_skipped = gpu.skip_reason(config.get("gpu_jobs", gpu.AUTO)) if "gpu" in self.inference["backends"] else None
         self._check_routing()
         self._check_variants()
 
@@ -241,13 +257,13 @@ class Jobs:
                 found.add(paths.side_comparison_path(model, variant, name, side_chain, "primary"))
         inputs = self.inference_input_map(model, variant, tier)
         for key, run in inputs["runs"].items():
-            if key.split("|")[0] == chain:
+            if key.split("|")[0] == chain and "json" in run:
                 found.add(run["json"])
         for key, serve in inputs["serves"].items():
             if key.split("|")[0] == chain:
                 found.add(serve)
         for key, run in inputs["references"].items():
-            if key.split("|")[0] == chain:
+            if key.split("|")[0] == chain and "json" in run:
                 found.add(run["json"])
         if chain in inputs["parities"]:
             found.add(inputs["parities"][chain])
@@ -527,20 +543,29 @@ class Jobs:
     def inference_input_map(self, model, variant, tier):
         """What the inference gates read, keyed `chain|engine|backend` and `chain|engine`."""
         files = INFERENCE_ENGINE_FILE
+
+        def run(backend, json_path, npz_path):
+            # A gpu cell that no job runs (gpu_jobs): its record is the reason, read by the gates.
+            if backend == "gpu" and self.gpu_skipped:
+                return {"skipped": self.gpu_skipped}
+            return {"json": json_path, "npz": npz_path}
+
         return {
             "runs": {
-                f"{c}|{e}|{b}": {
-                    "json": paths.inference_run_path(model, variant, c, files[e], b),
-                    "npz": paths.inference_run_path(model, variant, c, files[e], b, "npz"),
-                }
+                f"{c}|{e}|{b}": run(
+                    b,
+                    paths.inference_run_path(model, variant, c, files[e], b),
+                    paths.inference_run_path(model, variant, c, files[e], b, "npz"),
+                )
                 for c, e, b in self.inference_cells(tier)
             },
             "serves": {f"{c}|{e}": paths.serve_path(model, variant, c, files[e]) for c, e in self.served_cells(tier)},
             "references": {
-                f"{hop}|{b}": {
-                    "json": paths.reference_run_path(model, variant, hop, backend=b),
-                    "npz": paths.reference_run_path(model, variant, hop, "npz", backend=b),
-                }
+                f"{hop}|{b}": run(
+                    b,
+                    paths.reference_run_path(model, variant, hop, backend=b),
+                    paths.reference_run_path(model, variant, hop, "npz", backend=b),
+                )
                 for hop, b in self.reference_hops(variant, tier)
             },
             "parities": {c: paths.parity_path(model, variant, c) for c in self.parity_chains(tier)},
@@ -554,7 +579,7 @@ class Jobs:
     def inference_gate_inputs(self, wildcards):
         inputs = self.inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
         runs = list(inputs["runs"].values()) + list(inputs["references"].values())
-        found = [p for run in runs for p in run.values()] + list(inputs["parities"].values())
+        found = [run[k] for run in runs for k in ("json", "npz") if k in run] + list(inputs["parities"].values())
         # The source's manifest says its dtypes, which pick the tolerances (select_tolerances).
         return sorted(found + list(inputs["serves"].values())) + [paths.source_manifest_path(wildcards.model)]
 

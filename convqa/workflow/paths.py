@@ -93,7 +93,7 @@ def dependency_of(artifact):
 def artifact_of(dependency):
     """The artifact a `dependency_path` stands for (the sidecar's chain directory's artifact)."""
     head, _, name = dependency.rpartition("/")
-    if name != "sidecar.json":
+    if name != "sidecar.json" or "/xconv/" in dependency:  # a side converter's sidecar: not one
         return dependency
     chain = head.rpartition("/")[2]
     return f"{head}/{ARTIFACT_NAME[plan.target_format(chain)]}"
