@@ -22,6 +22,7 @@ rule compare_tensors:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=jobs.comparison_mem_mb,
     params:

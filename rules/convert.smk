@@ -21,6 +21,7 @@ rule convert_to_gguf:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.conversion_priority
     resources:
         mem_mb=jobs.conversion_mem_mb,
     params:

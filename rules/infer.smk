@@ -39,6 +39,7 @@ rule infer:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    priority: jobs.READER_PRIORITY
     resources:
         gpu=jobs.gpu_count,
         mem_mb=jobs.inference_mem_mb,
@@ -99,6 +100,7 @@ rule infer_reference:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    priority: jobs.READER_PRIORITY
     resources:
         gpu=jobs.gpu_count,
         mem_mb=jobs.reference_mem_mb,
@@ -134,6 +136,7 @@ rule serve_check:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=jobs.inference_mem_mb,
     params:
@@ -180,6 +183,7 @@ rule parity:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     params:
         timeout_s=INFERENCE["timeout_s"],
         fingerprint=J.code("parity.py", J.inferred_formats),

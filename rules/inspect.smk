@@ -35,6 +35,7 @@ rule inspect_artifact:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:

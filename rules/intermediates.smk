@@ -21,6 +21,6 @@ rule release_artifact:
         ),
         fingerprint=fingerprints.fingerprint(("convqa.workflow.intermediates",), ()),
     # Before anything else that is ready: the bytes go as soon as the last reader is done.
-    priority: 100
+    priority: jobs.RELEASE_PRIORITY
     shell:
         "{params.python:q} -m convqa.workflow.intermediates release {params.artifact:q} {output.record:q}"

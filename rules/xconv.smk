@@ -35,6 +35,7 @@ rule xconv_convert:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.conversion_priority
     resources:
         mem_mb=jobs.conversion_mem_mb,
     params:
@@ -67,6 +68,7 @@ rule xconv_inspect:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:
@@ -91,6 +93,7 @@ rule xconv_compare:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:

@@ -177,6 +177,24 @@ def test_changing_the_gguf_writer_reruns_exactly_the_gguf_edges(built, tmp_path)
     assert evidence["summary"]["verdict"] == "QUALIFIED", evidence["summary"]
 
 
+def test_a_restore_that_gives_other_bytes_is_refused(built, tmp_path):
+    """A converter that is not deterministic cannot stand in for the artifact its sidecar records:
+    the readers that ran on the first copy would be judged with ones that ran on another."""
+    import json
+
+    from convqa.workflow.intermediates import RestoreError
+
+    wf = built.clone(tmp_path / "nondeterministic")
+    sidecar_path = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/sidecar.json")
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["argv"] = [sys.executable, "-c", "import os, sys; open(sys.argv[2], 'wb').write(os.urandom(64))",
+                       artifact_path("st"), artifact_path("st-gguf")]
+    sidecar_path.write_text(json.dumps(sidecar))
+    with open(tmp_path / "restore.log", "w") as log, pytest.raises(RestoreError, match="not deterministic"):
+        restore_artifact(wf, "st-gguf", log)
+    assert not wf.path(artifact_path("st-gguf")).exists(), "the other bytes were left in place"
+
+
 def built_jobs(built) -> list:
     """Every job of a cold run of the tier (a dry run that plans all of them)."""
     return built.planned_jobs("mvp", "--forceall")

@@ -102,8 +102,12 @@ def restore(artifact: str | os.PathLike, log, keep: frozenset[str] = frozenset()
         parent_restored = restore(parent, log, keep)
         with _locked(parent, fcntl.LOCK_SH) if is_intermediate(parent) else contextlib.nullcontext():
             print(f"restoring {path} (deleted after use): re-running its recorded conversion", file=log, flush=True)
-            run_converter(list(sidecar["argv"]), parent, os.fspath(path), log,
-                          env=sidecar.get("env") or None, converter=sidecar.get("converter"))
+            try:
+                run_converter(list(sidecar["argv"]), parent, os.fspath(path), log,
+                              env=sidecar.get("env") or None, converter=sidecar.get("converter"))
+            except BaseException:  # nothing half-written may pass for the artifact
+                _remove(path)
+                raise
         if parent_restored and os.fspath(parent) not in keep:  # brought back only to convert from: gone again unless someone reads it
             _try_delete(Path(parent), log)
         digest = file_sha256(path)

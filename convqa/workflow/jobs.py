@@ -116,6 +116,18 @@ def reference_mem_mb(wildcards, input, attempt):
     return memory.job_mem_mb(input.source, "transformers", attempt)
 
 
+# Scheduling for disk (config temp_intermediates): a job that reads an artifact runs before a
+# conversion that writes a new one, deeper conversions before shallower ones (a chain's subtree
+# is finished, and its artifacts released, before the next first hop starts), and a release
+# (rules/intermediates.smk) before anything else. Snakemake starts the highest-priority ready job.
+READER_PRIORITY = 10
+RELEASE_PRIORITY = 100
+
+
+def conversion_priority(wildcards):
+    return len(plan.hops(wildcards.chain)) - 1
+
+
 def gpu_count(wildcards):
     return 1 if wildcards.backend == "gpu" else 0
 
