@@ -9,6 +9,7 @@
 # results/{model}/{variant}/gates/{tier}/tensor.tsv, inference.tsv (rules/infer.smk has the inference paths)
 # results/{model}/report/{tier}/qualification.json, report.md, report.html, junit.xml
 # results/summary/{tier}/summary.json, summary.md
+# results/{model}/{variant}/{chain}/released-{tier}.json  the artifact deleted after use (rules/intermediates.smk)
 #
 # Every path is built by convqa.workflow.paths, everything else a rule computes by
 # convqa.workflow.jobs (`J`, made in rules/common.smk); see README for usage.
@@ -44,6 +45,7 @@ include: "rules/inspect.smk"
 include: "rules/compare.smk"
 include: "rules/infer.smk"
 include: "rules/report.smk"
+include: "rules/intermediates.smk"
 include: "rules/detection.smk"
 
 

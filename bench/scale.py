@@ -198,6 +198,14 @@ def snakemake(wf: Path, args, log: Path) -> tuple[float, int, list[str]]:
     return wall, sampler.peak, rules
 
 
+def restores(wf: Path) -> int:
+    """Conversions re-run inside jobs to bring back an artifact deleted after use
+    (convqa.workflow.intermediates logs each as `restoring <path>`), as the jobs' logs say now."""
+    return sum(line.startswith("restoring ")
+               for log in (wf / "results").rglob("*.log")
+               for line in log.read_text(errors="replace").splitlines())
+
+
 def rule_of(path: Path) -> str:
     """The rule a benchmark file belongs to, from where rules/*.smk put it."""
     p = path.as_posix()
@@ -275,6 +283,7 @@ def main() -> int:
 
     cold_wall, cold_disk, cold_rules = snakemake(wf, args, root / "cold.log")
     cold = benchmarks(wf)
+    cold_restores = restores(wf)
     # The one-line change to the GGUF writer, in the copy of the package the runs import.
     with open(wf.parent / "pkg" / "convqa" / "formats" / "gguf_writer.py", "a") as fh:
         fh.write(WRITER_EDIT)
@@ -285,6 +294,7 @@ def main() -> int:
     executed = sum(cold_rules.count(r) for r in conversion_rules)
     needed_rerun = sum(1 for v in ("native", "q8_0") for c in plan.artifact_chains(args.tier, v) if "gguf" in plan.hops(c))
     executed_rerun = sum(rerun_rules.count(r) for r in conversion_rules)
+    restored_rerun = restores(wf) - cold_restores
 
     g = GEOMETRIES[args.geometry]
     print(f"geometry {args.geometry} {g}; source {source_bytes / 1e9:.3f} GB (largest tensor {largest / 1e6:.0f} MB), "
@@ -295,8 +305,9 @@ def main() -> int:
           f"({cold_disk / source_bytes:.2f}x the source)")
     print(f"rerun: {rerun_wall:7.1f} s wall, {len(rerun_rules)} jobs after a one-line GGUF-writer change "
           f"(ratio {rerun_wall / cold_wall:.0%})")
-    print(f"conversions: cold {executed} executed / {needed} needed; rerun {executed_rerun} executed / "
-          f"{needed_rerun} GGUF-touched chains")
+    print(f"conversions: cold {executed} executed / {needed} needed (+{cold_restores} restored); rerun "
+          f"{executed_rerun} executed / {needed_rerun} GGUF-touched chains, +{restored_rerun} deleted parents "
+          f"restored inside the jobs that needed them")
     print(f"{'rule':<18}{'jobs':>5}{'peak RSS MB':>13}{'CPU s':>9}{'wall s':>9}")
     for rule, e in sorted(cold.items()):
         print(f"{rule:<18}{e['jobs']:>5}{e['max_rss_mb']:>13.0f}{e['cpu_s']:>9.1f}{e['wall_s']:>9.1f}")
@@ -313,7 +324,7 @@ def main() -> int:
         ("conversion RSS <= largest tensor + 300 MB", conversion_rss * 2**20 <= largest + 300 * 2**20,
          f"{conversion_rss:.0f} MB vs {(largest + 300 * 2**20) / 2**20:.0f} MB"),
         ("rerun <= 40% of cold", rerun_wall <= 0.4 * cold_wall, f"{rerun_wall / cold_wall:.0%}"),
-        ("every conversion done once", executed == needed, f"{executed}/{needed}"),
+        ("every conversion done once", executed == needed and not cold_restores, f"{executed}/{needed}, {cold_restores} restored"),
     ]
     for name, ok, value in targets:
         print(f"target {'MET ' if ok else 'MISS'} {name}: {value}")

@@ -5,11 +5,12 @@
 # rule's `output:` and by every consumer's `input:`, so a path that nobody produces is a DAG
 # error at dry-run time, never a file discovered (or missed) by globbing.
 
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from convqa.workflow import jobs, paths, plan
+from convqa.workflow import fingerprint as fingerprints, jobs, paths, plan
 from convqa.workflow.paths import SOURCE_CHAIN
 
 validate(config, schema="../config/schema.yaml")
@@ -35,6 +36,8 @@ wildcard_constraints:
 
 
 def maybe_temp(path):
-    """Converted artifacts are intermediates when `temp_intermediates` is on: the gates need
-    only their manifests, comparisons and sidecars (which hold the sha256)."""
+    """A side-by-side converter's artifact is Snakemake's temp() when `temp_intermediates` is on
+    (only its own manifest and comparisons read it). The primary chains' artifacts are released
+    by rules/intermediates.smk instead, so that a deleted parent comes back without rerunning its
+    other readers (convqa.workflow.intermediates)."""
     return temp(path) if config["temp_intermediates"] else path

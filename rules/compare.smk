@@ -5,7 +5,7 @@
 
 rule compare_tensors:
     input:
-        unpack(J.compared_artifacts),
+        unpack(J.depends(J.compared_artifacts)),
     output:
         comparison=paths.comparison_path(
             "{model}", "{variant}", "{subject}", "{reference}"
@@ -22,10 +22,12 @@ rule compare_tensors:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=jobs.comparison_mem_mb,
     params:
         fingerprint=J.code("compare.py", J.compared_formats),
+        artifacts=J.compared_artifacts,
     script:
         "../scripts/compare.py"
 

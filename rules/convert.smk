@@ -2,15 +2,15 @@
 # converts the parent chain's artifact (st-gguf-apr reads st-gguf/model.gguf) with the configured
 # converter command and writes the artifact plus its sidecar. The converter's fingerprint in
 # `params:` reruns exactly the edges whose converter changed; `code` the edges whose job code did.
+# The input is the parent's sidecar (the artifact may have been deleted after use and is restored
+# by the script; convqa.workflow.intermediates), the artifact's path is `params.artifacts`.
 
 
 rule convert_to_gguf:
     input:
-        artifact=J.conversion_input,
+        artifact=J.depends(J.conversion_input),
     output:
-        artifact=maybe_temp(
-            paths.artifact_path("{model}", "{variant}", "{chain}", "gguf")
-        ),
+        artifact=paths.artifact_path("{model}", "{variant}", "{chain}", "gguf"),
         sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
     log:
         paths.step_log("{model}", "{variant}", "{chain}", "convert"),
@@ -21,6 +21,7 @@ rule convert_to_gguf:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.conversion_priority
     resources:
         mem_mb=jobs.conversion_mem_mb,
     params:
@@ -32,15 +33,14 @@ rule convert_to_gguf:
         json_record=J.converter("json_record"),
         fingerprint=J.converter("fingerprint"),
         code=J.code("convert.py", J.edge_formats),
+        artifacts=J.located(J.conversion_input),
     script:
         "../scripts/convert.py"
 
 
 use rule convert_to_gguf as convert_to_apr with:
     output:
-        artifact=maybe_temp(
-            paths.artifact_path("{model}", "{variant}", "{chain}", "apr")
-        ),
+        artifact=paths.artifact_path("{model}", "{variant}", "{chain}", "apr"),
         sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
     wildcard_constraints:
         chain=plan.chain_pattern("apr"),
@@ -48,10 +48,8 @@ use rule convert_to_gguf as convert_to_apr with:
 
 use rule convert_to_gguf as convert_to_safetensors with:
     output:
-        artifact=maybe_temp(
-            directory(
-                paths.artifact_path("{model}", "{variant}", "{chain}", "safetensors")
-            )
+        artifact=directory(
+            paths.artifact_path("{model}", "{variant}", "{chain}", "safetensors")
         ),
         sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
     wildcard_constraints:

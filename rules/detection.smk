@@ -14,7 +14,7 @@ rule detection:
 
 rule detection_output_path:
     input:
-        artifact=J.output_path_input,
+        artifact=J.depends(J.output_path_input),
     output:
         json=paths.detection_output_path_path("{mutant}"),
     log:
@@ -24,6 +24,7 @@ rule detection_output_path:
     threads: 1
     params:
         quant=J.output_path_quant,
+        artifacts=J.located(J.output_path_input),
         fingerprint=J.code("detection_output_path.py", J.output_path_formats),
     script:
         "../scripts/detection_output_path.py"

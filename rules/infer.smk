@@ -15,7 +15,7 @@
 
 rule infer:
     input:
-        unpack(J.inferred_artifact),
+        unpack(J.depends(J.inferred_artifact)),
     output:
         json=paths.inference_run_path(
             "{model}", "{variant}", "{chain}", "{engine}", "{backend}"
@@ -39,6 +39,7 @@ rule infer:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    priority: jobs.READER_PRIORITY
     resources:
         gpu=jobs.gpu_count,
         mem_mb=jobs.inference_mem_mb,
@@ -47,6 +48,7 @@ rule infer:
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
         fingerprint=J.code("infer.py", J.inferred_formats),
+        artifacts=J.inferred_artifact,
     script:
         "../scripts/infer.py"
 
@@ -74,7 +76,7 @@ use rule infer as infer_source with:
 
 rule infer_reference:
     input:
-        unpack(J.encoded_artifact),
+        unpack(J.depends(J.encoded_artifact)),
     output:
         json=paths.reference_run_path(
             "{model}", "{variant}", "{hop}", backend="{backend}"
@@ -98,6 +100,7 @@ rule infer_reference:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    priority: jobs.READER_PRIORITY
     resources:
         gpu=jobs.gpu_count,
         mem_mb=jobs.reference_mem_mb,
@@ -105,13 +108,14 @@ rule infer_reference:
         max_new_tokens=INFERENCE["max_new_tokens"],
         timeout_s=INFERENCE["timeout_s"],
         fingerprint=J.code("infer_reference.py", J.reference_formats),
+        artifacts=J.encoded_artifact,
     script:
         "../scripts/infer_reference.py"
 
 
 rule serve_check:
     input:
-        unpack(J.inferred_artifact),
+        unpack(J.depends(J.inferred_artifact)),
     output:
         json=paths.serve_path("{model}", "{variant}", "{chain}", "{engine}"),
     log:
@@ -132,12 +136,14 @@ rule serve_check:
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=jobs.inference_mem_mb,
     params:
         engine=jobs.engine_name,
         max_new_tokens=INFERENCE["max_new_tokens"],
         fingerprint=J.code("serve_check.py", J.inferred_formats),
+        artifacts=J.inferred_artifact,
     script:
         "../scripts/serve_check.py"
 
@@ -160,7 +166,7 @@ use rule serve_check as serve_check_source with:
 
 rule parity:
     input:
-        unpack(J.inferred_artifact),
+        unpack(J.depends(J.inferred_artifact)),
     output:
         json=paths.parity_path("{model}", "{variant}", "{chain}"),
     log:
@@ -177,9 +183,11 @@ rule parity:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     params:
         timeout_s=INFERENCE["timeout_s"],
         fingerprint=J.code("parity.py", J.inferred_formats),
+        artifacts=J.inferred_artifact,
     script:
         "../scripts/parity.py"
 

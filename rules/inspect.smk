@@ -16,13 +16,14 @@ rule inspect_source:
         mem_mb=2000,
     params:
         fingerprint=J.code("inspect.py", ["safetensors"]),
+        artifacts=lambda wildcards: {"artifact": paths.source_dir(wildcards.model)},
     script:
         "../scripts/inspect.py"
 
 
 rule inspect_artifact:
     input:
-        artifact=J.inspected_artifact,
+        artifact=J.depends(J.inspected_artifact),
     output:
         manifest=paths.manifest_path("{model}", "{variant}", "{chain}"),
     log:
@@ -34,9 +35,11 @@ rule inspect_artifact:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:
         fingerprint=J.code("inspect.py", J.chain_formats),
+        artifacts=J.located(J.inspected_artifact),
     script:
         "../scripts/inspect.py"

@@ -16,7 +16,7 @@
 
 rule xconv_convert:
     input:
-        artifact=J.conversion_input,
+        artifact=J.depends(J.conversion_input),
     output:
         artifact=maybe_temp(
             directory(
@@ -35,6 +35,7 @@ rule xconv_convert:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.conversion_priority
     resources:
         mem_mb=jobs.conversion_mem_mb,
     params:
@@ -45,6 +46,7 @@ rule xconv_convert:
         env=J.converter("env"),
         fingerprint=J.converter("fingerprint"),
         code=J.code("xconv_convert.py", J.edge_formats),
+        artifacts=J.located(J.conversion_input),
     script:
         "../scripts/xconv_convert.py"
 
@@ -66,6 +68,7 @@ rule xconv_inspect:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:
@@ -76,7 +79,7 @@ rule xconv_inspect:
 
 rule xconv_compare:
     input:
-        unpack(J.side_compared),
+        unpack(J.depends(J.side_compared)),
     output:
         comparison=paths.side_comparison_path(
             "{model}", "{variant}", "{converter}", "{chain}", "{against}"
@@ -90,10 +93,12 @@ rule xconv_compare:
     conda:
         "../envs/convert.yaml"
     threads: 1
+    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:
         fingerprint=J.code("xconv_compare.py", J.side_compared_formats),
+        artifacts=J.side_compared,
     script:
         "../scripts/xconv_compare.py"
 

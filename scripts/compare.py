@@ -5,15 +5,16 @@ from convqa.errors import FormatError
 from convqa.formats import open_model
 from convqa.files import write_json
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
 subject, reference = snakemake.wildcards.subject, snakemake.wildcards.reference
-with job_log(snakemake.log[0]) as log:
+with job_log(snakemake.log[0]) as log, restored(snakemake.params.artifacts, log) as artifacts:
     comparison = {"subject": subject, "reference": reference}
     side = "reference"
     try:
-        with open_model(snakemake.input.reference) as ref:
+        with open_model(artifacts["reference"]) as ref:
             side = "subject"
-            with open_model(snakemake.input.subject) as cand:
+            with open_model(artifacts["subject"]) as cand:
                 result = compare_models(ref, cand)
         comparison.update(result.as_dict())
         print(f"{subject} vs {reference}: {result.summary()}", file=log)

@@ -6,18 +6,19 @@ from convqa.workflow import plan
 from convqa.convert.runner import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command
 from convqa.files import write_json
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
 params, wildcards = snakemake.params, snakemake.wildcards
-with job_log(snakemake.log[0]) as log:
+with job_log(snakemake.log[0]) as log, restored(snakemake.params.artifacts, log) as artifacts:
     argv = expand_command(
         params.command,
-        input=snakemake.input.artifact,
+        input=artifacts["artifact"],
         output=snakemake.output.artifact,
         format=params.format,
         quant=params.quant,
     )
     result, failure = convert_or_leave_placeholder(
-        argv, snakemake.input.artifact, snakemake.output.artifact, log, chain=wildcards.chain,
+        argv, artifacts["artifact"], snakemake.output.artifact, log, chain=wildcards.chain,
         directory=params.format == "safetensors", env=params.env, converter=params.converter,
     )
     sidecar = artifact_sidecar(
@@ -31,8 +32,9 @@ with job_log(snakemake.log[0]) as log:
             "variant": wildcards.variant,
             "chain": wildcards.chain,
             "parent": plan.parent(wildcards.chain),
-            "input": snakemake.input.artifact,
+            "input": artifacts["artifact"],
             "quant": params.quant,
+            "env": params.env,  # what a restore of this artifact runs the converter with
             "conversion_failed": failure,
         },
     )

@@ -3,11 +3,12 @@ that aborts or is killed becomes a failed record, not a failed job); JSON record
 
 from convqa.infer.run import run_prompts_isolated
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
-with job_log(snakemake.log.run) as log:
+with job_log(snakemake.log.run) as log, restored(snakemake.params.artifacts, log) as artifacts:
     record = run_prompts_isolated(
-        snakemake.input.artifact,
-        snakemake.input.source,
+        artifacts["artifact"],
+        artifacts["source"],
         snakemake.params.engine,
         snakemake.wildcards.backend,
         snakemake.params.max_new_tokens,
@@ -19,6 +20,6 @@ with job_log(snakemake.log.run) as log:
         mem_mb=snakemake.resources.get("mem_mb"),
     )
     state = record["skipped"] and f"skipped: {record['skipped']}" or record["error"] or "ran"
-    print(f"{snakemake.params.engine} {snakemake.wildcards.backend} {snakemake.input.artifact}: {state}", file=log)
+    print(f"{snakemake.params.engine} {snakemake.wildcards.backend} {artifacts['artifact']}: {state}", file=log)
     for prompt in record["prompts"]:
         print(f"  {prompt['prompt_id']}: {prompt.get('error') or prompt.get('generated_ids')}", file=log)

@@ -4,11 +4,12 @@ encodings of the first-hop artifact) under transformers on the job's backend, in
 
 from convqa.infer.run import run_reference_isolated
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
-with job_log(snakemake.log.run) as log:
+with job_log(snakemake.log.run) as log, restored(snakemake.params.artifacts, log) as artifacts:
     record = run_reference_isolated(
-        snakemake.input.source,
-        snakemake.input.encoded,
+        artifacts["source"],
+        artifacts["encoded"],
         snakemake.params.max_new_tokens,
         snakemake.threads,
         snakemake.output.json,

@@ -3,11 +3,12 @@ chat template against the source's (convqa.infer.parity); one JSON record."""
 
 from convqa.infer.parity import parity_job
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
-with job_log(snakemake.log.run) as log:
+with job_log(snakemake.log.run) as log, restored(snakemake.params.artifacts, log) as artifacts:
     record = parity_job(
-        snakemake.input.artifact,
-        snakemake.input.source,
+        artifacts["artifact"],
+        artifacts["source"],
         snakemake.output.json,
         timeout_s=snakemake.params.timeout_s,
         engine_log=snakemake.log.engine,
@@ -15,7 +16,7 @@ with job_log(snakemake.log.run) as log:
     tokenized = record.get("tokenizer") or []
     differing = sum(e["reference"] != e["candidate"] for e in tokenized)
     chat = record.get("chat") or {}
-    print(f"{snakemake.input.artifact}: {record.get('error') or 'read'}; llama.cpp: "
+    print(f"{artifacts['artifact']}: {record.get('error') or 'read'}; llama.cpp: "
           f"{(record.get('llama_cpp') or {}).get('error') or 'ran' if 'llama_cpp' in record else 'not asked'}; "
           f"{differing} of {len(tokenized)} encodings differ; {len(chat.get('conversations', []))} conversations",
           file=log)

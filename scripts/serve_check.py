@@ -8,11 +8,12 @@ from convqa.infer.run import serve_prompts
 from convqa.infer.prompts import DEFAULT_PROMPTS
 from convqa.files import write_json
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
-with job_log(snakemake.log.serve) as log:
+with job_log(snakemake.log.serve) as log, restored(snakemake.params.artifacts, log) as artifacts:
     record = serve_prompts(
-        snakemake.input.artifact,
-        snakemake.input.source,
+        artifacts["artifact"],
+        artifacts["source"],
         snakemake.params.engine,
         list(DEFAULT_PROMPTS),
         snakemake.params.max_new_tokens,
@@ -22,4 +23,4 @@ with job_log(snakemake.log.serve) as log:
     )
     write_json(snakemake.output.json, record)
     state = record["skipped"] or record["error"] or f"{len(record['answers'])} answers"
-    print(f"{snakemake.params.engine} serve {snakemake.input.artifact}: {state}", file=log)
+    print(f"{snakemake.params.engine} serve {artifacts['artifact']}: {state}", file=log)

@@ -9,6 +9,7 @@ from convqa.errors import FormatError
 from convqa.formats import open_model
 from convqa.files import write_json
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
 with job_log(snakemake.log[0]) as log:
     sidecar = json.loads(Path(snakemake.input.sidecar).read_text())
@@ -20,7 +21,8 @@ with job_log(snakemake.log[0]) as log:
         comparison = {"subject": sidecar["label"], "reference": snakemake.wildcards.against}
         side = "reference"
         try:
-            with open_model(snakemake.input.reference) as ref:
+            with restored({"reference": snakemake.params.artifacts["reference"]}, log) as artifacts, \
+                    open_model(artifacts["reference"]) as ref:
                 side = "subject"
                 with open_model(sidecar["artifact"]) as cand:
                     result = compare_models(ref, cand)

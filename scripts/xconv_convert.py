@@ -25,6 +25,7 @@ from convqa.convert.runner import (
 from convqa.files import write_json
 from convqa.versions import CONVERSION_TOOLS, tool_versions
 from convqa.workflow.joblog import job_log
+from convqa.workflow.intermediates import restored
 
 
 class UpstreamFailed(Exception):
@@ -40,24 +41,24 @@ extra = {
     "chain": wildcards.chain,
     "label": side_label(wildcards.chain, wildcards.converter),
     "parent": plan.parent(wildcards.chain),
-    "input": snakemake.input.artifact,
+    "input": params.artifacts["artifact"],
     "quant": params.quant,
     "env": params.env,
 }
-with job_log(snakemake.log[0]) as log:
+with job_log(snakemake.log[0]) as log, restored(snakemake.params.artifacts, log) as artifacts:
     artifact_dir.mkdir(parents=True, exist_ok=True)
     argv = expand_command(
         params.command,
-        input=snakemake.input.artifact,
+        input=artifacts["artifact"],
         output=str(artifact),
         format=params.format,
         quant=params.quant,
     )
-    upstream = no_artifact.read(snakemake.input.artifact)
+    upstream = no_artifact.read(artifacts["artifact"])
     try:
         if upstream is not None:  # the primary chain failed before this edge: nothing to convert
             raise UpstreamFailed(no_artifact.describe(upstream))
-        result = run_converter(argv, snakemake.input.artifact, str(artifact), log,
+        result = run_converter(argv, artifacts["artifact"], str(artifact), log,
                                env=params.env, converter=wildcards.converter)
     except UpstreamFailed as not_run:
         print(f"not converted: {not_run}", file=log)

@@ -289,7 +289,7 @@ def test_gpu_check_prints_the_measured_values_of_recorded_gpu_rows(truth, tmp_pa
 # ---------------------------------------------------------------- what the workflow runs
 
 
-def _jobs(**inference):
+def _jobs(gpu_jobs="run", **inference):
     import yaml
 
     from convqa.workflow import jobs
@@ -297,8 +297,49 @@ def _jobs(**inference):
 
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.setdefault("route", {})
+    config["gpu_jobs"] = gpu_jobs
     config["inference"].update(inference)
     return jobs.Jobs(config, REPO / "scripts")
+
+
+def test_gpu_jobs_auto_starts_them_where_a_gpu_can_run_them(tmp_path, monkeypatch):
+    from convqa.workflow import gpu
+
+    assert gpu.skip_reason("run", device_visible=lambda: False) is None
+    assert gpu.skip_reason("skip", device_visible=lambda: True).startswith("gpu backend not run: gpu_jobs is skip")
+    no_device = gpu.skip_reason("auto", device_visible=lambda: False, environ={})
+    assert no_device.startswith("no CUDA device") and "gpu_jobs: run" in no_device
+    assert gpu.skip_reason("auto", device_visible=lambda: True, environ={}) is None
+    # A SLURM login node without a GPU whose site names GPU nodes for the gpu jobs (profiles/slurm).
+    assert gpu.skip_reason("auto", device_visible=lambda: False, environ={"CONVQA_SLURM_GPU_PARTITION": "gpu"}) is None
+    # The probe: the driver's /dev/nvidia<N> nodes (not nvidiactl, nvidia-uvm), unless CUDA_VISIBLE_DEVICES hides them.
+    (tmp_path / "nvidiactl").touch()
+    (tmp_path / "nvidia-uvm").touch()
+    pattern = str(tmp_path / "nvidia*")
+    assert not gpu.cuda_device_visible({}, pattern)
+    (tmp_path / "nvidia0").touch()
+    assert gpu.cuda_device_visible({}, pattern)
+    assert not gpu.cuda_device_visible({"CUDA_VISIBLE_DEVICES": ""}, pattern)
+    assert not gpu.cuda_device_visible({"CUDA_VISIBLE_DEVICES": "-1"}, pattern)
+    assert gpu.cuda_device_visible({"CUDA_VISIBLE_DEVICES": "0"}, pattern)
+
+
+def test_gpu_cells_no_job_runs_are_skipped_records_with_the_reason():
+    from convqa.gates.inference_table import _record
+
+    planned, skipped = _jobs(gpu_jobs="run"), _jobs(gpu_jobs="skip")
+    wildcards = type("W", (), {"model": "smollm2", "variant": "q8_0", "tier": "mvp"})()
+    gpu_paths = [p for p in planned.inference_gate_inputs(wildcards) if "gpu" in p.rsplit("/", 1)[-1]]
+    assert gpu_paths, "the gpu backend's runs are the gate job's inputs when they are started"
+    assert not [p for p in skipped.inference_gate_inputs(wildcards) if "gpu" in p.rsplit("/", 1)[-1]]
+    assert set(skipped.inference_cells("mvp")) == set(planned.inference_cells("mvp"))  # every cell still has rows
+    inputs = skipped.inference_input_map("smollm2", "q8_0", "mvp")
+    cell = inputs["runs"]["st-gguf|llama.cpp|gpu"]
+    assert cell == {"skipped": skipped.gpu_skipped}
+    record = _record("st-gguf|llama.cpp|gpu", cell)
+    assert record["skipped"] == skipped.gpu_skipped and record["backend"] == "gpu" and record["logits"] == {}
+    assert inputs["references"]["st-gguf|gpu"] == {"skipped": skipped.gpu_skipped}
+    assert inputs["runs"]["st-gguf|llama.cpp|cpu"]["json"].endswith("llamacpp-cpu.json")
 
 
 def test_the_gate_job_reads_the_ground_truth_and_references_of_every_backend():

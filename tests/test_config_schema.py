@@ -44,7 +44,7 @@ def test_defaults_are_filled_in():
     validate(config, SCHEMA)
     assert config["tier"] == "mvp"
     assert config["variants"] == ["native", "q8_0"]
-    assert config["temp_intermediates"] is False
+    assert config["temp_intermediates"] is True  # deleted after use by default (rules/intermediates.smk)
     assert config["converter"] == "convqa"
     assert config["converters"]["convqa"]["command"].startswith("convqa convert {input} {output} --to {format} {quant_arg}")
     assert config["models"]["m"]["source"] == {"kind": "synthetic", "preset": "llama-tiny", "seed": 0, "overrides": {}}

@@ -66,10 +66,17 @@ def writes_gguf(job: dict) -> bool:
     return gguf_files(job["output"])
 
 
+def read_files(job: dict) -> list[str]:
+    """The job's inputs and the artifacts it reads (a converted artifact's reader declares its
+    sidecar and gets the path in params.artifacts; convqa.workflow.intermediates)."""
+    artifacts = job["params"].get("artifacts")
+    return job["input"] + (list(artifacts.values()) if isinstance(artifacts, dict) else [])
+
+
 def reads_gguf(job: dict) -> bool:
-    """A GGUF among the job's inputs, or a source built from a GGUF (the bundled SmolLM2's
+    """A GGUF among the files the job reads, or a source built from a GGUF (the bundled SmolLM2's
     input is the package's GGUF file, which tests may see under another name)."""
-    return gguf_files(job["input"]) or (job["rule"] == "prepare_source" and job["wildcards"]["model"] == "smollm2")
+    return gguf_files(read_files(job)) or (job["rule"] == "prepare_source" and job["wildcards"]["model"] == "smollm2")
 
 
 def downstream(jobs: dict, changed: set) -> set:

@@ -108,6 +108,59 @@ def test_input_maps(J):
     assert J.side_compared(w(model="m", variant="v", converter="other", chain="st-gguf", against="parent"))["reference"] == "results/m/source"
 
 
+def test_readers_declare_the_sidecar_of_a_converted_artifact(J):
+    """A deleted artifact is restored by the job that reads it (convqa.workflow.intermediates), so
+    its readers declare the sidecar; the source directory is never deleted and stays the input."""
+    for chain, name in (("st-gguf", "model.gguf"), ("st-gguf-apr.run2", "model.apr"), ("st-apr-st", "model")):
+        artifact = paths.artifact_path("m", "v", chain)
+        assert artifact.endswith("/" + name)
+        assert paths.dependency_of(artifact) == paths.dependency_path("m", "v", chain) == paths.sidecar_path("m", "v", chain)
+        assert paths.artifact_of(paths.dependency_of(artifact)) == artifact
+    assert paths.dependency_path("m", "v", "st") == paths.dependency_of("results/m/source") == "results/m/source"
+    side = paths.side_sidecar_path("m", "v", "other", "st-gguf")
+    assert paths.artifact_of(side) == side  # a side converter's artifact is Snakemake's temp(), not restored
+    wc = w(model="m", variant="v", chain="st-gguf-apr")
+    assert J.depends(J.conversion_input)(wc) == "results/m/v/st-gguf/sidecar.json"
+    assert J.located(J.conversion_input)(wc) == {"artifact": "results/m/v/st-gguf/model.gguf"}
+    compared = J.depends(J.compared_artifacts)(w(model="m", variant="v", subject="st-gguf-st", reference="st"))
+    assert compared == {"subject": "results/m/v/st-gguf-st/sidecar.json", "reference": "results/m/source"}
+
+
+def test_an_artifact_is_released_after_every_job_of_the_tier_that_reads_it(J):
+    consumers = set(J.artifact_consumers("qwen2-tiny", "q8_0", "st-gguf", "mvp"))
+    assert paths.manifest_path("qwen2-tiny", "q8_0", "st-gguf") in consumers
+    children = {c for c in plan.artifact_chains("mvp", "q8_0") if plan.parent(c) == "st-gguf"}
+    assert children and {paths.sidecar_path("qwen2-tiny", "q8_0", c) for c in children} <= consumers
+    pairs = [(s, r) for s, r in J.comparison_pairs("mvp", "q8_0") if "st-gguf" in (s, r)]
+    assert {paths.comparison_path("qwen2-tiny", "q8_0", s, r) for s, r in pairs} <= consumers
+    assert paths.inference_run_path("qwen2-tiny", "q8_0", "st-gguf", "llamacpp", "cpu") in consumers
+    assert paths.serve_path("qwen2-tiny", "q8_0", "st-gguf", "llamacpp") in consumers
+    assert paths.parity_path("qwen2-tiny", "q8_0", "st-gguf") in consumers
+    assert paths.side_sidecar_path("qwen2-tiny", "q8_0", "other", "st-gguf") not in consumers  # reads the source
+    assert paths.side_comparison_path("qwen2-tiny", "q8_0", "other", "st-gguf", "primary") in consumers
+    # Every release is a tier target, so each artifact goes once its readers are done.
+    targets = J.tier_targets("mvp")
+    assert paths.release_path("qwen2-tiny", "q8_0", "st-gguf", "mvp") in targets
+    kept = jobs.Jobs({**J.config, "temp_intermediates": False}, SCRIPTS)
+    assert not [t for t in kept.tier_targets("mvp") if "released-" in t]
+
+
+def test_resources_count_the_artifact_a_sidecar_stands_for(tmp_path):
+    chain_dir = tmp_path / "results" / "m" / "v" / "st-gguf"
+    chain_dir.mkdir(parents=True)
+    sidecar = chain_dir / "sidecar.json"
+    sidecar.write_text('{"size": 3145728}')
+    # Deleted after use: the size the sidecar recorded (the job restores it before reading it).
+    assert jobs.input_bytes([str(sidecar)]) == 3145728
+    (chain_dir / "model.gguf").write_bytes(b"\0" * 1000)
+    assert jobs.input_bytes([str(sidecar)]) == 1000
+    source = tmp_path / "results" / "m" / "source"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(b"\0" * 24)
+    assert jobs.input_bytes([str(sidecar), str(source)]) == 1024
+    assert jobs.conversion_mem_mb(None, SimpleNamespace(artifact=str(sidecar)), 1) == 500
+
+
 def test_config_errors():
     c = config(variants=["native", "q9_9"])
     with pytest.raises(Exception, match="unknown variant 'q9_9'"):

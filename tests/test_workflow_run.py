@@ -1,5 +1,7 @@
-"""Real workflow runs on a tiny synthetic model: reports and sidecars are produced; a touch of
-converter code reruns nothing while a real change reruns exactly the affected edges; a converter
+"""Real workflow runs on a tiny synthetic model: reports and sidecars are produced and the
+artifacts deleted after use (the default); a touch of converter code reruns nothing while a real
+change reruns exactly the affected edges, restoring a deleted parent once without rerunning its
+other readers; a converter
 that writes beside its input or exits non-zero still ends in a NOT QUALIFIED report naming the
 failure; a conversion killed half way is not trusted by the next run.
 
@@ -42,7 +44,20 @@ def built(qwen2_mvp) -> Workflow:
     return qwen2_mvp
 
 
-def test_run_writes_reports_and_sidecars(built):
+def restore_artifact(wf: Workflow, chain: str, log) -> str:
+    """Bring a deleted artifact of `wf` back from its sidecar, as a rerun's job does."""
+    from convqa.workflow.intermediates import restore
+
+    cwd = os.getcwd()
+    os.chdir(wf.workdir)  # sidecars record the paths relative to the workflow's directory
+    try:
+        restore(artifact_path(chain), log)
+    finally:
+        os.chdir(cwd)
+    return str(wf.path(artifact_path(chain)))
+
+
+def test_run_writes_reports_and_sidecars(built, tmp_path):
     from convqa.formats import open_model
     from convqa.inspect.manifest import file_sha256
 
@@ -51,26 +66,36 @@ def test_run_writes_reports_and_sidecars(built):
     summary = yaml.safe_load(built.path("results/summary/mvp/summary.json").read_text())
     assert [m["model"] for m in summary["models"]] == [MODEL]
 
-    for chain in plan.artifact_chains("mvp", VARIANT):
-        sidecar = yaml.safe_load(built.path(f"results/{MODEL}/{VARIANT}/{chain}/sidecar.json").read_text())
-        artifact = built.path(artifact_path(chain))
-        assert sidecar["argv"][1:4] == ["convert", artifact_path(plan.parent(chain)), artifact_path(chain)]
-        assert sidecar["fingerprint"].startswith("convqa:")
-        assert sidecar["wall_s"] > 0 and sidecar["peak_rss_mb"] > 0
-        assert sidecar["record"]["tensors_written"] > 0
-        # The quantization is applied when leaving S, never again, and only to a format that
-        # holds it (APR has no Q8_0 blocks: S->A keeps the source dtypes).
-        holds = plan.target_format(chain) in QUANT_TARGETS[VARIANT]
-        expected_quant = VARIANT if plan.is_first_hop(chain) and holds else None
-        assert sidecar["quant"] == expected_quant, chain
-        assert ("--quant" in sidecar["argv"]) == (expected_quant is not None), chain
-        if plan.target_format(chain) != "safetensors":  # Snakemake adds a timestamp file to directories later
+    restored = built.clone(tmp_path / "restored")
+    with open(tmp_path / "restore.log", "w") as log:
+        for chain in plan.artifact_chains("mvp", VARIANT):
+            sidecar = yaml.safe_load(built.path(f"results/{MODEL}/{VARIANT}/{chain}/sidecar.json").read_text())
+            # Deleted by default once every job of the tier that reads it was done, and recorded.
+            assert not built.path(artifact_path(chain)).exists(), chain
+            released = yaml.safe_load(built.path(f"results/{MODEL}/{VARIANT}/{chain}/released-mvp.json").read_text())
+            assert released["deleted"] and released["bytes"] == sidecar["size"], chain
+            assert sidecar["argv"][1:4] == ["convert", artifact_path(plan.parent(chain)), artifact_path(chain)]
+            assert sidecar["fingerprint"].startswith("convqa:")
+            assert sidecar["wall_s"] > 0 and sidecar["peak_rss_mb"] > 0
+            assert sidecar["record"]["tensors_written"] > 0
+            # The quantization is applied when leaving S, never again, and only to a format that
+            # holds it (APR has no Q8_0 blocks: S->A keeps the source dtypes).
+            holds = plan.target_format(chain) in QUANT_TARGETS[VARIANT]
+            expected_quant = VARIANT if plan.is_first_hop(chain) and holds else None
+            assert sidecar["quant"] == expected_quant, chain
+            assert ("--quant" in sidecar["argv"]) == (expected_quant is not None), chain
+            # Restored from its sidecar (its parents first, and deleted again), it is the same bytes.
+            artifact = restore_artifact(restored, chain, log)
             assert sidecar["sha256"] == file_sha256(artifact)
-        with open_model(artifact) as model:
-            assert len(model.tensors) == sidecar["record"]["tensors_written"]
+            with open_model(artifact) as model:
+                assert len(model.tensors) == sidecar["record"]["tensors_written"]
+    # The report's Disk section says what was deleted.
+    report = built.path(f"results/{MODEL}/report/mvp/report.md").read_text()
+    assert "deleted after use" in report and "| deleted after use |" in report
     source_sidecar = yaml.safe_load(built.path(f"results/{MODEL}/source.sidecar.json").read_text())
     assert source_sidecar["record"]["kind"] == "synthetic"
     assert source_sidecar["converter"] == "source:synthetic"
+    assert built.path(f"results/{MODEL}/source/config.json").is_file(), "the source is never deleted"
 
 
 def test_nothing_to_do_after_a_run(built):
@@ -94,8 +119,18 @@ def test_a_comment_in_the_gguf_writer_reruns_nothing(built, tmp_path):
     assert wf.planned_jobs("mvp") == []
 
 
+def restores_logged(wf: Workflow) -> list[str]:
+    """The artifacts the jobs' logs say they restored (convqa.workflow.intermediates)."""
+    found = []
+    for log in wf.path("results").rglob("*.log"):
+        found += [line.split()[1] for line in log.read_text(errors="replace").splitlines() if line.startswith("restoring ")]
+    return sorted(found)
+
+
 def test_changing_the_gguf_writer_reruns_exactly_the_gguf_edges(built, tmp_path):
-    """S->G and A->G run the writer; G->A and the rest of a GGUF chain read what it wrote."""
+    """S->G and A->G run the writer; G->A and the rest of a GGUF chain read what it wrote. The
+    artifacts were deleted after use: A->G's input S->A is restored inside the A->G job, once,
+    and S->A's other readers (its manifest, S->A->S, the untouched comparisons) do not rerun."""
     wf = built.clone(tmp_path / "changed")
     with open(wf.package / "formats" / "gguf_writer.py", "a") as fh:
         fh.write("\n_A_REAL_CHANGE = 1\n")
@@ -113,9 +148,69 @@ def test_changing_the_gguf_writer_reruns_exactly_the_gguf_edges(built, tmp_path)
     for rule, w in jobs:
         if rule == "compare_tensors":  # only comparisons that involve a GGUF-touched chain
             assert {w["subject"], w["reference"]} & gguf_chains, w
+        if rule in ("infer", "serve_check", "parity", "infer_reference"):
+            assert w.get("chain", w.get("hop")) in gguf_chains, (rule, w)
     untouched_pairs = {("st-apr", "st"), ("st-apr.run2", "st"), ("st-apr-st", "st-apr"), ("st-apr-st", "st")}
     assert not {(w["subject"], w["reference"]) for rule, w in jobs if rule == "compare_tensors"} & untouched_pairs
+    # Deleted again after use: every rewritten artifact, and S->A, restored for S->A->G.
+    assert {chain for rule, chain in rerun if rule == "release_artifact"} == gguf_chains | {"st-apr"}
     assert {rule for rule, _ in jobs} >= {"tensor_gates", "report", "summary"}
+    assert len(jobs) < 0.8 * len(built_jobs(built)), "not narrower than a cold run"
+
+    wf.run("mvp")
+    assert restores_logged(wf) == [artifact_path("st-apr")], "a deleted parent restored more than once, or another"
+    assert not wf.path(artifact_path("st-apr")).exists()
+    assert wf.planned_jobs("mvp") == []
+    evidence = yaml.safe_load(wf.path(f"results/{MODEL}/report/mvp/qualification.json").read_text())
+    assert evidence["summary"]["verdict"] == "QUALIFIED", evidence["summary"]
+
+
+def test_a_restore_that_gives_other_bytes_is_refused(built, tmp_path):
+    """A converter that is not deterministic cannot stand in for the artifact its sidecar records:
+    the readers that ran on the first copy would be judged with ones that ran on another."""
+    import json
+
+    from convqa.workflow.intermediates import RestoreError
+
+    wf = built.clone(tmp_path / "nondeterministic")
+    sidecar_path = wf.path(f"results/{MODEL}/{VARIANT}/st-gguf/sidecar.json")
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["argv"] = [sys.executable, "-c", "import os, sys; open(sys.argv[2], 'wb').write(os.urandom(64))",
+                       artifact_path("st"), artifact_path("st-gguf")]
+    sidecar_path.write_text(json.dumps(sidecar))
+    with open(tmp_path / "restore.log", "w") as log, pytest.raises(RestoreError, match="not deterministic"):
+        restore_artifact(wf, "st-gguf", log)
+    assert not wf.path(artifact_path("st-gguf")).exists(), "the other bytes were left in place"
+
+
+def built_jobs(built) -> list:
+    """Every job of a cold run of the tier (a dry run that plans all of them)."""
+    return built.planned_jobs("mvp", "--forceall")
+
+
+def test_changing_the_apr_writer_reruns_everything_downstream_of_an_apr_write(built, tmp_path):
+    wf = built.clone(tmp_path / "apr")
+    with open(wf.package / "formats" / "apr.py", "a") as fh:
+        fh.write("\n_A_REAL_CHANGE = 1\n")
+    jobs = wf.planned_jobs("mvp")
+    converted = {w["chain"] for rule, w in jobs if rule in CONVERT_RULES}
+    # An APR write on the way makes a chain (and everything after it) depend on the writer.
+    apr_downstream = {c for c in plan.artifact_chains("mvp", VARIANT) if "apr" in plan.hops(c)}
+    assert converted == apr_downstream
+    assert {"st-apr-gguf", "st-gguf-apr-gguf", "st-apr-st"} <= converted  # G and S written from an APR
+    inspected = {w["chain"] for rule, w in jobs if rule == "inspect_artifact"}
+    assert inspected >= apr_downstream
+    assert not any(rule == "prepare_source" for rule, _ in jobs)
+
+
+def test_a_changed_source_reruns_everything(built, tmp_path):
+    wf = built.clone(tmp_path / "source")
+    config = wf.config()
+    config["models"][MODEL]["source"]["seed"] = 1
+    wf.write_config(config)
+    jobs = wf.planned_jobs("mvp")
+    cold = built_jobs(built)
+    assert sorted(jobs, key=repr) == sorted(cold, key=repr)
 
 
 def test_primary_converters_that_fail_still_end_in_a_not_qualified_report(built, tmp_path):
@@ -225,7 +320,8 @@ def test_killed_conversion_is_not_trusted(built, tmp_path):
 def test_local_gguf_and_offline_hub_sources(built, tmp_path):
     wf = built.clone(tmp_path / "sources")
     local_dir = built.path(f"results/{MODEL}/source")
-    gguf_file = built.path(f"results/{MODEL}/{VARIANT}/st-gguf/model.gguf")
+    with open(tmp_path / "restore.log", "w") as log:  # deleted after use: the clone's copy, restored
+        gguf_file = restore_artifact(wf, "st-gguf", log)
     config = run_config()
     config["models"] = {
         "from-local": {"source": {"kind": "local", "path": str(local_dir)}},

@@ -11,6 +11,7 @@ Code fingerprints (`code`) are derived from what a rule's `script:` imports
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from convqa.files import path_size
 from convqa.gates.rows import label
 from convqa.infer import memory
 from convqa.sources.prepare import input_files, kind_fingerprint_args
-from convqa.workflow import paths, plan, references
+from convqa.workflow import gpu, paths, plan, references
 from convqa.workflow.fingerprint import script_fingerprint, writes
 from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
 
@@ -68,25 +69,63 @@ def path_size_mb(path):
     return path_size(path) / 2**20
 
 
+def artifact_size_mb(dependency):
+    """MB of the artifact a job input stands for (paths.dependency_path): the file if it is on
+    disk, else the size its sidecar recorded (an artifact deleted after use, to be restored)."""
+    artifact = paths.artifact_of(dependency)
+    if Path(artifact).exists():
+        return path_size_mb(artifact)
+    try:
+        return int(json.loads(Path(dependency).read_text()).get("size") or 0) / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+def input_bytes(files) -> int:
+    """Bytes a job reads: each input counted as the artifact it stands for (a converted artifact's
+    sidecar as the artifact, on disk or as recorded), a directory as the files inside. The SLURM
+    profile's memory and runtime expressions scale with this."""
+    total = 0.0
+    for f in files:
+        f = str(f)
+        if paths.artifact_of(f) != f:
+            total += artifact_size_mb(f) * 2**20
+        elif Path(f).exists():
+            total += path_size(f)
+    return int(total)
+
+
 def conversion_mem_mb(wildcards, input, attempt):
     # One tensor in memory at a time plus the interpreter; 3x the input covers a
     # dequantized copy of the largest tensor with room to spare. Doubles on retry.
-    return int((3 * path_size_mb(input.artifact) + 500) * attempt)
+    return int((3 * artifact_size_mb(input.artifact) + 500) * attempt)
 
 
 def comparison_mem_mb(wildcards, input, attempt):
-    size = path_size_mb(input.subject) + path_size_mb(input.reference)
+    size = artifact_size_mb(input.subject) + artifact_size_mb(input.reference)
     return int((2 * size + 500) * attempt)
 
 
 def inference_mem_mb(wildcards, input, attempt):
     # What the engine needs for this artifact (convqa.infer.memory), so that Snakemake's
     # --resources mem_mb=N never starts two big models at once; doubles on retry.
-    return memory.job_mem_mb(input.artifact, engine_name(wildcards), attempt, source=getattr(input, "source", None))
+    return memory.job_mem_mb(paths.artifact_of(input.artifact), engine_name(wildcards), attempt, source=getattr(input, "source", None))
 
 
 def reference_mem_mb(wildcards, input, attempt):
     return memory.job_mem_mb(input.source, "transformers", attempt, reference=True)
+
+
+# Scheduling for disk (config temp_intermediates): a job that reads an artifact runs before a
+# conversion that writes a new one, deeper conversions before shallower ones (a chain's subtree
+# is finished, and its artifacts released, before the next first hop starts), and a release
+# (rules/intermediates.smk) before anything else. Snakemake starts the highest-priority ready job.
+READER_PRIORITY = 10
+RELEASE_PRIORITY = 100
+
+
+def conversion_priority(wildcards):
+    return len(plan.hops(wildcards.chain)) - 1
 
 
 def gpu_count(wildcards):
@@ -116,6 +155,8 @@ class Jobs:
         self.output_path_entries = {
             e.mutant: e for e in self.detection_entries if e.check == detection.OUTPUT_PATH
         }
+        # None: the gpu backend's jobs are planned; else why its cells are skipped without a job.
+        self.gpu_skipped = gpu.skip_reason(config.get("gpu_jobs", gpu.AUTO)) if "gpu" in self.inference["backends"] else None
         self._check_routing()
         self._check_variants()
 
@@ -169,7 +210,79 @@ class Jobs:
         return list(self.config["models"][model].get("variants") or self.variants)
 
     def tier_targets(self, tier):
-        return paths.tier_targets(self.models, tier)
+        """The reports and the summary, and with `temp_intermediates` the deletion of every
+        converted artifact once the tier's jobs that read it are done (rules/intermediates.smk)."""
+        targets = paths.tier_targets(self.models, tier)
+        if self.config.get("temp_intermediates"):
+            targets += [
+                paths.release_path(model, variant, chain, tier)
+                for model in self.models
+                for variant in self.model_variants(model)
+                for chain in plan.artifact_chains(tier, variant)
+            ]
+        return targets
+
+    # ------------------------------------------------------------ artifacts as job inputs
+
+    @staticmethod
+    def depends(artifacts):
+        """Input function over `artifacts` (an input function giving artifact paths, one or by
+        role): each converted artifact replaced by its sidecar (paths.dependency_path), so that
+        a job reruns when the conversion does, never because a deleted artifact was restored."""
+
+        def inputs(wildcards):
+            found = artifacts(wildcards)
+            if isinstance(found, str):
+                return paths.dependency_of(found)
+            return {role: paths.dependency_of(path) for role, path in found.items()}
+
+        return inputs
+
+    @staticmethod
+    def located(artifacts, role="artifact"):
+        """The `artifacts` param (role -> artifact path) a script hands to
+        convqa.workflow.intermediates.restored."""
+
+        def param(wildcards):
+            found = artifacts(wildcards)
+            return {role: found} if isinstance(found, str) else dict(found)
+
+        return param
+
+    def artifact_consumers(self, model, variant, chain, tier):
+        """Outputs of every job of `tier` that reads the chain's artifact: its manifest, its
+        children's conversions (primary and side), the comparisons it is part of, its inference
+        runs, served checks, parity and reference-quantized runs. The artifact can go when all are
+        there (rule release_artifact); a reader missing here would restore it, not fail."""
+        found = {paths.manifest_path(model, variant, chain)}
+        for child in plan.artifact_chains(tier, variant):
+            if plan.parent(child) == chain:
+                found.add(paths.sidecar_path(model, variant, child))
+        for subject, reference in self.comparison_pairs(tier, variant):
+            if chain in (subject, reference):
+                found.add(paths.comparison_path(model, variant, subject, reference))
+        for side_chain, name in self.side_slots(model, variant, tier):
+            if plan.parent(side_chain) == chain:
+                found.add(paths.side_sidecar_path(model, variant, name, side_chain))
+                found.add(paths.side_comparison_path(model, variant, name, side_chain, "parent"))
+            if side_chain == chain:
+                found.add(paths.side_comparison_path(model, variant, name, side_chain, "primary"))
+        inputs = self.inference_input_map(model, variant, tier)
+        for key, run in inputs["runs"].items():
+            if key.split("|")[0] == chain and "json" in run:
+                found.add(run["json"])
+        for key, serve in inputs["serves"].items():
+            if key.split("|")[0] == chain:
+                found.add(serve)
+        for key, run in inputs["references"].items():
+            if key.split("|")[0] == chain and "json" in run:
+                found.add(run["json"])
+        if chain in inputs["parities"]:
+            found.add(inputs["parities"][chain])
+        return sorted(found)
+
+    def release_inputs(self, wildcards):
+        return self.artifact_consumers(wildcards.model, wildcards.variant, wildcards.chain, wildcards.tier)
 
     # ------------------------------------------------------------ code fingerprints
 
@@ -442,20 +555,29 @@ class Jobs:
     def inference_input_map(self, model, variant, tier):
         """What the inference gates read, keyed `chain|engine|backend` and `chain|engine`."""
         files = INFERENCE_ENGINE_FILE
+
+        def run(backend, json_path, npz_path):
+            # A gpu cell that no job runs (gpu_jobs): its record is the reason, read by the gates.
+            if backend == "gpu" and self.gpu_skipped:
+                return {"skipped": self.gpu_skipped}
+            return {"json": json_path, "npz": npz_path}
+
         return {
             "runs": {
-                f"{c}|{e}|{b}": {
-                    "json": paths.inference_run_path(model, variant, c, files[e], b),
-                    "npz": paths.inference_run_path(model, variant, c, files[e], b, "npz"),
-                }
+                f"{c}|{e}|{b}": run(
+                    b,
+                    paths.inference_run_path(model, variant, c, files[e], b),
+                    paths.inference_run_path(model, variant, c, files[e], b, "npz"),
+                )
                 for c, e, b in self.inference_cells(tier)
             },
             "serves": {f"{c}|{e}": paths.serve_path(model, variant, c, files[e]) for c, e in self.served_cells(tier)},
             "references": {
-                f"{hop}|{b}": {
-                    "json": paths.reference_run_path(model, variant, hop, backend=b),
-                    "npz": paths.reference_run_path(model, variant, hop, "npz", backend=b),
-                }
+                f"{hop}|{b}": run(
+                    b,
+                    paths.reference_run_path(model, variant, hop, backend=b),
+                    paths.reference_run_path(model, variant, hop, "npz", backend=b),
+                )
                 for hop, b in self.reference_hops(variant, tier)
             },
             "parities": {c: paths.parity_path(model, variant, c) for c in self.parity_chains(tier)},
@@ -469,7 +591,7 @@ class Jobs:
     def inference_gate_inputs(self, wildcards):
         inputs = self.inference_input_map(wildcards.model, wildcards.variant, wildcards.tier)
         runs = list(inputs["runs"].values()) + list(inputs["references"].values())
-        found = [p for run in runs for p in run.values()] + list(inputs["parities"].values())
+        found = [run[k] for run in runs for k in ("json", "npz") if k in run] + list(inputs["parities"].values())
         # The source's manifest says its dtypes, which pick the tolerances (select_tolerances).
         return sorted(found + list(inputs["serves"].values())) + [paths.source_manifest_path(wildcards.model)]
 

@@ -77,6 +77,33 @@ def sidecar_path(model, variant, chain):
     return f"{chain_dir(model, variant, chain)}/sidecar.json"
 
 
+def dependency_path(model, variant, chain):
+    """What a job that reads a chain's artifact declares as its input: the source directory for
+    `st`, else the chain's sidecar, which changes exactly when the conversion reruns (the artifact
+    itself may be deleted after use and restored; convqa.workflow.intermediates)."""
+    return artifact_path(model, variant, chain) if chain == SOURCE_CHAIN else sidecar_path(model, variant, chain)
+
+
+def dependency_of(artifact):
+    """`dependency_path` from an artifact path: a converted artifact's sidecar, else the path."""
+    head, _, name = artifact.rpartition("/")
+    return f"{head}/sidecar.json" if name in ARTIFACT_NAME.values() else artifact
+
+
+def artifact_of(dependency):
+    """The artifact a `dependency_path` stands for (the sidecar's chain directory's artifact)."""
+    head, _, name = dependency.rpartition("/")
+    if name != "sidecar.json" or "/xconv/" in dependency:  # a side converter's sidecar: not one
+        return dependency
+    chain = head.rpartition("/")[2]
+    return f"{head}/{ARTIFACT_NAME[plan.target_format(chain)]}"
+
+
+def release_path(model, variant, chain, tier):
+    """The record of deleting a chain's artifact after the tier's last job that reads it."""
+    return f"{chain_dir(model, variant, chain)}/released-{tier}.json"
+
+
 def manifest_path(model, variant, chain):
     if chain == SOURCE_CHAIN:
         return source_manifest_path(model)
