@@ -162,3 +162,22 @@ def test_function_change_counts_nan_logits_as_a_change(tmp_path):
     assert function_change(tmp_path / "same.npz", tmp_path / "correct.npz")["changed"] is False
     change = function_change(tmp_path / "nan.npz", tmp_path / "correct.npz")
     assert change["changed"] is True and "NaN" in change["reason"]
+
+
+def test_function_change_measures_logits_not_the_hidden_state_capture(tmp_path):
+    """A run's .npz also holds `hidden.*` activations; they once set "max |dlogit|" (5.68 for
+    transpose-2d, whose logits differ by far less)."""
+    import numpy as np
+
+    from convqa.detection.matrix import function_change
+    from convqa.infer.run import HIDDEN_PREFIX
+
+    logits = np.arange(12, dtype=np.float32).reshape(3, 4)
+    shifted = logits.copy()
+    shifted[2, 3] += 0.25
+    hidden = np.zeros((3, 8), dtype=np.float32)
+    np.savez(tmp_path / "correct.npz", p=logits, **{HIDDEN_PREFIX + "0.embed": hidden})
+    np.savez(tmp_path / "mutant.npz", p=shifted, **{HIDDEN_PREFIX + "0.embed": hidden + 100.0})
+    np.savez(tmp_path / "same.npz", p=logits, **{HIDDEN_PREFIX + "0.embed": hidden + 100.0})
+    assert function_change(tmp_path / "mutant.npz", tmp_path / "correct.npz")["max_abs_dlogit"] == 0.25
+    assert function_change(tmp_path / "same.npz", tmp_path / "correct.npz")["changed"] is False

@@ -242,11 +242,15 @@ def function_change(mutant_npz: str | os.PathLike | None, correct_npz: str | os.
         return {"measured": False, "reason": "the mutated artifact runs no inference at this tier"}
     import numpy as np
 
+    from convqa.infer.run import HIDDEN_PREFIX
+
     with np.load(mutant_npz, allow_pickle=False) as m, np.load(correct_npz, allow_pickle=False) as c:
         if not m.files or not c.files:
             return {"measured": False, "reason": "no logits (an artifact could not be loaded)"}
         worst = 0.0
-        for key in c.files:
+        # The logits only: a run's .npz also holds its hidden-state capture (HIDDEN_PREFIX keys),
+        # whose differences are activations, not "logits vs correct converter".
+        for key in (k for k in c.files if not k.startswith(HIDDEN_PREFIX)):
             if key not in m.files or m[key].shape != c[key].shape:
                 return {"measured": True, "max_abs_dlogit": None, "changed": True, "reason": f"prompt {key}: no comparable logits"}
             if not np.isfinite(m[key]).all():  # max() would pass over a NaN and call the logits identical
