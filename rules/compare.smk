@@ -19,10 +19,10 @@ rule compare_tensors:
             paths.comparison_path("{model}", "{variant}", "{subject}", "{reference}"),
             ".benchmark.tsv",
         )
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=jobs.comparison_mem_mb,
     params:

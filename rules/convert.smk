@@ -18,10 +18,10 @@ rule convert_to_gguf:
         paths.benchmark_path("{model}", "{variant}", "{chain}")
     wildcard_constraints:
         chain=plan.chain_pattern("gguf"),
+    priority: jobs.conversion_priority
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.conversion_priority
     resources:
         mem_mb=jobs.conversion_mem_mb,
     params:

@@ -36,10 +36,10 @@ rule infer:
         )
     wildcard_constraints:
         chain=plan.CONVERTED_CHAIN_PATTERN,
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
-    priority: jobs.READER_PRIORITY
     resources:
         gpu=jobs.gpu_count,
         mem_mb=jobs.inference_mem_mb,
@@ -97,10 +97,10 @@ rule infer_reference:
         )
     wildcard_constraints:
         hop=plan.FIRST_HOP_PATTERN,
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
-    priority: jobs.READER_PRIORITY
     resources:
         gpu=jobs.gpu_count,
         mem_mb=jobs.reference_mem_mb,
@@ -133,10 +133,10 @@ rule serve_check:
         )
     wildcard_constraints:
         chain=plan.CONVERTED_CHAIN_PATTERN,
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: INFERENCE["threads"]
-    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=jobs.inference_mem_mb,
     params:
@@ -180,10 +180,10 @@ rule parity:
         )
     wildcard_constraints:
         chain=plan.CONVERTED_CHAIN_PATTERN,
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.READER_PRIORITY
     params:
         timeout_s=INFERENCE["timeout_s"],
         fingerprint=J.code("parity.py", J.inferred_formats),

@@ -32,10 +32,10 @@ rule inspect_artifact:
         paths.log_beside(
             paths.manifest_path("{model}", "{variant}", "{chain}"), ".benchmark.tsv"
         )
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:

@@ -11,16 +11,20 @@ rule release_artifact:
         J.release_inputs,
     output:
         record=paths.release_path("{model}", "{variant}", "{chain}", "{tier}"),
+    log:
+        paths.release_log_path("{model}", "{variant}", "{chain}", "{tier}"),
     wildcard_constraints:
         chain=plan.CONVERTED_CHAIN_PATTERN,
+    # Before anything else that is ready: the bytes go as soon as the last reader is done.
+    priority: jobs.RELEASE_PRIORITY
     localrule: True
+    conda:
+        "../envs/convert.yaml"
     params:
         python=sys.executable,
         artifact=lambda wildcards: paths.artifact_path(
             wildcards.model, wildcards.variant, wildcards.chain
         ),
         fingerprint=fingerprints.fingerprint(("convqa.workflow.intermediates",), ()),
-    # Before anything else that is ready: the bytes go as soon as the last reader is done.
-    priority: jobs.RELEASE_PRIORITY
     shell:
-        "{params.python:q} -m convqa.workflow.intermediates release {params.artifact:q} {output.record:q}"
+        "{params.python:q} -m convqa.workflow.intermediates release {params.artifact:q} {output.record:q} > {log:q} 2>&1"

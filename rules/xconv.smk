@@ -32,10 +32,10 @@ rule xconv_convert:
         paths.side_log("{model}", "{variant}", "{converter}", "{chain}", "convert"),
     benchmark:
         paths.side_benchmark_path("{model}", "{variant}", "{converter}", "{chain}")
+    priority: jobs.conversion_priority
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.conversion_priority
     resources:
         mem_mb=jobs.conversion_mem_mb,
     params:
@@ -65,10 +65,10 @@ rule xconv_inspect:
         ),
     log:
         paths.side_log("{model}", "{variant}", "{converter}", "{chain}", "inspect"),
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:
@@ -90,10 +90,10 @@ rule xconv_compare:
                 "{model}", "{variant}", "{converter}", "{chain}", "{against}"
             )
         ),
+    priority: jobs.READER_PRIORITY
     conda:
         "../envs/convert.yaml"
     threads: 1
-    priority: jobs.READER_PRIORITY
     resources:
         mem_mb=2000,
     params:

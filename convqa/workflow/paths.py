@@ -104,6 +104,10 @@ def release_path(model, variant, chain, tier):
     return f"{chain_dir(model, variant, chain)}/released-{tier}.json"
 
 
+def release_log_path(model, variant, chain, tier):
+    return f"{chain_dir(model, variant, chain)}/released-{tier}.log"
+
+
 def manifest_path(model, variant, chain):
     if chain == SOURCE_CHAIN:
         return source_manifest_path(model)
