@@ -43,6 +43,9 @@ def side_by_side_config() -> dict:
         },
         "route": {"st-gguf": ["convqa", "apr"], "st-apr": ["apr", "convqa", "broken"]},
         "inference": NO_INFERENCE,
+        # These tests look at the side converters' artifacts and at exact rerun sets; deletion
+        # and its narrow reruns are tested in test_workflow_run.py.
+        "temp_intermediates": False,
         "models": {MODEL: {"source": {"kind": "synthetic", "preset": "qwen2-tiny", "seed": 0}}},
     }
 

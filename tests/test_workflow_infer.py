@@ -31,6 +31,9 @@ def workdir(qwen2_mvp, tmp_path_factory) -> Path:
     config = yaml.safe_load((REPO / "config/examples/synthetic-only.yaml").read_text())
     config["models"] = {MODEL: config["models"][MODEL]}
     config["tier"] = "smoke"
+    # gpu cells as a cluster with GPU nodes plans them: the jobs run and, with no device here,
+    # write their skipped records (gpu_jobs auto would plan none on this machine).
+    config["gpu_jobs"] = "run"
     assert config["models"] == run_config()["models"], "the same model as the run it extends"
     wf = qwen2_mvp.clone(tmp_path_factory.mktemp("infer-wf"))
     wf.write_config(config)
