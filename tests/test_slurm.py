@@ -66,7 +66,6 @@ CLUSTER_CONFIG = {
     "route": {"st-gguf": "halfwrite"},
 }
 GGUF = f"results/{MODEL}/native/st-gguf/model.gguf"
-LOCAL_RULES = {"report", "summary", "smoke", "detection_matrix"}
 # A SLURM run that does not finish in this time is killed (Ctrl-C: the plugin scancels its jobs).
 RUN_TIMEOUT_S = 600
 # The plugin waits 40 s before the first status query and up to 180 s between them: right for a
@@ -402,9 +401,12 @@ def test_every_job_was_submitted_with_sbatch(slurm_run):
     assert len(set(slurm_ids)) == len(slurm_ids), "one SLURM job id per submission"
     blocks = slurm_run.job_blocks()
     finished = slurm_run.finished()
-    remote = [(j, r) for j, r in finished if r not in LOCAL_RULES]
-    local = [(j, r) for j, r in finished if r in LOCAL_RULES]
-    assert remote and {r for _, r in local} >= {"report", "summary"}
+    # Local rules (the report, and the release jobs that delete intermediates) run on the
+    # submitting host; every rule with an action that is not local goes to sbatch.
+    runs_remotely = workflow_rules()
+    remote = [(j, r) for j, r in finished if runs_remotely.get(r, False)]
+    local = [(j, r) for j, r in finished if not runs_remotely.get(r, False)]
+    assert remote and {r for _, r in local} >= {"report", "summary", "release_artifact"}
     # Every job that ran remotely was submitted once, plus once more for each cancelled one;
     # local rules never were.
     assert len(submissions) == len(remote) + len(slurm_run.cancelled), (len(submissions), len(remote), slurm_run.cancelled)
@@ -462,13 +464,19 @@ def test_killed_jobs_were_retried_and_nothing_half_written_is_trusted(slurm_run)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert sha256(slurm_run.wf.path(f"{source}/{name}")) == sha256(slurm_run.local.path(f"{source}/{name}")), name
     # The conversion was killed with half a GGUF at its output path; Snakemake removed it, and
-    # the retry wrote the whole file: the local run's bytes, recorded in its sidecar.
-    whole = slurm_run.wf.path(GGUF).stat().st_size
+    # the retry wrote the whole file: the local run's bytes, recorded in its sidecar. The GGUF
+    # is an intermediate (temp_intermediates, the default): its release job deleted it after its
+    # last reader, so its sidecar and release record are what is left to check it by.
+    chain_dir = f"results/{MODEL}/native/st-gguf"
+    cluster_sidecar, local_sidecar = (json.loads(w.path(f"{chain_dir}/sidecar.json").read_text())
+                                      for w in (slurm_run.wf, slurm_run.local))
+    whole = cluster_sidecar["size"]
     assert slurm_run.half_written and 0 < slurm_run.half_written < whole, (slurm_run.half_written, whole)
     assert re.search(rf"Removing output files of failed job convert_to_gguf since they might be corrupted:\n{re.escape(GGUF)}", slurm_run.log)
-    assert sha256(slurm_run.wf.path(GGUF)) == sha256(slurm_run.local.path(GGUF))
-    sidecar = json.loads(slurm_run.wf.path(f"results/{MODEL}/native/st-gguf/sidecar.json").read_text())
-    assert sidecar["sha256"] == sha256(slurm_run.wf.path(GGUF))
+    assert cluster_sidecar["sha256"] == local_sidecar["sha256"]
+    released = json.loads(slurm_run.wf.path(f"{chain_dir}/released-smoke.json").read_text())
+    assert released["deleted"] and released["bytes"] == whole, released
+    assert not slurm_run.wf.path(GGUF).exists()
 
 
 @requires_slurm
