@@ -37,6 +37,15 @@ except convqa_detection.DetectionConfigError as exc:
     raise WorkflowError(str(exc))
 
 
+# Snakemake 9.27's scheduler starts a new wake-up timer on every pass, so its passes per second
+# grow with the jobs run (half a core by the end of `make run`): keep one pending at a time.
+from convqa.workflow import scheduler_timers
+
+
+onstart:
+    scheduler_timers.install(workflow)
+
+
 include: "rules/common.smk"
 include: "rules/sources.smk"
 include: "rules/convert.smk"
