@@ -88,6 +88,41 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
         )
 
 
+def shape_from_source(source: str | os.PathLike, artifact_format: str, file_bytes: int) -> Shape:
+    """The shape of an artifact converted from `source` whose file is not on disk (deleted after
+    use, and restored inside the job that needs it: convqa.workflow.intermediates), from the
+    source's header and the artifact's format and size as its sidecar recorded them.
+
+    A conversion keeps every tensor's shape, so the geometry is the source's; what changes is
+    the bytes (scaled by the file's size), the tensor order (GGUF writes the token embedding,
+    the largest tensor, first) and, in APR, a tied embedding stored a second time as lm_head.
+    Raises FormatError when the source cannot be read."""
+    from convqa.formats import open_model
+
+    with open_model(source) as model:
+        counts = sorted((_elements(t.shape) for t in model.tensors.values()), reverse=True)
+        stored = max((t.nbytes for t in model.tensors.values()), default=0)
+        config, source_bytes = model.config, path_size(source)
+        own_dtype = compute_dtype_of(model)
+    largest = counts[0] if counts else 0
+    parameters = sum(counts)
+    if artifact_format == "apr" and config.tie_word_embeddings:
+        parameters += largest
+    return Shape(
+        file_bytes=file_bytes,
+        parameters=parameters,
+        largest_tensor=largest,
+        vocab_size=config.vocab_size,
+        num_layers=config.num_layers,
+        kv_width=config.num_kv_heads * config.head_dim,
+        format=artifact_format,
+        largest_tensor_bytes=int(stored * file_bytes / source_bytes) if source_bytes else stored,
+        first_tensor=largest,
+        largest_after_first=counts[1] if len(counts) > 1 else 0,
+        compute_dtype=own_dtype,
+    )
+
+
 def _elements(shape) -> int:
     n = 1
     for dim in shape:
@@ -204,11 +239,22 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
 
 
 def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1,
-               source: str | os.PathLike | None = None, reference: bool = False) -> int:
-    """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry;
-    2000 MB where the artifact cannot be read yet (a dry run) or at all. `source` as in too_big."""
+               source: str | os.PathLike | None = None, reference: bool = False,
+               recorded: tuple[str, int] | None = None) -> int:
+    """The `mem_mb` resource of an inference job: the estimate plus 10%, doubled on a retry.
+    `source` as in too_big. `recorded`: the artifact's (format, bytes) as its sidecar has them,
+    for an artifact deleted after use: its estimate then comes from the source's geometry
+    (shape_from_source). 2000 MB where neither can be read (a dry run before the source exists)."""
+    compute_dtype = source_compute_dtype(source)
     try:
-        needed = bytes_needed(artifact_path, engine, compute_dtype=source_compute_dtype(source), reference=reference)
+        needed = bytes_needed(artifact_path, engine, compute_dtype=compute_dtype, reference=reference)
     except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
-        return 2000 * attempt
+        needed = None
+        if recorded and recorded[1] and source is not None and not os.path.exists(artifact_path):
+            try:
+                needed = shape_bytes_needed(shape_from_source(source, *recorded), engine, compute_dtype=compute_dtype)
+            except Exception:
+                needed = None
+        if needed is None:
+            return 2000 * attempt
     return int(needed * 1.1 / MIB * attempt) + 1

@@ -109,7 +109,12 @@ def comparison_mem_mb(wildcards, input, attempt):
 def inference_mem_mb(wildcards, input, attempt):
     # What the engine needs for this artifact (convqa.infer.memory), so that Snakemake's
     # --resources mem_mb=N never starts two big models at once; doubles on retry.
-    return memory.job_mem_mb(paths.artifact_of(input.artifact), engine_name(wildcards), attempt, source=getattr(input, "source", None))
+    artifact = paths.artifact_of(input.artifact)
+    recorded = None
+    if artifact != input.artifact:  # a converted artifact: its sidecar says what was written
+        recorded = (plan.target_format(wildcards.chain), int(artifact_size_mb(input.artifact) * 2**20))
+    return memory.job_mem_mb(artifact, engine_name(wildcards), attempt, source=getattr(input, "source", None),
+                             recorded=recorded)
 
 
 def reference_mem_mb(wildcards, input, attempt):
