@@ -305,6 +305,44 @@ def test_transformers_gguf_loader_gives_bit_identical_logits_for_f32(model_dir, 
         np.testing.assert_array_equal(engine.load(gguf).teacher_forced_logits(PROMPT), expected)
 
 
+def test_gguf_loader_shared_work_changes_nothing_but_how_often_it_is_done(model_dir, tmp_path):
+    """gguf_loader_work_shared: transformers' GGUF loader builds one GGUFReader per file instead of
+    two and one tensor-name map per (arch, blocks) instead of one per module; the model it builds
+    is the same, tensor for tensor, and gguf-py is itself again afterwards."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from convqa.infer.engines.transformers_engine import gguf_loader_work_shared
+
+    path = write_converted(model_dir, tmp_path / "model.gguf", "gguf")
+    built = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).state_dict()
+
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = CountingReader
+    try:
+        plain = load()
+        plain_builds = len(built)
+        built.clear()
+        with gguf_loader_work_shared():
+            shared = load()
+        assert gguf.GGUFReader is CountingReader  # restored to what it was before
+    finally:
+        gguf.GGUFReader = original_reader
+    assert gguf.get_tensor_name_map is original_map
+    assert plain_builds >= 2 and len(built) == 1
+    assert plain.keys() == shared.keys()
+    for name in plain:
+        torch.testing.assert_close(shared[name], plain[name], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- llama.cpp engine
 
 
