@@ -267,6 +267,8 @@ def main() -> int:
     parser.add_argument("--temp-intermediates", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/convqa-scale"))
     parser.add_argument("--keep", action="store_true", help="keep results/ afterwards (they can be large)")
+    parser.add_argument("--rerun", action=argparse.BooleanOptionalAction, default=True,
+                        help="after the cold run, rerun after a one-line change to the GGUF writer")
     args = parser.parse_args()
 
     from convqa.files import path_size
@@ -284,35 +286,24 @@ def main() -> int:
     cold_wall, cold_disk, cold_rules = snakemake(wf, args, root / "cold.log")
     cold = benchmarks(wf)
     cold_restores = restores(wf)
-    # The one-line change to the GGUF writer, in the copy of the package the runs import.
-    with open(wf.parent / "pkg" / "convqa" / "formats" / "gguf_writer.py", "a") as fh:
-        fh.write(WRITER_EDIT)
-    rerun_wall, rerun_disk, rerun_rules = snakemake(wf, args, root / "rerun.log")
-
     conversion_rules = ("convert_to_gguf", "convert_to_apr", "convert_to_safetensors")
     needed = sum(len(plan.artifact_chains(args.tier, v)) for v in ("native", "q8_0"))
     executed = sum(cold_rules.count(r) for r in conversion_rules)
-    needed_rerun = sum(1 for v in ("native", "q8_0") for c in plan.artifact_chains(args.tier, v) if "gguf" in plan.hops(c))
-    executed_rerun = sum(rerun_rules.count(r) for r in conversion_rules)
-    restored_rerun = restores(wf) - cold_restores
 
+    # The cold run's numbers first (flushed), so that a rerun cut short still leaves them.
     g = GEOMETRIES[args.geometry]
     print(f"geometry {args.geometry} {g}; source {source_bytes / 1e9:.3f} GB (largest tensor {largest / 1e6:.0f} MB), "
           f"built in {build_s:.0f} s; tier {args.tier}, {args.cores} cores, --resources mem_mb={args.mem_mb}, "
-          f"temp_intermediates={args.temp_intermediates}; load average {os.getloadavg()[0]:.1f} at the end "
+          f"temp_intermediates={args.temp_intermediates}; load average {os.getloadavg()[0]:.1f} after the cold run "
           f"(other jobs on this machine inflate wall times, not CPU times)")
     print(f"cold:  {cold_wall:7.1f} s wall, {len(cold_rules)} jobs, peak disk under results/ {cold_disk / 1e9:.3f} GB "
           f"({cold_disk / source_bytes:.2f}x the source)")
-    print(f"rerun: {rerun_wall:7.1f} s wall, {len(rerun_rules)} jobs after a one-line GGUF-writer change "
-          f"(ratio {rerun_wall / cold_wall:.0%})")
-    print(f"conversions: cold {executed} executed / {needed} needed (+{cold_restores} restored); rerun "
-          f"{executed_rerun} executed / {needed_rerun} GGUF-touched chains, +{restored_rerun} deleted parents "
-          f"restored inside the jobs that needed them")
+    print(f"conversions: cold {executed} executed / {needed} needed (+{cold_restores} restored)")
     print(f"{'rule':<18}{'jobs':>5}{'peak RSS MB':>13}{'CPU s':>9}{'wall s':>9}")
     for rule, e in sorted(cold.items()):
         print(f"{rule:<18}{e['jobs']:>5}{e['max_rss_mb']:>13.0f}{e['cpu_s']:>9.1f}{e['wall_s']:>9.1f}")
     total_cpu = sum(e["cpu_s"] for e in cold.values())
-    print(f"{'total':<18}{sum(e['jobs'] for e in cold.values()):>5}{'':>13}{total_cpu:>9.1f}")
+    print(f"{'total':<18}{sum(e['jobs'] for e in cold.values()):>5}{'':>13}{total_cpu:>9.1f}", flush=True)
 
     inference_rss = max((cold[r]["max_rss_mb"] for r in ("infer", "infer_reference", "serve_check") if r in cold), default=0)
     conversion_rss = cold.get("convert", {}).get("max_rss_mb", 0)
@@ -323,9 +314,20 @@ def main() -> int:
          f"{inference_rss:.0f} MB vs {1.5 * source_bytes / 2**20:.0f} MB"),
         ("conversion RSS <= largest tensor + 300 MB", conversion_rss * 2**20 <= largest + 300 * 2**20,
          f"{conversion_rss:.0f} MB vs {(largest + 300 * 2**20) / 2**20:.0f} MB"),
-        ("rerun <= 40% of cold", rerun_wall <= 0.4 * cold_wall, f"{rerun_wall / cold_wall:.0%}"),
         ("every conversion done once", executed == needed and not cold_restores, f"{executed}/{needed}, {cold_restores} restored"),
     ]
+    if args.rerun:
+        # The one-line change to the GGUF writer, in the copy of the package the runs import.
+        with open(wf.parent / "pkg" / "convqa" / "formats" / "gguf_writer.py", "a") as fh:
+            fh.write(WRITER_EDIT)
+        rerun_wall, rerun_disk, rerun_rules = snakemake(wf, args, root / "rerun.log")
+        needed_rerun = sum(1 for v in ("native", "q8_0") for c in plan.artifact_chains(args.tier, v) if "gguf" in plan.hops(c))
+        executed_rerun = sum(rerun_rules.count(r) for r in conversion_rules)
+        restored_rerun = restores(wf) - cold_restores
+        print(f"rerun: {rerun_wall:7.1f} s wall, {len(rerun_rules)} jobs after a one-line GGUF-writer change "
+              f"(ratio {rerun_wall / cold_wall:.0%}); conversions {executed_rerun} executed / {needed_rerun} "
+              f"GGUF-touched chains, +{restored_rerun} deleted parents restored inside the jobs that needed them")
+        targets.append(("rerun <= 40% of cold", rerun_wall <= 0.4 * cold_wall, f"{rerun_wall / cold_wall:.0%}"))
     for name, ok, value in targets:
         print(f"target {'MET ' if ok else 'MISS'} {name}: {value}")
     if not args.keep:
