@@ -89,7 +89,7 @@ def gguf_wants_f32(name: str, shape) -> bool:
 
 def _reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:
     def load() -> np.ndarray:
-        return target.encode(tensor.to_float32())
+        return encodings.transcode(tensor.raw(), tensor.encoding, tensor.shape, target)
 
     return LazyTensor(tensor.name, tensor.shape, target, load)
 
