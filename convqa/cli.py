@@ -186,8 +186,12 @@ def _cmd_plan(args) -> int:
     config = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else {}
     inference = config.get("inference") or {}
     chains = (inference.get("chains") or {}).get(args.tier, ["st", "st-gguf", "st-apr"])
+    engines = list(inference.get("engines") or ["transformers", "llama.cpp"])
+    served = list((inference.get("serve") or {}).get(args.tier, ["st-apr:transformers", "st-gguf:llama.cpp"]))
+    if "all" in served:  # every converted inference chain under each engine that reads its format
+        served = [c for c in chains if c != "st" for e in engines if e == "transformers" or c.endswith("gguf")]
     result = estimate_model(args.model, args.tier, list(config.get("variants") or ["native", "q8_0"]), chains,
-                            engines=len(inference.get("engines") or ["transformers", "llama.cpp"]), cores=args.cores)
+                            engines=len(engines), cores=args.cores, served=len(served))
     print(json.dumps(result, indent=2) if args.json else format_estimate(result))
     return 0
 

@@ -93,6 +93,31 @@ def test_one_job_per_planned_edge(workflow, tier):
     assert {j["wildcards"].get("tier") for j in jobs if j["rule"] in ("tensor_gates", "report", "summary")} == {tier}
 
 
+def test_the_plan_estimate_counts_the_jobs_the_workflow_plans(workflow, tmp_path):
+    """`convqa plan` prices each kind of job; its counts must be the dry run's, or its CPU minutes
+    are fiction (they once left out the reference models, the servers and the parity jobs)."""
+    from convqa.workflow.estimate import estimate
+
+    config = synthetic_config()
+    model = next(iter(config["models"]))
+    config = config | {"tier": "mvp", "variants": ["native", "q8_0"], "models": {model: config["models"][model]}}
+    config["inference"] = (config.get("inference") or {}) | {"backends": ["cpu"]}
+    path = tmp_path / "one-model.yaml"
+    path.write_text(yaml.safe_dump(config))
+    by_rule = Counter(j["rule"] for j in dry_run_jobs(workflow, "mvp", "--configfile", str(path), "--replace-workflow-config"))
+    inference = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["inference"]
+    e = estimate(10**9, 10**8, "mvp", ["native", "q8_0"], inference["chains"]["mvp"], served=len(inference["serve"]["mvp"]))
+    assert e["jobs_by_kind"] == {
+        "conversion": sum(by_rule[r] for r in CONVERT_RULES),
+        "inspection": by_rule["inspect_artifact"],
+        "comparison": by_rule["compare_tensors"],
+        "inference": by_rule["infer"] + by_rule["infer_source"],
+        "reference": by_rule["infer_reference"],
+        "serve": by_rule["serve_check"],
+        "parity": by_rule["parity"] + by_rule["parity_source"],
+    }
+
+
 def test_default_target_is_the_configured_tier(workflow, tmp_path):
     config = synthetic_config() | {"tier": "smoke"}
     path = tmp_path / "smoke.yaml"

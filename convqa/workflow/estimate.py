@@ -4,8 +4,8 @@
 parameters in the encoding that chain stores (the source's dtype; Q8_0 blocks on a quantized
 GGUF hop; F32 where a format cannot hold the blocks and the hop dequantizes), summed over the
 tier's chains and variants; with `temp_intermediates` the peak is the source plus the artifacts
-that must coexist (every parent until its children are converted and checked, plus one per
-core in flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of
+that must coexist (`held_chains`: every parent, and every artifact a round trip or fixpoint
+check compares with one two hops deeper, of every variant, plus a leaf per core in flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of
 job, from the measurements in bench/scale.py (README "Models of real size"); wall time on N
 cores is at best CPU time / N.
 """
@@ -21,13 +21,16 @@ GB = 1e9
 Q8_0_BYTES_PER_PARAM = 34 / 32  # a block: 32 int8 values and one F16 scale
 F32_BYTES = 4
 # CPU seconds (user + system, from Snakemake's benchmark files; contention does not inflate them)
-# per job, measured by bench/scale.py --geometry small (a 0.12 GB BF16 model: conversion 1.9,
-# inspection 2.3, comparison 1.7, inference 12 per job), and per GB of the job's input, from
-# issue 13's 1.5B measurements (S->G 3.8-8.4 s, S->A 9.7 s for 3.1 GB) and the F32 forward cost
-# of a transformers run; the 1.5B geometry has not been measured through the bench yet.
-CPU_S_PER_JOB = {"conversion": 1.9, "inspection": 2.3, "comparison": 1.7, "inference": 12.0}
-CPU_S_PER_GB = {"conversion": 3.0, "inspection": 4.0, "comparison": 4.0, "inference": 40.0}
-
+# per job and per GB of the job's input, fitted through two runs of bench/scale.py (README "Models
+# of real size"): the small geometry (0.123 GB BF16: conversion 1.9, inspection 2.3, comparison
+# 1.7, run 12, reference 6.3, serve 8.3, parity 2.9 s per job) and the 1.5B geometry (3.09 GB
+# BF16, 101 of mvp's 155 jobs, idle machine, inference at 1 thread: conversion 7.3 and inspection
+# 10.2 s per job for 3.6 GB artifacts on average, comparison 10.4, run 106, reference 156, serve
+# 43, parity 4.0). Parity reads tokenizers only, whatever the model's size.
+CPU_S_PER_JOB = {"conversion": 1.9, "inspection": 2.3, "comparison": 1.7, "inference": 12.0,
+                 "reference": 6.3, "serve": 8.3, "parity": 2.9}
+CPU_S_PER_GB = {"conversion": 1.5, "inspection": 2.2, "comparison": 1.4, "inference": 30.0,
+                "reference": 48.0, "serve": 11.0, "parity": 0.0}
 
 def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: float) -> float:
     """Bytes per parameter the chain's artifact stores, following what convqa's converter does
@@ -53,19 +56,37 @@ def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: floa
     return per_param
 
 
+def held_chains(tier: str, variant: str) -> set[str]:
+    """The chains whose artifact stays on disk until a deeper chain is done, whatever the job
+    order: a chain with a child (its input), and the reference of a check whose subject is
+    deeper (the round trips, F-CONV-RT-*, and the fixpoints, F-CONV-IDEM-002, compare a depth-1
+    or depth-2 artifact with one two hops further down). Only leaves are released early."""
+    chains = plan.artifact_chains(tier, variant)
+    held = {plan.parent(c) for c in chains}
+    for check in plan.checks_for(tier, variant):
+        if len(plan.hops(check.subject)) > len(plan.hops(check.reference)) + 1:
+            held.add(check.reference)
+    return held & set(chains)
+
+
 def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str], inference_chains: list[str],
-             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0) -> dict:
+             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0, served: int = 2,
+             reference_variants: int | None = None) -> dict:
     """Disk and CPU-time estimate of one model through `tier` (see the module doc).
-    `tied_embedding_params`: the embedding's size when the head is tied (APR stores a copy)."""
+    `tied_embedding_params`: the embedding's size when the head is tied (APR stores a copy);
+    `served`: the (chain, engine) pairs served per variant (config inference.serve);
+    `reference_variants`: variants judged against a reference-quantized model (default: the
+    lossy ones, every variant but native)."""
     per_param = source_bytes / max(parameters, 1)
-    artifacts, parents, largest, n_compare = [], 0, 0, 0
+    artifacts, held, leaves, n_compare = [], 0.0, [], 0
     for variant in variants:
         chains = plan.artifact_chains(tier, variant)
         sizes = {c: chain_bytes_per_param(c, variant, per_param)
                  * (parameters + (tied_embedding_params if plan.target_format(c) == "apr" else 0)) for c in chains}
         artifacts += sizes.values()
-        parents += len({plan.parent(c) for c in chains} - {"st"})
-        largest = max([largest, *sizes.values()])
+        kept = held_chains(tier, variant)
+        held += sum(size for c, size in sizes.items() if c in kept)
+        leaves += [size for c, size in sizes.items() if c not in kept]
         # What convqa.workflow.jobs.Jobs.comparison_pairs compares: tensors-mode checks and every edge.
         pairs = {(c.subject, c.reference) for c in plan.checks_for(tier, variant) if c.mode == "tensors"}
         n_compare += len(pairs | {(c, plan.parent(c)) for c in chains})
@@ -74,11 +95,24 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
     # transformers on every chain, llama.cpp on the GGUF ones; the ground truth once per model.
     converted = [c for c in inference_chains if c != "st"]
     n_infer = 1 + len(variants) * sum(1 + (engines > 1 and plan.target_format(c) == "gguf") for c in converted)
+    # F-INF-REF: one reference-quantized model per first-hop format of the inference chains.
+    n_lossy = sum(v != "native" for v in variants) if reference_variants is None else reference_variants
+    n_reference = n_lossy * len({plan.target_format(plan.first_hop(c)) for c in converted})
+    n_serve = len(variants) * served
+    n_parity = 1 + len(variants) * len(converted)
+    source_gb = source_bytes / GB
+
+    def jobs(kind: str, n: int, gb: float) -> float:
+        return n * (CPU_S_PER_JOB[kind] + CPU_S_PER_GB[kind] * gb)
+
     cpu = {
-        "conversion": n_conv * (CPU_S_PER_JOB["conversion"] + CPU_S_PER_GB["conversion"] * written / n_conv / GB) if n_conv else 0,
-        "inspection": n_conv * CPU_S_PER_JOB["inspection"] + CPU_S_PER_GB["inspection"] * written / GB,
-        "comparison": n_compare * (CPU_S_PER_JOB["comparison"] + CPU_S_PER_GB["comparison"] * 2 * source_bytes / GB),
-        "inference": n_infer * (CPU_S_PER_JOB["inference"] + CPU_S_PER_GB["inference"] * source_bytes / GB),
+        "conversion": jobs("conversion", n_conv, written / n_conv / GB) if n_conv else 0,
+        "inspection": jobs("inspection", n_conv, written / n_conv / GB) if n_conv else 0,
+        "comparison": jobs("comparison", n_compare, 2 * source_gb),
+        "inference": jobs("inference", n_infer, source_gb),
+        "reference": jobs("reference", n_reference, source_gb),
+        "serve": jobs("serve", n_serve, source_gb),
+        "parity": jobs("parity", n_parity, source_gb),
     }
     return {
         "tier": tier,
@@ -87,8 +121,13 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         "parameters": parameters,
         "artifacts": n_conv,
         "written_bytes": int(written),
-        "peak_bytes_with_deletion": int(source_bytes + min(written, (parents + cores) * largest)),
-        "inference_jobs": n_infer,
+        # A lower bound: the held artifacts of every variant at once (the variants' trees are
+        # converted side by side) plus a leaf per core. Measured at 1.5B: 76 GB alive when 90 GB
+        # were written (25 of 28 conversions), where this says 72 GB.
+        "peak_bytes_with_deletion": int(source_bytes + min(written, held + sum(sorted(leaves)[-cores:]))),
+        "inference_jobs": n_infer + n_reference + n_serve,
+        "jobs_by_kind": {"conversion": n_conv, "inspection": n_conv, "comparison": n_compare, "inference": n_infer,
+                         "reference": n_reference, "serve": n_serve, "parity": n_parity},
         "cpu_seconds": round(sum(cpu.values())),
         "cpu_seconds_by_kind": {k: round(v) for k, v in cpu.items()},
         "wall_seconds_at_best": round(sum(cpu.values()) / cores),
@@ -97,7 +136,7 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
 
 
 def estimate_model(path: str | os.PathLike, tier: str, variants: list[str], inference_chains: list[str],
-                   engines: int = 2, cores: int = 2) -> dict:
+                   engines: int = 2, cores: int = 2, served: int = 2) -> dict:
     """`estimate` for the model at `path` (any format convqa reads), from its header."""
     from convqa.infer.memory import artifact_shape
 
@@ -108,7 +147,8 @@ def estimate_model(path: str | os.PathLike, tier: str, variants: list[str], infe
         embedding = artifact.tensors.get("model.embed_tokens.weight")
         tied = artifact.config.tie_word_embeddings and embedding is not None
         tied_params = int(embedding.shape[0] * embedding.shape[1]) if tied else 0
-    return estimate(shape.file_bytes, shape.parameters, tier, variants, inference_chains, engines, cores, tied_params)
+    return estimate(shape.file_bytes, shape.parameters, tier, variants, inference_chains, engines, cores, tied_params,
+                    served=served)
 
 
 def format_estimate(e: dict) -> str:
@@ -116,10 +156,12 @@ def format_estimate(e: dict) -> str:
         return f"{n / GB:.2f} GB"
 
     return "\n".join([
-        f"tier {e['tier']}, variants {', '.join(e['variants'])}: {e['artifacts']} artifacts, {e['inference_jobs']} inference runs",
+        f"tier {e['tier']}, variants {', '.join(e['variants'])}: {e['artifacts']} artifacts, "
+        f"{e['inference_jobs']} inference jobs (runs, reference models, servers)",
         f"source: {gb(e['source_bytes'])} ({e['parameters'] / 1e9:.2f}B parameters)",
         f"disk: {gb(e['written_bytes'])} written by conversions (the peak without temp_intermediates); "
-        f"about {gb(e['peak_bytes_with_deletion'])} at peak with temp_intermediates: true",
+        f"at least {gb(e['peak_bytes_with_deletion'])} at peak with temp_intermediates: true "
+        f"(what the checks keep alive; jobs run late can keep more)",
         f"time: about {e['cpu_seconds'] / 60:.0f} CPU minutes "
         f"({', '.join(f'{k} {v / 60:.0f}' for k, v in e['cpu_seconds_by_kind'].items())}); "
         f"at best {e['wall_seconds_at_best'] / 60:.0f} min wall on {e['cores']} cores",
