@@ -206,6 +206,30 @@ def restores(wf: Path) -> int:
                for line in log.read_text(errors="replace").splitlines())
 
 
+def repeated_conversions(wf: Path) -> list[tuple[str, str]]:
+    """Conversions that repeat another one of the run: the same converter (fingerprint), the same
+    input bytes (the parent's sha256, or the source's path), the same target format and the same
+    quantization, from the sidecars. A `.runN` chain repeats its run-1 chain on purpose (the
+    determinism check, F-CONV-IDEM-001) and is not counted. Pairs (repeat, first)."""
+    sidecars = {p.parent.relative_to(wf / "results").as_posix(): json.loads(p.read_text())
+                for p in (wf / "results").rglob("sidecar.json")}
+    digest = {chain: car.get("sha256") for chain, car in sidecars.items()}
+    first: dict[tuple, str] = {}
+    repeats = []
+    for chain, car in sorted(sidecars.items()):
+        if ".run" in chain.rsplit("/", 1)[-1] or not car.get("fingerprint"):
+            continue
+        model, variant = chain.split("/")[:2]
+        parent = car.get("parent")
+        parent_bytes = digest.get(f"{model}/{variant}/{parent}") if parent and parent != "st" else car.get("input")
+        key = (car["fingerprint"], parent_bytes, (car.get("record") or {}).get("target_format"), car.get("quant"))
+        if key in first:
+            repeats.append((chain, first[key]))
+        else:
+            first[key] = chain
+    return repeats
+
+
 def rule_of(path: Path) -> str:
     """The rule a benchmark file belongs to, from where rules/*.smk put it."""
     p = path.as_posix()
@@ -298,7 +322,10 @@ def main() -> int:
           f"(other jobs on this machine inflate wall times, not CPU times)")
     print(f"cold:  {cold_wall:7.1f} s wall, {len(cold_rules)} jobs, peak disk under results/ {cold_disk / 1e9:.3f} GB "
           f"({cold_disk / source_bytes:.2f}x the source)")
-    print(f"conversions: cold {executed} executed / {needed} needed (+{cold_restores} restored)")
+    repeats = repeated_conversions(wf)
+    print(f"conversions: cold {executed} executed / {needed} chains of the tier (+{cold_restores} restored); "
+          f"{len(repeats)} repeat another conversion of the run (same converter, input bytes, format, quant): "
+          + (", ".join(f"{a} = {b}" for a, b in repeats) or "none"))
     print(f"{'rule':<18}{'jobs':>5}{'peak RSS MB':>13}{'CPU s':>9}{'wall s':>9}")
     for rule, e in sorted(cold.items()):
         print(f"{rule:<18}{e['jobs']:>5}{e['max_rss_mb']:>13.0f}{e['cpu_s']:>9.1f}{e['wall_s']:>9.1f}")
@@ -314,7 +341,8 @@ def main() -> int:
          f"{inference_rss:.0f} MB vs {1.5 * source_bytes / 2**20:.0f} MB"),
         ("conversion RSS <= largest tensor + 300 MB", conversion_rss * 2**20 <= largest + 300 * 2**20,
          f"{conversion_rss:.0f} MB vs {(largest + 300 * 2**20) / 2**20:.0f} MB"),
-        ("every conversion done once", executed == needed and not cold_restores, f"{executed}/{needed}, {cold_restores} restored"),
+        ("every conversion done once", executed == needed and not cold_restores and not repeats,
+         f"{executed}/{needed}, {cold_restores} restored, {len(repeats)} repeated"),
     ]
     if args.rerun:
         # The one-line change to the GGUF writer, in the copy of the package the runs import.
