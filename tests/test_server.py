@@ -169,6 +169,29 @@ def test_process_group_is_killed_on_exit_and_on_exception():
     assert gone(pid) and group_gone(pid)
 
 
+def test_a_server_that_aborts_after_dropping_the_connection_is_seen_dead():
+    """llama.cpp aborts on a forward pass: the client sees the connection drop before the exit
+    status can be read. Under load the gap was long enough that a server killed by SIGABRT was
+    recorded as still running, and F-SERVE-001 flipped from fail to not_evaluated. Here the gap
+    is made 1 s on purpose."""
+    port = free_port()
+    code = textwrap.dedent(f"""
+        import http.server, os, socket, time
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200); self.end_headers(); self.wfile.write(b"{{}}")
+            def do_POST(self):
+                self.connection.shutdown(socket.SHUT_RDWR)  # drop the client first, as an abort does
+                time.sleep(1.0)
+                os.abort()
+        http.server.HTTPServer(("127.0.0.1", {port}), Handler).serve_forever()
+        """)
+    with ServerProcess([sys.executable, "-c", code], port=port, health_path="/", startup_timeout_s=20) as srv:
+        with pytest.raises(ServerError, match="server killed by SIGABRT"):
+            srv.post("/v1/completions", {"prompt": "x"})
+        assert srv.exit_state() == "server killed by SIGABRT (signal 6)"
+
+
 def test_startup_failure_and_timeout_are_reported_and_cleaned_up():
     crash = [sys.executable, "-c", "import sys; print('cannot load model'); sys.exit(3)"]
     with pytest.raises(ServerError, match=r"exited with status 3(.|\n)*cannot load model"):

@@ -9,6 +9,7 @@ server outlives the job that started it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import http.client
 import json
 import os
@@ -38,6 +39,11 @@ HEALTH_POLL_S = 0.2
 TERMINATE_GRACE_S = 10.0
 GROUP_EXIT_WAIT_S = 2.0
 REQUEST_TIMEOUT_S = 600.0
+# After a request lost its connection: how long the process may take to be seen dead. An abort
+# closes the socket before the exit status can be read; on a loaded machine the gap was long
+# enough that a server killed by SIGABRT was recorded as "still running" (and F-SERVE-001 went
+# from fail to not_evaluated, run to run).
+DEATH_GRACE_S = 5.0
 
 
 def free_port(host: str = HOST) -> int:
@@ -237,11 +243,16 @@ class ServerProcess:
         except (urllib.error.URLError, OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
             # The server died while answering (llama.cpp aborts on some files at the first
             # forward pass), hung past the timeout, or answered something that is not JSON.
-            raise ServerError(f"{request.full_url}: no answer ({type(exc).__name__}: {exc}); {self.exit_state()}\n"
+            raise ServerError(f"{request.full_url}: no answer ({type(exc).__name__}: {exc}); "
+                              f"{self.exit_state(wait_s=DEATH_GRACE_S)}\n"
                               f"{self.log_tail(1500)}") from exc
 
-    def exit_state(self) -> str:
-        """'server still running' or how it ended (the signal by name)."""
+    def exit_state(self, wait_s: float = 0.0) -> str:
+        """'server still running' or how it ended (the signal by name), giving a process that is
+        going down up to `wait_s` seconds to be reaped."""
+        if self.process is not None and wait_s > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=wait_s)
         if self.process is None or self.process.poll() is None:
             return "server still running"
         code = self.process.returncode
