@@ -182,14 +182,17 @@ def _cmd_plan(args) -> int:
     import yaml
 
     from convqa.workflow.estimate import estimate_model, format_estimate
+    from convqa.workflow.jobs import served_cells
 
     config = yaml.safe_load(Path(args.config).read_text()) if Path(args.config).is_file() else {}
     inference = config.get("inference") or {}
     chains = (inference.get("chains") or {}).get(args.tier, ["st", "st-gguf", "st-apr"])
     engines = list(inference.get("engines") or ["transformers", "llama.cpp"])
-    served = list((inference.get("serve") or {}).get(args.tier, ["st-apr:transformers", "st-gguf:llama.cpp"]))
-    if "all" in served:  # every converted inference chain under each engine that reads its format
-        served = [c for c in chains if c != "st" for e in engines if e == "transformers" or c.endswith("gguf")]
+    # The workflow's own rule for what is served (config/schema.yaml's defaults where unset).
+    served = served_cells({"engines": engines, "chains": {args.tier: chains},
+                           "modalities": inference.get("modalities") or ["run", "chat", "serve"],
+                           "serve": {args.tier: (inference.get("serve") or {}).get(
+                               args.tier, ["st-apr:transformers", "st-gguf:llama.cpp"])}}, args.tier)
     result = estimate_model(args.model, args.tier, list(config.get("variants") or ["native", "q8_0"]), chains,
                             engines=len(engines), cores=args.cores, served=len(served))
     print(json.dumps(result, indent=2) if args.json else format_estimate(result))

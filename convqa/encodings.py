@@ -102,6 +102,7 @@ class Encoding:
     def can_encode(self) -> bool:
         return self.name in _ENCODABLE
 
+    @property
     def row_wise(self) -> bool:
         """Each row (the last axis) is stored on its own: plain floats and GGML blocks, which
         run along the last axis. APR's Q8/Q4 share one scale or a block stream across rows."""
@@ -114,7 +115,7 @@ def transcode(raw: np.ndarray, source: Encoding, shape: tuple[int, ...], target:
     `target.encode(source.decode(raw, shape))`, without the whole tensor in float32 and
     gguf-py's quantizer temporaries (several float32 copies of its input). Quantizing a
     1.5B model's 151936 x 1536 BF16 embedding to Q8_0 whole peaked at 2.28 GB."""
-    if len(shape) < 2 or not (source.row_wise() and target.row_wise()):
+    if len(shape) < 2 or not (source.row_wise and target.row_wise):
         return target.encode(source.decode(raw, shape))
     rows, cols = math.prod(shape[:-1]), shape[-1]
     src = np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(rows, -1)

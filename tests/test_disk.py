@@ -70,3 +70,14 @@ def test_plan_estimates_disk_and_time_from_the_model_size(synthetic_dir):
     assert size * plan["artifacts"] * 0.3 < plan["written_bytes"] < size * plan["artifacts"] * 2
     assert plan["peak_bytes_with_deletion"] < plan["written_bytes"]
     assert plan["cpu_seconds"] > 0
+
+
+def test_plan_prices_a_quantized_gguf_as_the_f32_ground_truth_the_workflow_imports(smollm2_gguf, smollm2_st):
+    """The workflow converts from the imported source, not from the Q4_1 file: sized from the
+    file, the plan said 6.1 GB written for SmolLM2's mvp where its F32 source makes ~5x that."""
+    proc = subprocess.run([sys.executable, "-m", "convqa.cli", "plan", str(smollm2_gguf), "--tier", "mvp", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    imported = path_size(smollm2_st)
+    assert abs(plan["source_bytes"] - imported) < 0.02 * imported, (plan["source_bytes"], imported)

@@ -3,11 +3,12 @@
 `convqa plan MODEL_DIR --tier mvp` prints it. Disk: every chain's artifact is the model's
 parameters in the encoding that chain stores (the source's dtype; Q8_0 blocks on a quantized
 GGUF hop; F32 where a format cannot hold the blocks and the hop dequantizes), summed over the
-tier's chains and variants; with `temp_intermediates` the peak is the source plus the artifacts
-that must coexist (`held_chains`: every parent, and every artifact a round trip or fixpoint
-check compares with one two hops deeper, of every variant, plus a leaf per core in flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of
-job, from the measurements in bench/scale.py (README "Models of real size"); wall time on N
-cores is at best CPU time / N.
+tier's chains and variants; with `temp_intermediates` the peak is at least the source plus the
+artifacts that must coexist (`held_chains`: every parent, and every artifact a round trip or
+fixpoint check compares with one two hops deeper, of every variant, plus a leaf per core in
+flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of job, from
+the measurements in bench/scale.py (README "Models of real size"); wall time on N cores is at
+best CPU time / N.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ CPU_S_PER_JOB = {"conversion": 1.9, "inspection": 2.3, "comparison": 1.7, "infer
                  "reference": 6.3, "serve": 8.3, "parity": 2.9}
 CPU_S_PER_GB = {"conversion": 1.5, "inspection": 2.2, "comparison": 1.4, "inference": 30.0,
                 "reference": 48.0, "serve": 11.0, "parity": 0.0}
+
 
 def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: float) -> float:
     """Bytes per parameter the chain's artifact stores, following what convqa's converter does
@@ -70,13 +72,10 @@ def held_chains(tier: str, variant: str) -> set[str]:
 
 
 def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str], inference_chains: list[str],
-             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0, served: int = 2,
-             reference_variants: int | None = None) -> dict:
+             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0, served: int = 2) -> dict:
     """Disk and CPU-time estimate of one model through `tier` (see the module doc).
     `tied_embedding_params`: the embedding's size when the head is tied (APR stores a copy);
-    `served`: the (chain, engine) pairs served per variant (config inference.serve);
-    `reference_variants`: variants judged against a reference-quantized model (default: the
-    lossy ones, every variant but native)."""
+    `served`: the (chain, engine) pairs served per variant (config inference.serve)."""
     per_param = source_bytes / max(parameters, 1)
     artifacts, held, leaves, n_compare = [], 0.0, [], 0
     for variant in variants:
@@ -95,9 +94,9 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
     # transformers on every chain, llama.cpp on the GGUF ones; the ground truth once per model.
     converted = [c for c in inference_chains if c != "st"]
     n_infer = 1 + len(variants) * sum(1 + (engines > 1 and plan.target_format(c) == "gguf") for c in converted)
-    # F-INF-REF: one reference-quantized model per first-hop format of the inference chains.
-    n_lossy = sum(v != "native" for v in variants) if reference_variants is None else reference_variants
-    n_reference = n_lossy * len({plan.target_format(plan.first_hop(c)) for c in converted})
+    # F-INF-REF: per lossy variant, one reference-quantized model per first hop of the inference chains.
+    n_lossy = sum(v != "native" for v in variants)
+    n_reference = n_lossy * len({plan.first_hop(c) for c in converted})
     n_serve = len(variants) * served
     n_parity = 1 + len(variants) * len(converted)
     source_gb = source_bytes / GB
@@ -137,7 +136,10 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
 
 def estimate_model(path: str | os.PathLike, tier: str, variants: list[str], inference_chains: list[str],
                    engines: int = 2, cores: int = 2, served: int = 2) -> dict:
-    """`estimate` for the model at `path` (any format convqa reads), from its header."""
+    """`estimate` for the model at `path` (any format convqa reads), from its header. The source
+    the workflow converts from is what prepare_source makes of it: a quantized GGUF or APR is
+    imported with its quantized tensors dequantized to F32 (SmolLM2's 0.10 GB Q4_1 GGUF is a
+    0.54 GB ground truth), so those tensors count at 4 bytes per value."""
     from convqa.infer.memory import artifact_shape
 
     from convqa.formats import open_model
@@ -147,8 +149,10 @@ def estimate_model(path: str | os.PathLike, tier: str, variants: list[str], infe
         embedding = artifact.tensors.get("model.embed_tokens.weight")
         tied = artifact.config.tie_word_embeddings and embedding is not None
         tied_params = int(embedding.shape[0] * embedding.shape[1]) if tied else 0
-    return estimate(shape.file_bytes, shape.parameters, tier, variants, inference_chains, engines, cores, tied_params,
-                    served=served)
+        dequantized_growth = sum(t.n_elements * F32_BYTES - t.nbytes
+                                 for t in artifact.tensors.values() if t.encoding.is_quantized)
+    return estimate(shape.file_bytes + dequantized_growth, shape.parameters, tier, variants, inference_chains,
+                    engines, cores, tied_params, served=served)
 
 
 def format_estimate(e: dict) -> str:

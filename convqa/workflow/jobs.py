@@ -141,6 +141,30 @@ def engine_name(wildcards):
     return INFERENCE_ENGINE_NAME[wildcards.engine]
 
 
+def engines_reading(engines: list[str], chain: str) -> list[str]:
+    """Engines that read the chain's artifact: llama.cpp only reads GGUF."""
+    fmt = artifact_format(chain)
+    return [e for e in engines if e == "transformers" or fmt == "gguf"]
+
+
+def served_cells(inference: dict, tier: str) -> list[tuple[str, str]]:
+    """(chain, engine) pairs served over HTTP in `tier` (config inference.serve)."""
+    if "serve" not in inference["modalities"]:
+        return []
+    every = {(chain, engine) for chain in inference["chains"][tier] for engine in engines_reading(inference["engines"], chain)}
+    wanted = inference["serve"][tier]
+    if "all" in wanted:
+        return sorted(every)
+    pairs = {tuple(item.split(":", 1)) for item in wanted}
+    unknown = sorted(f"{c}:{e}" for c, e in pairs - every)
+    if unknown:
+        raise WorkflowError(
+            f"config: inference.serve.{tier} names {', '.join(unknown)}, which the tier does not run "
+            f"(its inference chains are {', '.join(inference['chains'][tier])}; llama.cpp reads only GGUF)"
+        )
+    return sorted(pairs)
+
+
 class Jobs:
     """Input functions and params of the workflow's rules for `config`; `scripts` is the
     directory of the rules' `script:` files (their imports give the code fingerprints)."""
@@ -513,9 +537,7 @@ class Jobs:
     # ------------------------------------------------------------ inference
 
     def inference_engines(self, chain):
-        """Engines that read the chain's artifact: llama.cpp only reads GGUF."""
-        fmt = artifact_format(chain)
-        return [e for e in self.inference["engines"] if e == "transformers" or fmt == "gguf"]
+        return engines_reading(self.inference["engines"], chain)
 
     def inference_cells(self, tier):
         """(chain, engine, backend) of every run: the ground truth on every backend of the matrix
@@ -541,21 +563,7 @@ class Jobs:
         return sorted(wanted)
 
     def served_cells(self, tier):
-        """(chain, engine) pairs served over HTTP in `tier` (config inference.serve)."""
-        if "serve" not in self.inference["modalities"]:
-            return []
-        every = {(chain, engine) for chain in self.inference["chains"][tier] for engine in self.inference_engines(chain)}
-        wanted = self.inference["serve"][tier]
-        if "all" in wanted:
-            return sorted(every)
-        pairs = {tuple(item.split(":", 1)) for item in wanted}
-        unknown = sorted(f"{c}:{e}" for c, e in pairs - every)
-        if unknown:
-            raise WorkflowError(
-                f"config: inference.serve.{tier} names {', '.join(unknown)}, which the tier does not run "
-                f"(its inference chains are {', '.join(self.inference['chains'][tier])}; llama.cpp reads only GGUF)"
-            )
-        return sorted(pairs)
+        return served_cells(self.inference, tier)
 
     def inference_input_map(self, model, variant, tier):
         """What the inference gates read, keyed `chain|engine|backend` and `chain|engine`."""
