@@ -194,7 +194,7 @@ def _cmd_plan(args) -> int:
                            "serve": {args.tier: (inference.get("serve") or {}).get(
                                args.tier, ["st-apr:transformers", "st-gguf:llama.cpp"])}}, args.tier)
     result = estimate_model(args.model, args.tier, list(config.get("variants") or ["native", "q8_0"]), chains,
-                            engines=len(engines), cores=args.cores, served=len(served))
+                            engines=len(engines), cores=args.cores, served=served)
     print(json.dumps(result, indent=2) if args.json else format_estimate(result))
     return 0
 

@@ -1,11 +1,13 @@
 # Tensor comparisons (one per tensors-mode check of the plan and one per converted artifact
 # against its parent) and the gate table per (model, variant, tier). Bytes-mode checks
-# (idempotency) compare the sidecars' sha256 inside the gates script.
+# (idempotency) compare the sidecars' sha256 inside the gates script. A comparison reads both
+# manifests first: equal values are decided from them, without the artifacts (which may then be
+# deleted before it runs: Jobs.artifact_consumers).
 
 
 rule compare_tensors:
     input:
-        unpack(J.depends(J.compared_artifacts)),
+        unpack(J.compare_inputs),
     output:
         comparison=paths.comparison_path(
             "{model}", "{variant}", "{subject}", "{reference}"
@@ -28,6 +30,7 @@ rule compare_tensors:
     params:
         fingerprint=J.code("compare.py", J.compared_formats),
         artifacts=J.compared_artifacts,
+        exact=J.comparison_expected_exact,
     script:
         "../scripts/compare.py"
 

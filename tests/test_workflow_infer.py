@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,24 @@ def workdir(qwen2_mvp, tmp_path_factory) -> Path:
     assert config["models"] == run_config()["models"], "the same model as the run it extends"
     wf = qwen2_mvp.clone(tmp_path_factory.mktemp("infer-wf"))
     wf.write_config(config)
+    (wf.workdir / STARTED).write_text(repr(time.time()))
     wf.run("smoke")
     return wf.workdir
+
+
+STARTED = ".smoke-run-started"
+
+
+def written_here(workdir: Path, pattern: str) -> list[str]:
+    """Files under results/{MODEL} matching `pattern`, but for what the q8_0-only run this one
+    extends left of its S->A family (q8_0 owned it there; with native beside it, native does:
+    plan.owning_variant), which this run must not have written."""
+    started = float((workdir / STARTED).read_text())
+    root = workdir / f"results/{MODEL}"
+    found = sorted(p.relative_to(root).as_posix() for p in root.glob(pattern))
+    leftovers = [p for p in found if p.startswith(("q8_0/st-apr", "q8_0/reference/st-apr"))]
+    assert all((root / p).stat().st_mtime < started for p in leftovers), leftovers
+    return [p for p in found if p not in leftovers]
 
 
 def gate_table(workdir: Path, variant: str) -> dict[tuple[str, str], dict]:
@@ -84,22 +101,22 @@ def test_inference_gates_pass_for_correct_conversions(workdir):
 
 def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_hop_and_no_server_outlives_its_job(workdir):
     assert (workdir / f"results/{MODEL}/source.infer/transformers-cpu.npz").exists()
-    references = sorted(p.relative_to(workdir / f"results/{MODEL}").as_posix()
-                        for p in (workdir / f"results/{MODEL}").glob("*/reference/*/transformers-cpu.npz"))
-    assert references == ["q8_0/reference/st-apr/transformers-cpu.npz", "q8_0/reference/st-gguf/transformers-cpu.npz"]
+    references = written_here(workdir, "*/reference/*/transformers-cpu.npz")
+    # q8_0's S->A is native's conversion (plan.owning_variant): its reference model is kept there.
+    assert references == ["native/reference/st-apr/transformers-cpu.npz", "q8_0/reference/st-gguf/transformers-cpu.npz"]
     # gpu is in the matrix: its ground truth and references run there too (each backend is
     # judged against its own, convqa.workflow.references); without a device they are skipped.
     for path in ("source.infer/transformers-gpu.json", "q8_0/reference/st-gguf/transformers-gpu.json"):
         record = json.loads((workdir / f"results/{MODEL}" / path).read_text())
         assert record["backend"] == "gpu" and (record["skipped"] or not record["error"]), record
     assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
-    # Parity once per artifact: the source's once per model, each conversion's per variant.
-    parities = sorted(p.relative_to(workdir / f"results/{MODEL}").as_posix()
-                      for p in (workdir / f"results/{MODEL}").rglob("parity.json"))
+    # Parity once per artifact: the source's once per model, each conversion's once (q8_0's S->A
+    # is native's).
+    parities = written_here(workdir, "**/parity.json")
     assert parities == ["native/st-apr/infer/parity.json", "native/st-gguf/infer/parity.json",
-                        "q8_0/st-apr/infer/parity.json", "q8_0/st-gguf/infer/parity.json", "source.infer/parity.json"]
-    served = list((workdir / f"results/{MODEL}").rglob("serve-*.json"))
-    assert len(served) == 4  # config inference.serve: st-apr (transformers), st-gguf (llama.cpp) per variant
+                        "q8_0/st-gguf/infer/parity.json", "source.infer/parity.json"]
+    served = [workdir / f"results/{MODEL}" / p for p in written_here(workdir, "**/serve-*.json")]
+    assert len(served) == 3  # config inference.serve: st-apr (transformers) once, st-gguf (llama.cpp) per variant
     for path in served:
         pid = json.loads(path.read_text())["server_pid"]
         with pytest.raises(ProcessLookupError):

@@ -132,7 +132,13 @@ def test_an_artifact_is_released_after_every_job_of_the_tier_that_reads_it(J):
     children = {c for c in plan.artifact_chains("mvp", "q8_0") if plan.parent(c) == "st-gguf"}
     assert children and {paths.sidecar_path("qwen2-tiny", "q8_0", c) for c in children} <= consumers
     pairs = [(s, r) for s, r in J.comparison_pairs("mvp", "q8_0") if "st-gguf" in (s, r)]
-    assert {paths.comparison_path("qwen2-tiny", "q8_0", s, r) for s, r in pairs} <= consumers
+    # A lossy comparison needs the artifact; an exact one is decided from the manifests
+    # (scripts/compare.py), so the artifact does not wait for the round trips two hops down.
+    lossy = {paths.comparison_path("qwen2-tiny", "q8_0", s, r) for s, r in pairs if not jobs.expected_exact(s, r, "q8_0")}
+    exact = {paths.comparison_path("qwen2-tiny", "q8_0", s, r) for s, r in pairs if jobs.expected_exact(s, r, "q8_0")}
+    assert lossy == {paths.comparison_path("qwen2-tiny", "q8_0", "st-gguf", "st")}
+    assert "st-gguf-apr-gguf~st-gguf" in {p.rpartition("/")[2].removesuffix(".json") for p in exact}
+    assert lossy <= consumers and not exact & consumers
     assert paths.inference_run_path("qwen2-tiny", "q8_0", "st-gguf", "llamacpp", "cpu") in consumers
     assert paths.serve_path("qwen2-tiny", "q8_0", "st-gguf", "llamacpp") in consumers
     assert paths.parity_path("qwen2-tiny", "q8_0", "st-gguf") in consumers
@@ -177,3 +183,38 @@ def test_wildcard_constraints(J):
     assert not re.fullmatch(J.constraint("model"), "qwen2-tinyX")
     assert J.constraint("mutant") == "(?!)"  # no detection section: matches nothing
     assert re.fullmatch(J.constraint("converter"), "other")
+
+
+def test_variants_that_quantize_the_same_first_hop_share_its_conversions(J):
+    """q8_0 quantizes only S->G: its S->A family is native's conversions, run once, and read by the
+    rows of both variants."""
+    variants = ["native", "q8_0"]
+    assert plan.owning_variant("q8_0", "st-apr-gguf-apr", variants) == "native"
+    assert plan.owning_variant("q8_0", "st-apr.run2", variants) == "native"
+    assert plan.owning_variant("q8_0", "st-gguf-apr", variants) == "q8_0"
+    assert plan.owning_variant("native", "st-gguf", variants) == "native"
+    assert plan.owning_variant("q8_0", "st-apr", ["q8_0"]) == "q8_0"  # no native run: its own
+    assert plan.owning_variant("q4_0", "st-apr", ["q8_0", "q4_0"]) == "q8_0"  # neither quantizes S->A
+    assert plan.owning_variant("apr-int8", "st-apr", variants + ["apr-int8"]) == "apr-int8"
+    assert plan.comparison_owner("q8_0", "st-apr-st", "st", variants) == "native"
+    assert plan.comparison_owner("q8_0", "st-gguf-apr", "st-apr", variants) == "q8_0"  # COM-001 mixes both
+
+    gates = J.gate_input_map("qwen2-tiny", "q8_0", "mvp")
+    assert gates["manifests"]["st-apr-gguf"] == paths.manifest_path("qwen2-tiny", "native", "st-apr-gguf")
+    assert gates["sidecars"]["st-gguf-apr"] == paths.sidecar_path("qwen2-tiny", "q8_0", "st-gguf-apr")
+    assert gates["comparisons"]["st-apr-gguf-apr~st-apr"] == paths.comparison_path("qwen2-tiny", "native", "st-apr-gguf-apr", "st-apr")
+    assert gates["comparisons"]["st-gguf-apr~st-apr"] == paths.comparison_path("qwen2-tiny", "q8_0", "st-gguf-apr", "st-apr")
+    compared = J.compared_artifacts(w(model="qwen2-tiny", variant="q8_0", subject="st-gguf-apr", reference="st-apr"))
+    assert compared == {"subject": paths.artifact_path("qwen2-tiny", "q8_0", "st-gguf-apr"),
+                        "reference": paths.artifact_path("qwen2-tiny", "native", "st-apr")}
+    runs = J.inference_input_map("qwen2-tiny", "q8_0", "mvp")
+    assert runs["runs"]["st-apr|transformers|cpu"]["json"] == paths.inference_run_path("qwen2-tiny", "native", "st-apr", "transformers", "cpu")
+    assert runs["serves"]["st-apr|transformers"] == paths.serve_path("qwen2-tiny", "native", "st-apr", "transformers")
+    assert runs["parities"]["st-gguf"] == paths.parity_path("qwen2-tiny", "q8_0", "st-gguf")
+
+    # native's st-apr goes after the readers of both variants; one release per artifact.
+    consumers = J.artifact_consumers("qwen2-tiny", "native", "st-apr", "mvp")
+    assert paths.comparison_path("qwen2-tiny", "q8_0", "st-gguf-apr", "st-apr") in consumers
+    targets = J.tier_targets("mvp")
+    assert paths.release_path("qwen2-tiny", "native", "st-apr", "mvp") in targets
+    assert not [t for t in targets if "/q8_0/st-apr" in t]

@@ -1,13 +1,17 @@
 """Per-artifact manifest: what `convqa inspect` prints and what the tensor gates read.
 
 For every tensor: canonical and stored name, canonical and stored shape, encoding, byte size,
-sha256 of the stored bytes, and statistics of the float32 values. Plus the config, a tokenizer
-summary and the format metadata. Tensors are read one at a time.
+sha256 of the stored bytes, and statistics and sha256 of the float32 values. Plus the config, a
+tokenizer summary and the format metadata. Tensors are read one at a time.
+
+The values' sha256 and the tokenizer's digests let convqa.compare.manifests decide an exact
+comparison of two artifacts from their manifests alone, without the artifacts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from convqa.model import LazyTensor, ModelArtifact, TokenizerSpec
 
 # Files a workflow engine adds inside directory outputs; not part of the artifact.
 WORKFLOW_MARKERS = {".snakemake_timestamp"}
+
+UNUSED_TOKEN = 5  # llama.cpp's token type of GGUF's vocabulary padding
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -78,6 +84,19 @@ def tensor_stats(values: np.ndarray) -> dict:
     }
 
 
+def values_sha256(values: np.ndarray) -> str:
+    """sha256 of float32 values as little-endian bytes in C order, hashed where they lie (no copy)
+    when they already are that; else converted a slice at a time."""
+    v = np.asarray(values).reshape(-1)  # a view of the C-ordered decode
+    h = hashlib.sha256()
+    if v.dtype == np.dtype("<f4") and v.flags.c_contiguous:
+        h.update(memoryview(v).cast("B"))
+    else:
+        for start in range(0, v.size, STATS_SLICE_ELEMENTS):
+            h.update(np.ascontiguousarray(v[start : start + STATS_SLICE_ELEMENTS], dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
 def tensor_entry(t: LazyTensor, with_stats: bool = True) -> dict:
     raw = t.raw()
     entry = {
@@ -91,7 +110,10 @@ def tensor_entry(t: LazyTensor, with_stats: bool = True) -> dict:
         "file_offset": t.file_offset,
     }
     if with_stats:
-        entry["stats"] = tensor_stats(t.encoding.decode(raw, t.shape))
+        values = t.encoding.decode(raw, t.shape)
+        entry["stats"] = tensor_stats(values)
+        # An F32 decode is a view of the raw bytes (convqa.encodings), so their sha256 is the values'.
+        entry["values_sha256"] = entry["sha256"] if t.encoding.name == "F32" else values_sha256(values)
     return entry
 
 
@@ -111,7 +133,30 @@ def tokenizer_summary(tok: TokenizerSpec | None) -> dict | None:
         "add_eos_token": tok.add_eos_token,
         "chat_template_sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest() if tok.chat_template else None,
         "fingerprint": tok.fingerprint(),
+        # What compare_tokenizers compares, as unambiguous digests (the fingerprint joins the
+        # tokens with a separator a token may hold, and folds `pre` None into ""). `unpadded`: the
+        # vocabulary without its trailing UNUSED (type 5) tokens, which compare_tokenizers ignores
+        # when the candidate has them and the reference does not (GGUF's [PAD{i}] rows).
+        "n_token_types": len(tok.token_types),
+        "tokens_sha256": _list_sha256(tok.tokens),
+        "token_types_sha256": _list_sha256(tok.token_types),
+        "merges_sha256": _list_sha256(tok.merges),
+        "unpadded": _unpadded(tok),
     }
+
+
+def _list_sha256(items) -> str:
+    """sha256 of a list of strings or ints, as JSON (ASCII, so every string encodes)."""
+    return hashlib.sha256(json.dumps([x if isinstance(x, str) else int(x) for x in items]).encode()).hexdigest()
+
+
+def _unpadded(tok: TokenizerSpec) -> dict | None:
+    n = len(tok.token_types)
+    while n and tok.token_types[n - 1] == UNUSED_TOKEN:
+        n -= 1
+    if n == len(tok.tokens) == len(tok.token_types):
+        return None
+    return {"n_tokens": n, "tokens_sha256": _list_sha256(tok.tokens[:n]), "token_types_sha256": _list_sha256(tok.token_types[:n])}
 
 
 def artifact_manifest(model: ModelArtifact, with_stats: bool = True) -> dict:

@@ -16,17 +16,26 @@ from pathlib import Path
 from convqa.files import path_size
 
 KEPT, DELETED, FAILED = "kept", "deleted after use", "no artifact"
+SHARED = "the conversion of"  # a label whose artifact another variant's label already counts
 
 
 def disk_usage(sidecars: dict[str, str | os.PathLike]) -> dict:
     """{"chains": [{label, artifact, bytes_written, state}], "written", "deleted", "kept"} from
-    the sidecars (label -> path). A sidecar that cannot be read counts nothing (the gates say why)."""
+    the sidecars (label -> path). A sidecar that cannot be read counts nothing (the gates say why).
+    Labels of two variants that share one conversion (convqa.workflow.plan.owning_variant) read
+    one sidecar: its bytes count once, under the first label, and the other says whose they are."""
     chains = []
+    first_label: dict[str, str] = {}
     for label, path in sorted(sidecars.items()):
+        if os.fspath(path) in first_label:
+            chains.append({"label": label, "artifact": None, "bytes_written": 0,
+                           "state": f"{SHARED} {first_label[os.fspath(path)]}"})
+            continue
         try:
             sidecar = json.loads(Path(path).read_text())
         except (OSError, ValueError):
             continue
+        first_label[os.fspath(path)] = label
         artifact = sidecar.get("artifact")
         size = int(sidecar.get("size") or 0)
         if sidecar.get("conversion_failed"):

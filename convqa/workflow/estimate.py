@@ -4,9 +4,8 @@
 parameters in the encoding that chain stores (the source's dtype; Q8_0 blocks on a quantized
 GGUF hop; F32 where a format cannot hold the blocks and the hop dequantizes), summed over the
 tier's chains and variants; with `temp_intermediates` the peak is at least the source plus the
-artifacts that must coexist (`held_chains`: every parent, and every artifact a round trip or
-fixpoint check compares with one two hops deeper, of every variant, plus a leaf per core in
-flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of job, from
+artifacts that must coexist (`held_chains`: every parent, and the reference of a lossy check
+with a deeper subject, of every variant, plus a leaf per core in flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of job, from
 the measurements in bench/scale.py (README "Models of real size"); wall time on N cores is at
 best CPU time / N.
 """
@@ -19,6 +18,7 @@ from convqa.encodings import QUANT_TARGETS
 from convqa.workflow import plan
 
 GB = 1e9
+DEFAULT_SERVED = (("st-apr", "transformers"), ("st-gguf", "llama.cpp"))  # config/schema.yaml's mvp
 Q8_0_BYTES_PER_PARAM = 34 / 32  # a block: 32 int8 values and one F16 scale
 F32_BYTES = 4
 # CPU seconds (user + system, from Snakemake's benchmark files; contention does not inflate them)
@@ -60,26 +60,33 @@ def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: floa
 
 def held_chains(tier: str, variant: str) -> set[str]:
     """The chains whose artifact stays on disk until a deeper chain is done, whatever the job
-    order: a chain with a child (its input), and the reference of a check whose subject is
-    deeper (the round trips, F-CONV-RT-*, and the fixpoints, F-CONV-IDEM-002, compare a depth-1
-    or depth-2 artifact with one two hops further down). Only leaves are released early."""
+    order: a chain with a child (its input), and the reference of a lossy check whose subject is
+    deeper. An exact check (the round trips, F-CONV-RT-*, and the fixpoints, F-CONV-IDEM-002, in
+    every variant) is decided from the manifests (convqa.compare.manifests), so it holds nothing."""
+    from convqa.gates.edges import must_be_exact
+
     chains = plan.artifact_chains(tier, variant)
     held = {plan.parent(c) for c in chains}
     for check in plan.checks_for(tier, variant):
-        if len(plan.hops(check.subject)) > len(plan.hops(check.reference)) + 1:
+        if len(plan.hops(check.subject)) > len(plan.hops(check.reference)) + 1 and not must_be_exact(check, variant):
             held.add(check.reference)
     return held & set(chains)
 
 
 def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str], inference_chains: list[str],
-             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0, served: int = 2) -> dict:
+             engines: int = 2, cores: int = 2, tied_embedding_params: int = 0,
+             served: list[tuple[str, str]] = DEFAULT_SERVED) -> dict:
     """Disk and CPU-time estimate of one model through `tier` (see the module doc).
     `tied_embedding_params`: the embedding's size when the head is tied (APR stores a copy);
     `served`: the (chain, engine) pairs served per variant (config inference.serve)."""
     per_param = source_bytes / max(parameters, 1)
     artifacts, held, leaves, n_compare = [], 0.0, [], 0
+
+    def own(variant: str, chain: str) -> bool:  # a conversion two variants share runs once (plan.owning_variant)
+        return plan.owning_variant(variant, chain, variants) == variant
+
     for variant in variants:
-        chains = plan.artifact_chains(tier, variant)
+        chains = [c for c in plan.artifact_chains(tier, variant) if own(variant, c)]
         sizes = {c: chain_bytes_per_param(c, variant, per_param)
                  * (parameters + (tied_embedding_params if plan.target_format(c) == "apr" else 0)) for c in chains}
         artifacts += sizes.values()
@@ -88,17 +95,20 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         leaves += [size for c, size in sizes.items() if c not in kept]
         # What convqa.workflow.jobs.Jobs.comparison_pairs compares: tensors-mode checks and every edge.
         pairs = {(c.subject, c.reference) for c in plan.checks_for(tier, variant) if c.mode == "tensors"}
-        n_compare += len(pairs | {(c, plan.parent(c)) for c in chains})
+        pairs |= {(c, plan.parent(c)) for c in plan.artifact_chains(tier, variant)}
+        n_compare += sum(plan.comparison_owner(variant, s, r, variants) == variant for s, r in pairs)
     written = sum(artifacts)
     n_conv = len(artifacts)
     # transformers on every chain, llama.cpp on the GGUF ones; the ground truth once per model.
     converted = [c for c in inference_chains if c != "st"]
-    n_infer = 1 + len(variants) * sum(1 + (engines > 1 and plan.target_format(c) == "gguf") for c in converted)
+    n_infer = 1 + sum(1 + (engines > 1 and plan.target_format(c) == "gguf")
+                      for v in variants for c in converted if own(v, c))
     # F-INF-REF: per lossy variant, one reference-quantized model per first hop of the inference chains.
-    n_lossy = sum(v != "native" for v in variants)
-    n_reference = n_lossy * len({plan.first_hop(c) for c in converted})
-    n_serve = len(variants) * served
-    n_parity = 1 + len(variants) * len(converted)
+    # A shared first hop's reference model runs once too (its path is the hop's owner's).
+    n_reference = len({(plan.owning_variant(v, hop, variants), hop)
+                       for v in variants if v != "native" for hop in {plan.first_hop(c) for c in converted}})
+    n_serve = sum(1 for v in variants for c, _engine in served if own(v, c))
+    n_parity = 1 + sum(1 for v in variants for c in converted if own(v, c))
     source_gb = source_bytes / GB
 
     def jobs(kind: str, n: int, gb: float) -> float:
@@ -135,7 +145,7 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
 
 
 def estimate_model(path: str | os.PathLike, tier: str, variants: list[str], inference_chains: list[str],
-                   engines: int = 2, cores: int = 2, served: int = 2) -> dict:
+                   engines: int = 2, cores: int = 2, served: list[tuple[str, str]] = DEFAULT_SERVED) -> dict:
     """`estimate` for the model at `path` (any format convqa reads), from its header. The source
     the workflow converts from is what prepare_source makes of it: a quantized GGUF or APR is
     imported with its quantized tensors dequantized to F32 (SmolLM2's 0.10 GB Q4_1 GGUF is a

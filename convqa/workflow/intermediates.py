@@ -143,21 +143,30 @@ def _depth(artifact: str) -> int:
 
 
 @contextlib.contextmanager
-def restored(artifacts: dict[str, str], log):
+def restored(artifacts: dict[str, str], log, drop_regenerated: bool = False):
     """The job's artifacts (role -> path) on disk for the duration of the block: each deleted one
     restored, and each held under a shared lock so that no restore or release removes it.
 
     Deepest chain first: a restore takes exclusive locks on an artifact and its ancestors only,
     never on one this job already holds shared (a descendant's)."""
     keep = frozenset(os.fspath(p) for p in artifacts.values())
+    regenerated = []
     with contextlib.ExitStack() as stack:
         for path in sorted(artifacts.values(), key=_depth, reverse=True):
-            restore(path, log, keep)
+            if restore(path, log, keep):
+                regenerated.append(Path(path))
             if is_intermediate(path):
                 stack.enter_context(_locked(path, fcntl.LOCK_SH))
                 if not Path(path).exists():  # released between the restore and the lock
                     raise RestoreError(f"{path} was deleted while this job started; rerun the job")
         yield dict(artifacts)
+    # `drop_regenerated`: a reader the release does not wait for (an exact comparison the
+    # manifests could not decide) brought the artifact back for itself only; gone again, or the
+    # disk would keep it to the end. (A reader the release waits for leaves that to the release,
+    # which reruns after it: deleting here would make the next reader restore it once more.)
+    for path in regenerated if drop_regenerated else ():
+        if any(path.parent.glob("released-*.json")):
+            _try_delete(path, log)
 
 
 def release(artifact: str | os.PathLike) -> dict:

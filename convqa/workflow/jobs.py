@@ -21,6 +21,7 @@ from convqa.convert import converters
 from convqa.detection import matrix as detection
 from convqa.encodings import QUANT_TARGETS
 from convqa.files import path_size
+from convqa.gates.edges import must_be_exact
 from convqa.gates.rows import label
 from convqa.infer import memory
 from convqa.sources.prepare import input_files, kind_fingerprint_args
@@ -33,22 +34,13 @@ INFERENCE_ENGINE_NAME = {v: k for k, v in INFERENCE_ENGINE_FILE.items()}
 SLOT_PATH_KEYS = ("sidecar", "manifest", "vs_primary", "vs_parent")
 
 
-def variant_quant(variant, fmt):
-    """The quantization a variant applies on the first hop from S to `fmt`.
-
-    None keeps the source dtypes: for `native`, and where the format has no encoding for the
-    variant (APR holds no GGML Q8_0 blocks; `apr import` without --quantize keeps F32 too).
-    """
-    if variant == "native" or fmt not in QUANT_TARGETS[variant]:
-        return None
-    return variant
+variant_quant, edge_quant = plan.variant_quant, plan.edge_quant
 
 
-def edge_quant(variant, chain):
-    """Quantize on the first hop out of S only; later hops keep what they receive."""
-    if plan.is_first_hop(chain):
-        return variant_quant(variant, plan.target_format(chain))
-    return None
+def expected_exact(subject, reference, variant):
+    """Whether a correct converter makes the two artifacts' values equal: no quantizer between
+    them (convqa.gates.edges.must_be_exact, the gates' own rule)."""
+    return must_be_exact(plan.Check("", subject, reference), variant)
 
 
 def _alternatives(names):
@@ -238,17 +230,36 @@ class Jobs:
         """The model's own `variants:` when it names some, else the config's."""
         return list(self.config["models"][model].get("variants") or self.variants)
 
+    def owner(self, model, variant, chain):
+        """The variant whose directory holds `variant`'s artifact of `chain` and every job on it
+        (plan.owning_variant: q8_0's S->A family is native's, converted once)."""
+        return plan.owning_variant(variant, chain, self._variants_of(model, variant))
+
+    def comparison_owner(self, model, variant, subject, reference):
+        return plan.comparison_owner(variant, subject, reference, self._variants_of(model, variant))
+
+    def _variants_of(self, model, variant):
+        return self.model_variants(model) if model in self.config["models"] else [variant]
+
+    def artifact(self, model, variant, chain):
+        """`paths.artifact_path` of `variant`'s `chain`, in its owner's directory."""
+        return paths.artifact_path(model, self.owner(model, variant, chain), chain)
+
+    def comparison(self, model, variant, subject, reference):
+        return paths.comparison_path(model, self.comparison_owner(model, variant, subject, reference), subject, reference)
+
     def tier_targets(self, tier):
         """The reports and the summary, and with `temp_intermediates` the deletion of every
         converted artifact once the tier's jobs that read it are done (rules/intermediates.smk)."""
         targets = paths.tier_targets(self.models, tier)
         if self.config.get("temp_intermediates"):
-            targets += [
-                paths.release_path(model, variant, chain, tier)
+            releases = {
+                paths.release_path(model, self.owner(model, variant, chain), chain, tier)
                 for model in self.models
                 for variant in self.model_variants(model)
                 for chain in plan.artifact_chains(tier, variant)
-            ]
+            }
+            targets += sorted(releases)
         return targets
 
     # ------------------------------------------------------------ artifacts as job inputs
@@ -279,23 +290,37 @@ class Jobs:
         return param
 
     def artifact_consumers(self, model, variant, chain, tier):
-        """Outputs of every job of `tier` that reads the chain's artifact: its manifest, its
-        children's conversions (primary and side), the comparisons it is part of, its inference
-        runs, served checks, parity and reference-quantized runs. The artifact can go when all are
-        there (rule release_artifact); a reader missing here would restore it, not fail."""
-        found = {paths.manifest_path(model, variant, chain)}
+        """Outputs of every job of `tier` that reads the chain's artifact, for every variant whose
+        conversion of the chain is this one (`owner`): its manifest, its children's conversions
+        (primary and side), the comparisons it is part of, its inference runs, served checks,
+        parity and reference-quantized runs. The artifact can go when all are there (rule
+        release_artifact); a reader missing here would restore it, not fail."""
+        found = set()
+        for reader in self.model_variants(model):
+            if self.owner(model, reader, chain) == variant:
+                found |= self._consumers(model, reader, chain, tier)
+        return sorted(found)
+
+    def _consumers(self, model, variant, chain, tier):
+        owner = self.owner(model, variant, chain)
+        found = {paths.manifest_path(model, owner, chain)}
         for child in plan.artifact_chains(tier, variant):
             if plan.parent(child) == chain:
-                found.add(paths.sidecar_path(model, variant, child))
+                found.add(paths.sidecar_path(model, owner, child))
         for subject, reference in self.comparison_pairs(tier, variant):
-            if chain in (subject, reference):
-                found.add(paths.comparison_path(model, variant, subject, reference))
+            # An exact comparison is decided from the manifests (scripts/compare.py), so the
+            # artifact need not wait for it: a parent goes once its children exist, not when the
+            # round trip two hops down is done. Should the values differ after all, the comparison
+            # restores the artifact from its sidecar.
+            if chain in (subject, reference) and not expected_exact(subject, reference, variant):
+                found.add(self.comparison(model, variant, subject, reference))
         for side_chain, name in self.side_slots(model, variant, tier):
+            side_owner = self.owner(model, variant, side_chain)
             if plan.parent(side_chain) == chain:
-                found.add(paths.side_sidecar_path(model, variant, name, side_chain))
-                found.add(paths.side_comparison_path(model, variant, name, side_chain, "parent"))
+                found.add(paths.side_sidecar_path(model, side_owner, name, side_chain))
+                found.add(paths.side_comparison_path(model, side_owner, name, side_chain, "parent"))
             if side_chain == chain:
-                found.add(paths.side_comparison_path(model, variant, name, side_chain, "primary"))
+                found.add(paths.side_comparison_path(model, side_owner, name, side_chain, "primary"))
         inputs = self.inference_input_map(model, variant, tier)
         for key, run in inputs["runs"].items():
             if key.split("|")[0] == chain and "json" in run:
@@ -308,7 +333,7 @@ class Jobs:
                 found.add(run["json"])
         if chain in inputs["parities"]:
             found.add(inputs["parities"][chain])
-        return sorted(found)
+        return found
 
     def release_inputs(self, wildcards):
         return self.artifact_consumers(wildcards.model, wildcards.variant, wildcards.chain, wildcards.tier)
@@ -416,15 +441,30 @@ class Jobs:
     def conversion_input(self, wildcards):
         """The parent chain's (primary) artifact: for `st-gguf-apr`, `st-gguf/model.gguf`; a
         side-by-side converter converts the same input."""
-        return paths.artifact_path(wildcards.model, wildcards.variant, plan.parent(wildcards.chain))
+        return self.artifact(wildcards.model, wildcards.variant, plan.parent(wildcards.chain))
 
     def inspected_artifact(self, wildcards):
         return paths.artifact_path(wildcards.model, wildcards.variant, wildcards.chain)
 
+    def compare_inputs(self, wildcards):
+        """The compared artifacts' sidecars (paths.dependency_path) and their manifests, from
+        which an exact comparison is decided without the artifacts."""
+        found = self.depends(self.compared_artifacts)(wildcards)
+        for side in ("subject", "reference"):
+            chain = getattr(wildcards, side)
+            found[f"{side}_manifest"] = paths.manifest_path(wildcards.model, self.owner(wildcards.model, wildcards.variant, chain), chain)
+        return found
+
+    @staticmethod
+    def comparison_expected_exact(wildcards):
+        """Whether the comparison is decided from the manifests for a correct converter, so that
+        no release waits for it (`artifact_consumers`)."""
+        return expected_exact(wildcards.subject, wildcards.reference, wildcards.variant)
+
     def compared_artifacts(self, wildcards):
         return {
-            "subject": paths.artifact_path(wildcards.model, wildcards.variant, wildcards.subject),
-            "reference": paths.artifact_path(wildcards.model, wildcards.variant, wildcards.reference),
+            "subject": self.artifact(wildcards.model, wildcards.variant, wildcards.subject),
+            "reference": self.artifact(wildcards.model, wildcards.variant, wildcards.reference),
         }
 
     # ------------------------------------------------------------ tensor gates and reports
@@ -442,11 +482,10 @@ class Jobs:
         """What the gates script reads, by chain or pair; the same paths are the rule's inputs."""
         chains = plan.chains_for(tier, variant)
         return {
-            "manifests": {c: paths.manifest_path(model, variant, c) for c in chains},
-            "sidecars": {c: paths.sidecar_path(model, variant, c) for c in chains},
+            "manifests": {c: paths.manifest_path(model, self.owner(model, variant, c), c) for c in chains},
+            "sidecars": {c: paths.sidecar_path(model, self.owner(model, variant, c), c) for c in chains},
             "comparisons": {
-                f"{s}~{r}": paths.comparison_path(model, variant, s, r)
-                for s, r in self.comparison_pairs(tier, variant)
+                f"{s}~{r}": self.comparison(model, variant, s, r) for s, r in self.comparison_pairs(tier, variant)
             },
         }
 
@@ -501,18 +540,19 @@ class Jobs:
         slots = []
         for chain, name in self.side_slots(model, variant, tier):
             parent = plan.parent(chain)
+            owner = self.owner(model, variant, chain)  # a side conversion goes with its primary one
             slots.append(
                 {
                     "chain": chain,
                     "converter": name,
                     "primary_converter": converters.primary_converter(self.config, model, chain),
                     "parent": parent,
-                    "sidecar": paths.side_sidecar_path(model, variant, name, chain),
-                    "manifest": paths.side_manifest_path(model, variant, name, chain),
-                    "vs_primary": paths.side_comparison_path(model, variant, name, chain, "primary"),
-                    "vs_parent": paths.side_comparison_path(model, variant, name, chain, "parent"),
-                    "primary_manifest": paths.manifest_path(model, variant, chain),
-                    "parent_manifest": paths.manifest_path(model, variant, parent),
+                    "sidecar": paths.side_sidecar_path(model, owner, name, chain),
+                    "manifest": paths.side_manifest_path(model, owner, name, chain),
+                    "vs_primary": paths.side_comparison_path(model, owner, name, chain, "primary"),
+                    "vs_parent": paths.side_comparison_path(model, owner, name, chain, "parent"),
+                    "primary_manifest": paths.manifest_path(model, owner, chain),
+                    "parent_manifest": paths.manifest_path(model, owner, parent),
                 }
             )
         return slots
@@ -523,7 +563,7 @@ class Jobs:
         return {
             "artifact": paths.side_artifact_dir(*side),
             "sidecar": paths.side_sidecar_path(*side),
-            "reference": paths.artifact_path(wildcards.model, wildcards.variant, other),
+            "reference": self.artifact(wildcards.model, wildcards.variant, other),
         }
 
     def xconv_gate_inputs(self, wildcards):
@@ -569,6 +609,9 @@ class Jobs:
         """What the inference gates read, keyed `chain|engine|backend` and `chain|engine`."""
         files = INFERENCE_ENGINE_FILE
 
+        def at(chain):  # runs, serves and parity of a conversion shared with another variant are its owner's
+            return self.owner(model, variant, chain)
+
         def run(backend, json_path, npz_path):
             # A gpu cell that no job runs (gpu_jobs): its record is the reason, read by the gates.
             if backend == "gpu" and self.gpu_skipped:
@@ -579,21 +622,21 @@ class Jobs:
             "runs": {
                 f"{c}|{e}|{b}": run(
                     b,
-                    paths.inference_run_path(model, variant, c, files[e], b),
-                    paths.inference_run_path(model, variant, c, files[e], b, "npz"),
+                    paths.inference_run_path(model, at(c), c, files[e], b),
+                    paths.inference_run_path(model, at(c), c, files[e], b, "npz"),
                 )
                 for c, e, b in self.inference_cells(tier)
             },
-            "serves": {f"{c}|{e}": paths.serve_path(model, variant, c, files[e]) for c, e in self.served_cells(tier)},
+            "serves": {f"{c}|{e}": paths.serve_path(model, at(c), c, files[e]) for c, e in self.served_cells(tier)},
             "references": {
                 f"{hop}|{b}": run(
                     b,
-                    paths.reference_run_path(model, variant, hop, backend=b),
-                    paths.reference_run_path(model, variant, hop, "npz", backend=b),
+                    paths.reference_run_path(model, at(hop), hop, backend=b),
+                    paths.reference_run_path(model, at(hop), hop, "npz", backend=b),
                 )
                 for hop, b in self.reference_hops(variant, tier)
             },
-            "parities": {c: paths.parity_path(model, variant, c) for c in self.parity_chains(tier)},
+            "parities": {c: paths.parity_path(model, at(c), c) for c in self.parity_chains(tier)},
         }
 
     def parity_chains(self, tier):
@@ -634,13 +677,13 @@ class Jobs:
         """The source, and the first-hop artifact whose encodings the reference reproduces."""
         return {
             "source": paths.source_dir(wildcards.model),
-            "encoded": paths.artifact_path(wildcards.model, wildcards.variant, wildcards.hop),
+            "encoded": self.artifact(wildcards.model, wildcards.variant, wildcards.hop),
         }
 
     def inferred_artifact(self, wildcards):
         chain = getattr(wildcards, "chain", SOURCE_CHAIN)
         return {
-            "artifact": paths.artifact_path(wildcards.model, getattr(wildcards, "variant", ""), chain),
+            "artifact": self.artifact(wildcards.model, getattr(wildcards, "variant", ""), chain),
             "source": paths.source_dir(wildcards.model),
         }
 
@@ -679,11 +722,12 @@ class Jobs:
                 continue
             if entry.chain not in self.inference["chains"].get(entry.tier, []):
                 continue
+            correct = detection.correct_model(entry.preset)
             pairs[entry.mutant] = [
-                paths.inference_run_path(entry.model, entry.variant, entry.chain, engine, "cpu", "npz"),
-                paths.inference_run_path(
-                    detection.correct_model(entry.preset), entry.variant, entry.chain, engine, "cpu", "npz"
-                ),
+                paths.inference_run_path(entry.model, self.owner(entry.model, entry.variant, entry.chain),
+                                         entry.chain, engine, "cpu", "npz"),
+                paths.inference_run_path(correct, self.owner(correct, entry.variant, entry.chain),
+                                         entry.chain, engine, "cpu", "npz"),
             ]
         return pairs
 
@@ -702,7 +746,7 @@ class Jobs:
         """The correct conversion of the edge's input (the source, or the correct parent artifact)."""
         entry = self.output_path_entries[wildcards.mutant]
         model = detection.correct_model(entry.preset)
-        return paths.artifact_path(model, entry.variant, plan.parent(entry.chain))
+        return self.artifact(model, entry.variant, plan.parent(entry.chain))
 
     def output_path_quant(self, wildcards):
         entry = self.output_path_entries[wildcards.mutant]

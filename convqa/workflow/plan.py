@@ -153,3 +153,53 @@ def chains_for(tier: str, variant: str) -> list[str]:
 def artifact_chains(tier: str, variant: str) -> list[str]:
     """Chains that are conversions (everything but the source)."""
     return [c for c in chains_for(tier, variant) if c != "st"]
+
+
+# ---------------------------------------------------------------- variants sharing conversions
+
+
+def variant_quant(variant: str, fmt: str) -> str | None:
+    """The quantization a variant applies on the first hop from S to `fmt`.
+
+    None keeps the source dtypes: for `native`, and where the format has no encoding for the
+    variant (APR holds no GGML Q8_0 blocks; `apr import` without --quantize keeps F32 too).
+    """
+    from convqa.encodings import QUANT_TARGETS
+
+    if variant == "native" or fmt not in QUANT_TARGETS[variant]:
+        return None
+    return variant
+
+
+def edge_quant(variant: str, chain: str) -> str | None:
+    """Quantize on the first hop out of S only; later hops keep what they receive."""
+    if is_first_hop(chain):
+        return variant_quant(variant, target_format(chain))
+    return None
+
+
+def owning_variant(variant: str, chain: str, variants: list[str]) -> str:
+    """The variant whose directory holds `variant`'s conversion of `chain`: the first of
+    `variants` (native first) whose first hop out of S applies the same quantization.
+
+    Only the first hop quantizes, and the converter of an edge does not depend on the variant, so
+    two variants that agree on the first hop run the same commands on the same bytes all along
+    the chain: q8_0 quantizes only S->G, so its whole S->A family (st-apr, st-apr-gguf, ...,
+    st-apr.run2) is native's, and is converted, inspected, compared and run once. The rows of
+    both variants read the one artifact.
+    """
+    if chain == "st" or set(variants) <= {variant}:
+        return variant
+    quant = edge_quant(variant, first_hop(chain))
+    for candidate in sorted(variants, key=lambda v: v != "native"):
+        if edge_quant(candidate, first_hop(chain)) == quant:
+            return candidate
+    return variant
+
+
+def comparison_owner(variant: str, subject: str, reference: str, variants: list[str]) -> str:
+    """The variant whose directory holds `variant`'s comparison of `subject` with `reference`:
+    the owner of both artifacts when they share one (the same bytes on both sides), else the
+    variant itself (S->G->A of q8_0 against S->A, which is native's, is q8_0's own check)."""
+    owners = {owning_variant(variant, c, variants) for c in (subject, reference) if c != "st"}
+    return owners.pop() if len(owners) == 1 else variant
