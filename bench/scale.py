@@ -311,7 +311,10 @@ def main() -> int:
     cold = benchmarks(wf)
     cold_restores = restores(wf)
     conversion_rules = ("convert_to_gguf", "convert_to_apr", "convert_to_safetensors")
-    needed = sum(len(plan.artifact_chains(args.tier, v)) for v in ("native", "q8_0"))
+    variants = ["native", "q8_0"]
+    # A conversion two variants share is one (plan.owning_variant: q8_0's S->A family is native's).
+    needed_chains = {(plan.owning_variant(v, c, variants), c) for v in variants for c in plan.artifact_chains(args.tier, v)}
+    needed = len(needed_chains)
     executed = sum(cold_rules.count(r) for r in conversion_rules)
 
     # The cold run's numbers first (flushed), so that a rerun cut short still leaves them.
@@ -349,7 +352,7 @@ def main() -> int:
         with open(wf.parent / "pkg" / "convqa" / "formats" / "gguf_writer.py", "a") as fh:
             fh.write(WRITER_EDIT)
         rerun_wall, rerun_disk, rerun_rules = snakemake(wf, args, root / "rerun.log")
-        needed_rerun = sum(1 for v in ("native", "q8_0") for c in plan.artifact_chains(args.tier, v) if "gguf" in plan.hops(c))
+        needed_rerun = sum(1 for _v, c in needed_chains if "gguf" in plan.hops(c))
         executed_rerun = sum(rerun_rules.count(r) for r in conversion_rules)
         restored_rerun = restores(wf) - cold_restores
         print(f"rerun: {rerun_wall:7.1f} s wall, {len(rerun_rules)} jobs after a one-line GGUF-writer change "

@@ -349,11 +349,17 @@ def test_the_gate_job_reads_the_ground_truth_and_references_of_every_backend():
     inputs = J.inference_input_map("smollm2", "q8_0", "mvp")
     assert inputs["runs"]["st|transformers|gpu"]["json"] == "results/smollm2/source.infer/transformers-gpu.json"
     assert inputs["references"]["st-gguf|gpu"]["npz"] == "results/smollm2/q8_0/reference/st-gguf/transformers-gpu.npz"
-    assert set(inputs["references"]) == {"st-apr|cpu", "st-apr|gpu", "st-gguf|cpu", "st-gguf|gpu"}
+    # q8_0 does not quantize S->A, which it shares with native (plan.owning_variant): native's
+    # bit-exact F-INF rows judge that run, and no reference model of it is run.
+    assert set(inputs["references"]) == {"st-gguf|cpu", "st-gguf|gpu"}
+    assert inputs["judged_by_owner"] == {"st-apr": "native"}
     assert J.inference_input_map("smollm2", "native", "mvp")["references"] == {}  # lossless: no reference model
     cpu_only = _jobs(backends=["cpu"])
     assert not [c for c in cpu_only.inference_cells("mvp") if c[2] == "gpu"]
-    assert set(cpu_only.inference_input_map("smollm2", "q8_0", "mvp")["references"]) == {"st-apr|cpu", "st-gguf|cpu"}
+    assert set(cpu_only.inference_input_map("smollm2", "q8_0", "mvp")["references"]) == {"st-gguf|cpu"}
+    alone = _jobs(backends=["cpu"])
+    alone.config["models"]["smollm2"]["variants"] = ["q8_0"]  # no native to judge S->A: q8_0's own reference
+    assert set(alone.inference_input_map("smollm2", "q8_0", "mvp")["references"]) == {"st-apr|cpu", "st-gguf|cpu"}
 
 
 def test_backend_tolerances_are_configured_with_reasons_and_repeat_the_schema_defaults():

@@ -353,16 +353,19 @@ def _upstream_failure(record: dict) -> str:
 
 
 def reference_rows(model: str, variant: str, references: dict, runs: dict, tolerances: dict,
-                   modalities=(RUN, CHAT)) -> list[GateRow]:
+                   modalities=(RUN, CHAT), judged_by_owner: dict | None = None) -> list[GateRow]:
     """F-INF-REF rows: every run of an engine with a reference tolerance against the reference
     model of its chain's first hop on the same backend (quantized_reference: a gpu run against a
     cpu reference would measure kernels, not the converter). references: (first-hop chain,
-    backend) -> loaded reference record (a bare first hop means cpu); tolerances: engine -> tolerance."""
+    backend) -> loaded reference record (a bare first hop means cpu); tolerances: engine -> tolerance.
+    judged_by_owner: first hops this variant does not quantize and shares with a lossless variant,
+    whose bit-exact F-INF rows judge the same run (convqa.workflow.jobs.Jobs.judged_by_owner): no
+    row, as no reference model is run for them."""
     references = {(k, "cpu") if isinstance(k, str) else tuple(k): v for k, v in references.items()}
     rows = []
     for (chain, engine, backend), record in sorted(runs.items()):
         ref = quantized_reference(chain, engine, backend, variant, {variant: tolerances})
-        if ref is None:
+        if ref is None or ref.chain in (judged_by_owner or {}):
             continue
         hop = ref.chain
         reference = references.get(ref.key)
@@ -527,7 +530,8 @@ def prompt_details(variant: str, runs: dict) -> dict[str, list[dict]]:
 
 def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dict,
              modalities=(RUN, CHAT, "serve"), references: dict | None = None,
-             reference_tolerances: dict | None = None) -> tuple[list[GateRow], list[dict], dict]:
+             reference_tolerances: dict | None = None,
+             judged_by_owner: dict | None = None) -> tuple[list[GateRow], list[dict], dict]:
     """(gate rows, throughput, per-prompt details) of one (model, variant).
 
     references ((first hop, backend) -> reference run) and reference_tolerances (engine ->
@@ -537,7 +541,7 @@ def evaluate(model: str, variant: str, runs: dict, serves: dict, tolerances: dic
     """
     rows = inference_rows(model, variant, runs, tolerances, modalities)
     if reference_tolerances:
-        rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities)
+        rows += reference_rows(model, variant, references or {}, runs, reference_tolerances, modalities, judged_by_owner)
     # A failing transformers row names its first divergent layer (convqa.gates.divergence).
     # Hidden states are compared on cpu only: there the baselines are exact (see gates.divergence).
     cpu_references = {(k if isinstance(k, str) else k[0]): v for k, v in (references or {}).items()

@@ -28,7 +28,8 @@ def inference_gate_rows(model: str, variant: str, inputs: dict, tolerances: dict
                         modalities: tuple, backend_tolerances: dict | None = None) -> tuple[str, list[GateRow], dict]:
     """(the config key of the tolerances used, gate rows, the report's extra: throughput and
     per-prompt details). inputs: `runs` ("chain|engine|backend" -> {json, npz}, or {skipped: reason}: a gpu cell no job ran), `serves`
-    ("chain|engine" -> JSON path), `references` ("first hop|backend" -> {json, npz}), `parities`
+    ("chain|engine" -> JSON path), `references` ("first hop|backend" -> {json, npz}),
+    `judged_by_owner` (first hop -> the lossless variant whose runs of it judge it), `parities`
     (chain -> JSON path; absent: no parity rows), `source_manifest`. backend_tolerances (engine ->
     tolerance) decide the F-BACKEND-001 rows (convqa.gates.backend), which are outside the verdict."""
     runs = {tuple(key.split("|")): _record(key, paths) for key, paths in inputs["runs"].items()}
@@ -42,6 +43,7 @@ def inference_gate_rows(model: str, variant: str, inputs: dict, tolerances: dict
     rows, throughput, details = evaluate(
         model, variant, runs, serves, selected, modalities,
         references=references, reference_tolerances=reference_tolerances,
+        judged_by_owner=inputs.get("judged_by_owner") or {},
     )
     rows += backend_rows(model, variant, runs, backend_tolerances or {})
     rows += parity_rows(model, variant, {chain: load_parity(path) for chain, path in inputs.get("parities", {}).items()})

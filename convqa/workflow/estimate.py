@@ -104,9 +104,11 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
     n_infer = 1 + sum(1 + (engines > 1 and plan.target_format(c) == "gguf")
                       for v in variants for c in converted if own(v, c))
     # F-INF-REF: per lossy variant, one reference-quantized model per first hop of the inference chains.
-    # A shared first hop's reference model runs once too (its path is the hop's owner's).
-    n_reference = len({(plan.owning_variant(v, hop, variants), hop)
-                       for v in variants if v != "native" for hop in {plan.first_hop(c) for c in converted}})
+    # A first hop shared with native needs none (native's bit-exact rows judge its runs: Jobs.judged_by_owner),
+    # one shared by lossy variants runs once (its path is the hop's owner's).
+    owners = {(plan.owning_variant(v, hop, variants), hop)
+              for v in variants if v != "native" for hop in {plan.first_hop(c) for c in converted}}
+    n_reference = sum(1 for owner, _hop in owners if owner != "native")
     n_serve = sum(1 for v in variants for c, _engine in served if own(v, c))
     n_parity = 1 + sum(1 for v in variants for c in converted if own(v, c))
     source_gb = source_bytes / GB

@@ -602,6 +602,14 @@ class Jobs:
                 wanted.add(ref.key)
         return sorted(wanted)
 
+    def judged_by_owner(self, model, variant, hop):
+        """Whether `variant` shares the first hop `hop` with a lossless variant (plan.owning_variant:
+        q8_0's S->A is native's). The artifact's runs are then that variant's, held bit for bit to
+        the ground truth by its F-INF rows, and a reference model of the hop would be the source
+        again: none is run, and `variant` has no F-INF-REF rows on the hop."""
+        owner = self.owner(model, variant, hop)
+        return owner != variant and owner not in self.inference["reference_tolerances"]
+
     def served_cells(self, tier):
         return served_cells(self.inference, tier)
 
@@ -611,6 +619,9 @@ class Jobs:
 
         def at(chain):  # runs, serves and parity of a conversion shared with another variant are its owner's
             return self.owner(model, variant, chain)
+
+        reference_hops = self.reference_hops(variant, tier)
+        judged = {hop for hop, _ in reference_hops if self.judged_by_owner(model, variant, hop)}
 
         def run(backend, json_path, npz_path):
             # A gpu cell that no job runs (gpu_jobs): its record is the reason, read by the gates.
@@ -634,8 +645,10 @@ class Jobs:
                     paths.reference_run_path(model, at(hop), hop, backend=b),
                     paths.reference_run_path(model, at(hop), hop, "npz", backend=b),
                 )
-                for hop, b in self.reference_hops(variant, tier)
+                for hop, b in reference_hops
+                if hop not in judged
             },
+            "judged_by_owner": {hop: at(hop) for hop in sorted(judged)},
             "parities": {c: paths.parity_path(model, at(c), c) for c in self.parity_chains(tier)},
         }
 
