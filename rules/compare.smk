@@ -26,7 +26,7 @@ rule compare_tensors:
         "../envs/convert.yaml"
     threads: 1
     resources:
-        mem_mb=jobs.comparison_mem_mb,
+        mem_mb=J.comparison_mem_mb,
     params:
         fingerprint=J.code("compare.py", J.compared_formats),
         artifacts=J.compared_artifacts,

@@ -23,7 +23,7 @@ rule convert_to_gguf:
         "../envs/convert.yaml"
     threads: 1
     resources:
-        mem_mb=jobs.conversion_mem_mb,
+        mem_mb=J.routed_conversion_mem_mb,
     params:
         format=J.converter("format"),
         quant=J.converter("quant"),

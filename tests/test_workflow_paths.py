@@ -167,6 +167,46 @@ def test_resources_count_the_artifact_a_sidecar_stands_for(tmp_path):
     assert jobs.conversion_mem_mb(None, SimpleNamespace(artifact=str(sidecar)), 1) == 500
 
 
+def test_conversions_and_comparisons_are_sized_by_the_largest_tensor(J, tmp_path, monkeypatch):
+    """A 1.5B model's F32 artifacts are 6-7 GB, but convqa's converter and the comparison hold a
+    tensor (pair) at a time: sized from the files, each asked for the whole 14 GB budget of the
+    scale benchmark and ran alone. A comparison the manifests decide reads only them."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    model = "qwen2-tiny"
+    manifest = {"config": {"params": {}}, "tensors": [{"shape": [151936, 1536]}, {"shape": [1536]}]}
+    (tmp_path / "results" / model).mkdir(parents=True)
+    (tmp_path / paths.source_manifest_path(model)).write_text(json.dumps(manifest))
+    largest_mb = 151936 * 1536 * 4 / 2**20  # 890 MB
+    assert jobs.largest_tensor_mb(model) == pytest.approx(largest_mb)
+    sidecar = tmp_path / paths.sidecar_path(model, "native", "st-gguf-apr")
+    sidecar.parent.mkdir(parents=True)
+    sidecar.write_text(json.dumps({"size": 7 * 2**30}))  # a deleted 7 GB F32 APR
+    wc = w(model=model, variant="native", chain="st-gguf-apr-gguf")
+    mem = J.routed_conversion_mem_mb(wc, SimpleNamespace(artifact=str(sidecar)), 1)
+    assert mem == int(2 * largest_mb + 500) < 3000
+    assert J.routed_conversion_mem_mb(wc, SimpleNamespace(artifact=str(sidecar)), 2) == 2 * mem  # retried
+    external = jobs.Jobs({**J.config, "route": {"apr-gguf": ["other"]}}, SCRIPTS)
+    wc_external = w(model=model, variant="native", chain="st-apr-gguf")
+    assert external.routed_conversion_mem_mb(wc_external, SimpleNamespace(artifact=str(sidecar)), 1) == 3 * 7 * 1024 + 500
+    moe = {**manifest, "config": {"params": {"num_experts": 8}}}
+    (tmp_path / paths.source_manifest_path(model)).write_text(json.dumps(moe) + " ")  # a new version: not the cached one
+    assert jobs.largest_tensor_mb(model) == pytest.approx(8 * largest_mb)
+
+    (tmp_path / paths.source_manifest_path(model)).write_text(json.dumps(manifest))
+    inputs = SimpleNamespace(subject=str(sidecar), reference=str(sidecar),
+                             subject_manifest=str(tmp_path / "missing.json"), reference_manifest=str(tmp_path / "missing.json"))
+    full = J.comparison_mem_mb(w(model=model), inputs, 1)
+    assert full == int(6 * largest_mb + 500)
+    decided = {"config": {"architecture": "qwen2"}, "tokenizer": None,
+               "tensors": [{"name": "w", "shape": [2, 2], "encoding": "F32", "sha256": "a", "values_sha256": "a",
+                            "stats": {"nan": 0, "inf": 0}}]}
+    (tmp_path / "decided.json").write_text(json.dumps(decided))
+    inputs.subject_manifest = inputs.reference_manifest = str(tmp_path / "decided.json")
+    assert J.comparison_mem_mb(w(model=model), inputs, 1) == 500
+
+
 def test_config_errors():
     c = config(variants=["native", "q9_9"])
     with pytest.raises(Exception, match="unknown variant 'q9_9'"):

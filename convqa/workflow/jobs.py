@@ -12,11 +12,14 @@ Code fingerprints (`code`) are derived from what a rule's `script:` imports
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
+from convqa.compare.manifests import compare_from_manifests
 from convqa.convert import converters
 from convqa.detection import matrix as detection
 from convqa.encodings import QUANT_TARGETS
@@ -88,14 +91,38 @@ def input_bytes(files) -> int:
 
 
 def conversion_mem_mb(wildcards, input, attempt):
-    # One tensor in memory at a time plus the interpreter; 3x the input covers a
-    # dequantized copy of the largest tensor with room to spare. Doubles on retry.
+    # Any converter (an external one may load the whole model): 3x the input. Doubles on retry.
     return int((3 * artifact_size_mb(input.artifact) + 500) * attempt)
 
 
-def comparison_mem_mb(wildcards, input, attempt):
-    size = artifact_size_mb(input.subject) + artifact_size_mb(input.reference)
-    return int((2 * size + 500) * attempt)
+_JSON_CACHE: dict[str, tuple[tuple, dict | None]] = {}
+
+
+def _cached_json(path: str) -> dict | None:
+    """A JSON file parsed once per version (mtime, size): resources are evaluated on every
+    scheduler pass, and a manifest of a 1.5B model is 340 tensor entries. None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_mtime_ns, st.st_size)
+    if path not in _JSON_CACHE or _JSON_CACHE[path][0] != key:
+        try:
+            _JSON_CACHE[path] = (key, json.loads(Path(path).read_text()))
+        except (OSError, ValueError):
+            return None
+    return _JSON_CACHE[path][1]
+
+
+def largest_tensor_mb(model) -> float | None:
+    """MB of the model's largest tensor decoded to float32, from the source's manifest (None
+    before it is written); an MoE model's times its expert count, as GGUF stacks the experts."""
+    manifest = _cached_json(paths.source_manifest_path(model))
+    if not manifest or not manifest.get("tensors"):
+        return None
+    values = max(math.prod(t["shape"]) for t in manifest["tensors"])
+    experts = ((manifest.get("config") or {}).get("params") or {}).get("num_experts") or 1
+    return values * experts * 4 / 2**20
 
 
 def inference_mem_mb(wildcards, input, attempt):
@@ -337,6 +364,35 @@ class Jobs:
 
     def release_inputs(self, wildcards):
         return self.artifact_consumers(wildcards.model, wildcards.variant, wildcards.chain, wildcards.tier)
+
+    # ------------------------------------------------------------ resources
+
+    # What a job holds grows with the largest tensor, not with the model, for convqa's own
+    # converter and the comparison, which read one tensor (pair) at a time. Sized from the whole
+    # file, a 1.5B model's F32 artifacts asked for more than a 14 GB budget, so each conversion
+    # and comparison ran alone on 2 cores.
+
+    def routed_conversion_mem_mb(self, wildcards, input, attempt):
+        """A primary conversion: convqa's converter streams a tensor at a time (measured at 1.5B:
+        753 MiB for BF16 -> Q8_0, 0.9-1.3 GB passthrough, largest tensor 0.9 GB in F32), so twice
+        the largest tensor in F32 plus the interpreter; another converter, 3x its input."""
+        estimate = conversion_mem_mb(wildcards, input, 1)
+        streams = converters.is_builtin(self.config["converters"][self.converter_name(wildcards)])
+        if streams and (largest := largest_tensor_mb(wildcards.model)) is not None:
+            estimate = min(estimate, int(2 * largest + 500))
+        return int(estimate * attempt)
+
+    def comparison_mem_mb(self, wildcards, input, attempt):
+        """A comparison the manifests decide reads only them; else a tensor pair at a time, each
+        decoded to float32 and differenced in float64 (measured at 1.5B: 5.5 GB for the 0.9 GB
+        embedding), bounded by twice both artifacts."""
+        reference, subject = _cached_json(input.reference_manifest), _cached_json(input.subject_manifest)
+        if reference is not None and subject is not None and compare_from_manifests(reference, subject) is not None:
+            return 500 * attempt
+        estimate = 2 * (artifact_size_mb(input.subject) + artifact_size_mb(input.reference)) + 500
+        if (largest := largest_tensor_mb(wildcards.model)) is not None:
+            estimate = min(estimate, 6 * largest + 500)
+        return int(estimate * attempt)
 
     # ------------------------------------------------------------ code fingerprints
 
