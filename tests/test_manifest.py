@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from convqa.inspect.manifest import STATS_SLICE_ELEMENTS, build_manifest, tensor_stats
+from convqa.inspect.manifest import STATS_SLICE_ELEMENTS, build_manifest, tensor_stats, values_sha256
 
 
 def float64_reference(values: np.ndarray) -> dict:
@@ -54,13 +54,26 @@ def test_statistics_hold_no_float64_copy_of_the_tensor():
     """A float64 copy of a tensor is 2x its float32 decode, and numpy's std over it makes more of
     the same size: for a 1.5B model's embedding that was 3.7 GB beside the decode."""
     values = np.random.default_rng(0).standard_normal(4_000_000).astype(np.float32)  # 16 MB
+    peak = traced_peak(tensor_stats, values)
+    assert peak < values.nbytes / 2, f"peak {peak} bytes while taking the statistics of {values.nbytes} bytes"
+
+
+def test_values_sha256_hashes_the_decode_in_place():
+    """The values' sha256 (convqa.compare.manifests decides exact comparisons with it) hashes a
+    float32 decode where it lies: no copy of a 1.5B model's 0.9 GB embedding."""
+    values = np.random.default_rng(0).standard_normal(4_000_000).astype(np.float32)  # 16 MB
+    peak = traced_peak(values_sha256, values)
+    assert peak < 1 << 20, f"peak {peak} bytes while hashing {values.nbytes} bytes"
+
+
+def traced_peak(fn, *args) -> int:
+    """Peak bytes Python allocates (numpy arrays included) while `fn(*args)` runs."""
     tracemalloc.start()
     try:
-        tensor_stats(values)
-        _, peak = tracemalloc.get_traced_memory()
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < values.nbytes / 2, f"peak {peak} bytes while taking the statistics of {values.nbytes} bytes"
 
 
 def test_manifest_of_a_real_model_has_the_statistics_of_every_tensor(smollm2_gguf):
