@@ -3,11 +3,12 @@
 `convqa plan MODEL_DIR --tier mvp` prints it. Disk: every chain's artifact is the model's
 parameters in the encoding that chain stores (the source's dtype; Q8_0 blocks on a quantized
 GGUF hop; F32 where a format cannot hold the blocks and the hop dequantizes), summed over the
-tier's chains and variants; with `temp_intermediates` the peak is at least the source plus the
-artifacts that must coexist (`held_chains`: every parent, and the reference of a lossy check
-with a deeper subject, of every variant, plus a leaf per core in flight). Time: CPU seconds per job plus seconds per GB of the job's input, per kind of job, from
-the measurements in bench/scale.py (README "Models of real size"); wall time on N cores is at
-best CPU time / N.
+tier's chains and variants, each conversion once (a chain two variants share is counted for
+its owner: plan.owning_variant); with `temp_intermediates` the peak is at least the source plus
+the deepest lineage of artifacts (a chain is written while its ancestors are alive; exact checks
+are decided from the manifests and hold nothing). Time: CPU seconds per job plus seconds per GB
+of the job's input, per kind of job, from the measurements in bench/scale.py (README "Models of
+real size"); wall time on N cores is at best CPU time / N.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 
 from convqa.encodings import QUANT_TARGETS
+from convqa.gates.edges import must_be_exact
 from convqa.workflow import plan
 
 GB = 1e9
@@ -30,6 +32,7 @@ F32_BYTES = 4
 # 43, parity 4.0). Parity reads tokenizers only, whatever the model's size.
 CPU_S_PER_JOB = {"conversion": 1.9, "inspection": 2.3, "comparison": 1.7, "inference": 12.0,
                  "reference": 6.3, "serve": 8.3, "parity": 2.9}
+CPU_S_MANIFEST_COMPARISON = 2.5  # measured at 1.5B: 88 CPU s for 35 comparisons, 3 of them in full
 CPU_S_PER_GB = {"conversion": 1.5, "inspection": 2.2, "comparison": 1.4, "inference": 30.0,
                 "reference": 48.0, "serve": 11.0, "parity": 0.0}
 
@@ -58,19 +61,14 @@ def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: floa
     return per_param
 
 
-def held_chains(tier: str, variant: str) -> set[str]:
-    """The chains whose artifact stays on disk until a deeper chain is done, whatever the job
-    order: a chain with a child (its input), and the reference of a lossy check whose subject is
-    deeper. An exact check (the round trips, F-CONV-RT-*, and the fixpoints, F-CONV-IDEM-002, in
-    every variant) is decided from the manifests (convqa.compare.manifests), so it holds nothing."""
-    from convqa.gates.edges import must_be_exact
-
-    chains = plan.artifact_chains(tier, variant)
-    held = {plan.parent(c) for c in chains}
-    for check in plan.checks_for(tier, variant):
-        if len(plan.hops(check.subject)) > len(plan.hops(check.reference)) + 1 and not must_be_exact(check, variant):
-            held.add(check.reference)
-    return held & set(chains)
+def _lineage(chain: str) -> list[str]:
+    """The chain and every converted ancestor: `st-gguf-apr` -> [st-gguf-apr, st-gguf]; a re-run
+    `st-gguf-apr.run2` converts from `st-gguf`."""
+    found = []
+    while chain != "st":
+        found.append(chain)
+        chain = plan.parent(chain)
+    return found
 
 
 def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str], inference_chains: list[str],
@@ -80,7 +78,7 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
     `tied_embedding_params`: the embedding's size when the head is tied (APR stores a copy);
     `served`: the (chain, engine) pairs served per variant (config inference.serve)."""
     per_param = source_bytes / max(parameters, 1)
-    artifacts, held, leaves, n_compare = [], 0.0, [], 0
+    artifacts, deepest_path, n_compare, n_lossy_compare = [], 0.0, 0, 0
 
     def own(variant: str, chain: str) -> bool:  # a conversion two variants share runs once (plan.owning_variant)
         return plan.owning_variant(variant, chain, variants) == variant
@@ -90,13 +88,14 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         sizes = {c: chain_bytes_per_param(c, variant, per_param)
                  * (parameters + (tied_embedding_params if plan.target_format(c) == "apr" else 0)) for c in chains}
         artifacts += sizes.values()
-        kept = held_chains(tier, variant)
-        held += sum(size for c, size in sizes.items() if c in kept)
-        leaves += [size for c, size in sizes.items() if c not in kept]
+        # A chain is written while its ancestors are alive (each is held until its children exist).
+        deepest_path = max([deepest_path] + [sum(sizes.get(a, 0.0) for a in _lineage(c)) for c in chains])
         # What convqa.workflow.jobs.Jobs.comparison_pairs compares: tensors-mode checks and every edge.
         pairs = {(c.subject, c.reference) for c in plan.checks_for(tier, variant) if c.mode == "tensors"}
         pairs |= {(c, plan.parent(c)) for c in plan.artifact_chains(tier, variant)}
-        n_compare += sum(plan.comparison_owner(variant, s, r, variants) == variant for s, r in pairs)
+        mine = [(s, r) for s, r in pairs if plan.comparison_owner(variant, s, r, variants) == variant]
+        n_compare += len(mine)
+        n_lossy_compare += sum(not must_be_exact(plan.Check("", s, r), variant) for s, r in mine)
     written = sum(artifacts)
     n_conv = len(artifacts)
     # transformers on every chain, llama.cpp on the GGUF ones; the ground truth once per model.
@@ -119,7 +118,8 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
     cpu = {
         "conversion": jobs("conversion", n_conv, written / n_conv / GB) if n_conv else 0,
         "inspection": jobs("inspection", n_conv, written / n_conv / GB) if n_conv else 0,
-        "comparison": jobs("comparison", n_compare, 2 * source_gb),
+        # An exact comparison is decided from the two manifests (convqa.compare.manifests): no tensor read.
+        "comparison": jobs("comparison", n_lossy_compare, 2 * source_gb) + (n_compare - n_lossy_compare) * CPU_S_MANIFEST_COMPARISON,
         "inference": jobs("inference", n_infer, source_gb),
         "reference": jobs("reference", n_reference, source_gb),
         "serve": jobs("serve", n_serve, source_gb),
@@ -132,10 +132,10 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         "parameters": parameters,
         "artifacts": n_conv,
         "written_bytes": int(written),
-        # A lower bound: the held artifacts of every variant at once (the variants' trees are
-        # converted side by side) plus a leaf per core. Measured at 1.5B: 76 GB alive when 90 GB
-        # were written (25 of 28 conversions), where this says 72 GB.
-        "peak_bytes_with_deletion": int(source_bytes + min(written, held + sum(sorted(leaves)[-cores:]))),
+        # A lower bound: the source and the deepest lineage of artifacts (a chain and its ancestors,
+        # alive while it is written). Measured at 1.5B: 25.6 GB, where this says 25.1 GB (q8_0's
+        # st-gguf -> st-gguf-apr -> st-gguf-apr-gguf -> st-gguf-apr-gguf-apr, F32 after the first).
+        "peak_bytes_with_deletion": int(source_bytes + deepest_path),
         "inference_jobs": n_infer + n_reference + n_serve,
         "jobs_by_kind": {"conversion": n_conv, "inspection": n_conv, "comparison": n_compare, "inference": n_infer,
                          "reference": n_reference, "serve": n_serve, "parity": n_parity},
