@@ -46,7 +46,7 @@ def workdir(qwen2_mvp, tmp_path_factory) -> Path:
 STARTED = ".smoke-run-started"
 
 
-def written_here(workdir: Path, pattern: str) -> list[str]:
+def current_files(workdir: Path, pattern: str) -> list[str]:
     """Files under results/{MODEL} matching `pattern`, but for what the q8_0-only run this one
     extends left of its S->A family (q8_0 owned it there; with native beside it, native does:
     plan.owning_variant), which this run must not have written."""
@@ -103,7 +103,7 @@ def test_inference_gates_pass_for_correct_conversions(workdir):
 
 def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_hop_and_no_server_outlives_its_job(workdir):
     assert (workdir / f"results/{MODEL}/source.infer/transformers-cpu.npz").exists()
-    references = written_here(workdir, "*/reference/*/transformers-cpu.npz")
+    references = current_files(workdir, "*/reference/*/transformers-cpu.npz")
     # q8_0's S->A is native's conversion (plan.owning_variant): no reference model of it.
     assert references == ["q8_0/reference/st-gguf/transformers-cpu.npz"]
     # gpu is in the matrix: its ground truth and references run there too (each backend is
@@ -114,10 +114,10 @@ def test_the_ground_truth_runs_once_per_model_references_once_per_lossy_first_ho
     assert not list((workdir / f"results/{MODEL}").glob("*/st/infer"))
     # Parity once per artifact: the source's once per model, each conversion's once (q8_0's S->A
     # is native's).
-    parities = written_here(workdir, "**/parity.json")
+    parities = current_files(workdir, "**/parity.json")
     assert parities == ["native/st-apr/infer/parity.json", "native/st-gguf/infer/parity.json",
                         "q8_0/st-gguf/infer/parity.json", "source.infer/parity.json"]
-    served = [workdir / f"results/{MODEL}" / p for p in written_here(workdir, "**/serve-*.json")]
+    served = [workdir / f"results/{MODEL}" / p for p in current_files(workdir, "**/serve-*.json")]
     assert len(served) == 3  # config inference.serve: st-apr (transformers) once, st-gguf (llama.cpp) per variant
     for path in served:
         pid = json.loads(path.read_text())["server_pid"]

@@ -39,6 +39,13 @@ def must_be_exact(check: Check, variant: str) -> bool:
     return len(ref_hops) > 1 and len(subj_hops) > 1 and ref_hops[1] == subj_hops[1]
 
 
+def expected_exact(subject: str, reference: str, variant: str) -> bool:
+    """Whether a correct converter makes the two chains' values equal (`must_be_exact`): such a
+    comparison is decided from the manifests, so no artifact waits for it (the workflow's releases,
+    convqa plan's prices)."""
+    return must_be_exact(Check("", subject, reference), variant)
+
+
 def check_rows(check: Check, inputs: dict, model: str, variant: str) -> list[GateRow]:
     """Rows for one planned check. inputs: `comparison` (tensors mode) or `subject_sha256`/`reference_sha256`."""
     if check.gate not in COMPARISON_GATES:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 from convqa.encodings import QUANT_TARGETS
-from convqa.gates.edges import must_be_exact
+from convqa.gates.edges import expected_exact
 from convqa.workflow import plan
 
 GB = 1e9
@@ -95,7 +95,7 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         pairs |= {(c, plan.parent(c)) for c in plan.artifact_chains(tier, variant)}
         mine = [(s, r) for s, r in pairs if plan.comparison_owner(variant, s, r, variants) == variant]
         n_compare += len(mine)
-        n_lossy_compare += sum(not must_be_exact(plan.Check("", s, r), variant) for s, r in mine)
+        n_lossy_compare += sum(not expected_exact(s, r, variant) for s, r in mine)
     written = sum(artifacts)
     n_conv = len(artifacts)
     # transformers on every chain, llama.cpp on the GGUF ones; the ground truth once per model.

@@ -24,7 +24,7 @@ from convqa.convert import converters
 from convqa.detection import matrix as detection
 from convqa.encodings import QUANT_TARGETS
 from convqa.files import path_size
-from convqa.gates.edges import must_be_exact
+from convqa.gates.edges import expected_exact
 from convqa.gates.rows import label
 from convqa.infer import memory
 from convqa.sources.prepare import input_files, kind_fingerprint_args
@@ -35,15 +35,6 @@ from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
 INFERENCE_ENGINE_FILE = {"transformers": "transformers", "llama.cpp": "llamacpp"}
 INFERENCE_ENGINE_NAME = {v: k for k, v in INFERENCE_ENGINE_FILE.items()}
 SLOT_PATH_KEYS = ("sidecar", "manifest", "vs_primary", "vs_parent")
-
-
-variant_quant, edge_quant = plan.variant_quant, plan.edge_quant
-
-
-def expected_exact(subject, reference, variant):
-    """Whether a correct converter makes the two artifacts' values equal: no quantizer between
-    them (convqa.gates.edges.must_be_exact, the gates' own rule)."""
-    return must_be_exact(plan.Check("", subject, reference), variant)
 
 
 def _alternatives(names):
@@ -112,6 +103,21 @@ def _cached_json(path: str) -> dict | None:
         except (OSError, ValueError):
             return None
     return _JSON_CACHE[path][1]
+
+
+_DECIDED: dict[tuple, bool] = {}
+
+
+def decided_from_manifests(reference_manifest: str, subject_manifest: str) -> bool:
+    """Whether the two manifests decide the comparison (convqa.compare.manifests), once per version
+    of both: the scheduler asks on every pass, and deciding takes 11 ms for a 1.5B model's pair."""
+    reference, subject = _cached_json(reference_manifest), _cached_json(subject_manifest)
+    if reference is None or subject is None:
+        return False
+    key = (reference_manifest, _JSON_CACHE[reference_manifest][0], subject_manifest, _JSON_CACHE[subject_manifest][0])
+    if key not in _DECIDED:
+        _DECIDED[key] = compare_from_manifests(reference, subject) is not None
+    return _DECIDED[key]
 
 
 def largest_tensor_mb(model) -> float | None:
@@ -386,8 +392,7 @@ class Jobs:
         """A comparison the manifests decide reads only them; else a tensor pair at a time, each
         decoded to float32 and differenced in float64 (measured at 1.5B: 5.5 GB for the 0.9 GB
         embedding), bounded by twice both artifacts."""
-        reference, subject = _cached_json(input.reference_manifest), _cached_json(input.subject_manifest)
-        if reference is not None and subject is not None and compare_from_manifests(reference, subject) is not None:
+        if decided_from_manifests(input.reference_manifest, input.subject_manifest):
             return 500 * attempt
         estimate = 2 * (artifact_size_mb(input.subject) + artifact_size_mb(input.reference)) + 500
         if (largest := largest_tensor_mb(wildcards.model)) is not None:
@@ -483,7 +488,7 @@ class Jobs:
             if key == "format":
                 return plan.target_format(wildcards.chain)
             if key == "quant":
-                return edge_quant(wildcards.variant, wildcards.chain)
+                return plan.edge_quant(wildcards.variant, wildcards.chain)
             if key == "fingerprint":
                 # convqa: the code the edge runs; an external tool: its version and probe hash.
                 source_hop, target_hop = plan.edge(wildcards.chain)
@@ -819,4 +824,4 @@ class Jobs:
 
     def output_path_quant(self, wildcards):
         entry = self.output_path_entries[wildcards.mutant]
-        return edge_quant(entry.variant, entry.chain)
+        return plan.edge_quant(entry.variant, entry.chain)
