@@ -164,6 +164,37 @@ def test_changing_the_gguf_writer_reruns_exactly_the_gguf_edges(built, tmp_path)
     evidence = yaml.safe_load(wf.path(f"results/{MODEL}/report/mvp/qualification.json").read_text())
     assert evidence["summary"]["verdict"] == "QUALIFIED", evidence["summary"]
 
+    # The change left the GGUF bytes alone, so every reader that reran was replayed
+    # (convqa.workflow.replay): the cold run's outputs, byte for byte, and not computed again.
+    readers = [(rule, w) for rule, w in jobs if rule in REPLAYABLE_RULES]
+    assert {rule for rule, _ in readers} >= {"inspect_artifact", "compare_tensors", "infer", "parity", "infer_reference"}
+    for rule, w in readers:
+        output, log = reader_output_and_log(rule, w)
+        assert wf.path(log).read_text().startswith("replayed: "), (rule, w)
+        assert wf.path(output).read_bytes() == built.path(output).read_bytes(), (rule, w)
+    for chain in gguf_chains:  # the conversions themselves ran (the writer's code changed)
+        assert not wf.path(f"results/{MODEL}/{VARIANT}/{chain}/convert.log").read_text().startswith("replayed")
+
+
+REPLAYABLE_RULES = {"inspect_artifact", "compare_tensors", "infer", "serve_check", "parity", "infer_reference"}
+
+
+def reader_output_and_log(rule: str, w: dict) -> tuple[str, str]:
+    """One reader job's main output and its log (rules/*.smk: the log beside the output)."""
+    from convqa.workflow import paths
+
+    model, variant = w["model"], w["variant"]
+    if rule == "inspect_artifact":
+        return paths.manifest_path(model, variant, w["chain"]), paths.step_log(model, variant, w["chain"], "inspect")
+    output = {
+        "compare_tensors": lambda: paths.comparison_path(model, variant, w["subject"], w["reference"]),
+        "infer": lambda: paths.inference_run_path(model, variant, w["chain"], w["engine"], w["backend"]),
+        "infer_reference": lambda: paths.reference_run_path(model, variant, w["hop"], backend=w["backend"]),
+        "serve_check": lambda: paths.serve_path(model, variant, w["chain"], w["engine"]),
+        "parity": lambda: paths.parity_path(model, variant, w["chain"]),
+    }[rule]()
+    return output, paths.log_beside(output)
+
 
 def test_a_restore_that_gives_other_bytes_is_refused(built, tmp_path):
     """A converter that is not deterministic cannot stand in for the artifact its sidecar records:
