@@ -36,8 +36,11 @@ setup-cuda: setup
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
 
+# Two pytest-xdist workers (tests/conftest.py keeps each test file, and the files sharing a
+# session workflow run, on one worker): one worker left a core idle while a test waited on a
+# single-threaded step.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(CORES) --dist loadgroup
 
 # The bundled real Gemma-3-270M (Q4_K_M, 262144-token vocabulary, 1.07 GB F32 ground truth)
 # through the mvp tier; not in `make run`, which it would take past 10 minutes (README).
