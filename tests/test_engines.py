@@ -225,6 +225,36 @@ def test_generate_equals_argmax_decoding_and_stops(model_dir):
         assert engine.generate(PROMPT, 0, set()) == []
 
 
+def test_one_prefill_gives_the_teacher_forced_logits_and_the_generation(model_dir):
+    """Engine.run asks both queries of a prompt from one prefill (logits_and_generate): the
+    numbers are each query's own, bit for bit."""
+    with engine_for("transformers", "cpu") as engine:
+        engine.load(model_dir)
+        logits, generated = engine.logits_and_generate(PROMPT, 12, set())
+        np.testing.assert_array_equal(logits, engine.teacher_forced_logits(PROMPT))
+        assert generated == engine.generate(PROMPT, 12, set()) and len(generated) == 12
+        stop = generated[4]
+        assert engine.logits_and_generate(PROMPT, 12, {stop})[1] == generated[: generated.index(stop) + 1]
+        assert engine.logits_and_generate(PROMPT, 0, set())[1] == []
+        result = engine.run("p", PROMPT, 12, set())
+        np.testing.assert_array_equal(result.logits, logits)
+        assert result.generated_ids == generated
+
+
+@pytest.mark.parametrize("preset", ["qwen2-tiny", "llama-tiny", "gemma2-tiny", "gemma3-tiny", "mistral-tiny",
+                                    "phi3-tiny", "qwen3-tiny"])
+def test_a_forward_that_fills_the_kv_cache_gives_the_logits_of_one_without(synthetic_dir, preset):
+    """What logits_and_generate rests on, for every architecture convqa runs: the prefill that
+    fills the cache (sliding windows, soft-capping and all) computes the same logits."""
+    model = AutoModelForCausalLM.from_pretrained(synthetic_dir(preset), dtype=torch.float32).eval()
+    ids = torch.tensor([[(7 * i + 3) % 200 + 1 for i in range(40)]])
+    with torch.inference_mode():
+        without = model(input_ids=ids, use_cache=False).logits
+        filling = model(input_ids=ids, use_cache=True)
+    assert filling.past_key_values is not None
+    assert torch.equal(filling.logits, without)
+
+
 def test_runs_are_deterministic_and_result_rows_are_json_safe(qwen2_dir):
     with engine_for("transformers", "cpu") as engine:
         engine.load(qwen2_dir)
@@ -371,6 +401,10 @@ def test_llamacpp_is_deterministic_and_generates_by_argmax():
         assert generated[-1] == SMOLLM2_EOS and "Paris" in engine.detokenize(generated)
         # The argmax of the teacher-forced pass is the first generated token.
         assert generated[0] == int(first[-1].argmax())
+        # One prefill for both queries (logits_and_generate): the same numbers.
+        logits, one_prefill = engine.logits_and_generate(SMOLLM2_PROMPT, 12, {SMOLLM2_EOS})
+        np.testing.assert_array_equal(logits, first)
+        assert one_prefill == generated
 
 
 @needs_llama_cpp

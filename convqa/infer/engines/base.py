@@ -131,10 +131,15 @@ class Engine(ABC):
         self.artifact_path = os.fspath(artifact_path)
         return self
 
+    def logits_and_generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[np.ndarray, list[int]]:
+        """`teacher_forced_logits(ids)` and `generate(ids, ...)`, the same numbers. An engine
+        whose teacher-forced pass leaves the state a generation continues from overrides this
+        with one prefill instead of two."""
+        return self.teacher_forced_logits(ids), self.generate(ids, max_new_tokens, stop_ids)
+
     def run(self, prompt_id: str, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> InferenceResult:
         """Both queries for one prompt, with the timings of this prompt's prefill and decode."""
-        logits = self.teacher_forced_logits(ids)
-        generated = self.generate(ids, max_new_tokens, stop_ids)
+        logits, generated = self.logits_and_generate(ids, max_new_tokens, stop_ids)
         return InferenceResult(
             prompt_id=prompt_id,
             engine=self.name,

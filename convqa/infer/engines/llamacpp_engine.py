@@ -88,15 +88,21 @@ class LlamaCppEngine(Engine):
     def generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
         """Argmax decoding, one `eval` per token (llama.cpp's samplers would add penalties)."""
         self._check_prompt(ids, max_new_tokens)
-        generated: list[int] = []
         if max_new_tokens <= 0:
-            return generated
-        self.llm.reset()
-        start = time.perf_counter()
-        self.llm.eval(list(ids))
-        generated.append(self._last_argmax())
-        self.timings.prefill_s = time.perf_counter() - start
-        self.timings.prefill_tokens = len(ids)
+            return []
+        self.teacher_forced_logits(ids)
+        return self._decode(max_new_tokens, stop_ids)
+
+    def logits_and_generate(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[np.ndarray, list[int]]:
+        """The teacher-forced `eval` of the prompt is the prefill a generation starts from (the
+        same call on a reset context): one prefill instead of two."""
+        self._check_prompt(ids, max_new_tokens)
+        logits = self.teacher_forced_logits(ids)
+        return logits, self._decode(max_new_tokens, stop_ids) if max_new_tokens > 0 else []
+
+    def _decode(self, max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        """Greedy tokens after the evaluated prompt: the prompt's last argmax, then one `eval` each."""
+        generated = [self._last_argmax()]
         start = time.perf_counter()
         while generated[-1] not in stop_ids and len(generated) < max_new_tokens:
             self.llm.eval(generated[-1:])
