@@ -123,6 +123,9 @@ class LazyTensor:
     stored_name: str = ""
     stored_shape: tuple[int, ...] = ()
     file_offset: int = -1
+    # The file whose bytes at `file_offset` are exactly `raw()` (None when the reader transforms
+    # them, or they are not in one file): lets a caller read them a slice at a time.
+    stored_in: str | None = None
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)

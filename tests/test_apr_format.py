@@ -575,3 +575,28 @@ def test_real_smollm2_layer_in_apr_import_style_matches_transformers(tmp_path, s
             np.testing.assert_array_equal(got, expected, err_msg=hf_name)
             if "attn_" in gguf_name:
                 assert not np.array_equal(got, stored[gguf_name])  # the un-permutation did something
+
+
+def test_opening_a_tied_apr_checks_the_lm_head_copy_a_slice_at_a_time(synthetic_dir, tmp_path):
+    """APR stores a tied lm_head as a copy of the embedding, and every open checks that it is one.
+    Loading both whole held twice the largest tensor: 1.9 GB for a 1.5B model's F32 embedding, the
+    peak of every conversion and inspection of such a file. Now a 16 MB slice of each at a time."""
+    import tracemalloc
+
+    from convqa.convert.builtin import convert
+    from convqa.formats import open_model
+
+    source = synthetic_dir("qwen2-tiny-tied", vocab_size=65536, hidden_size=256)  # a 64 MB F32 embedding
+    apr = tmp_path / "model.apr"
+    convert(source, apr, "apr")
+    tracemalloc.start()
+    try:
+        with open_model(apr) as model:
+            embedding = model.tensors["model.embed_tokens.weight"]
+            assert "lm_head.weight" not in model.tensors
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert embedding.nbytes == 64 << 20
+    # Two slices and the 65536-token vocabulary's metadata, not the tensor twice (128 MB before).
+    assert peak < embedding.nbytes, f"{peak >> 20} MB allocated to open a model whose largest tensor is 64 MB"

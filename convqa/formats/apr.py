@@ -902,10 +902,12 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
         canonical = canonical_of[entry.name]
         encoding: Encoding = encodings.BY_APR_DTYPE[entry.dtype]
         load = file_bytes(header.data_offset + entry.offset, entry.size)
+        stored_in = os.fspath(path)
         n_head = qk_heads(config, canonical) if name_style == "gguf" else None
         if n_head is not None:
             _check_unpermutable(check, entry, encoding, n_head, header.data_offset)
             load = unpermuted_loader(load, entry.shape[0], n_head)
+            stored_in = None  # raw() is the rows unpermuted, not the file's bytes
         tensors[canonical] = LazyTensor(
             name=canonical,
             shape=entry.shape,
@@ -914,6 +916,7 @@ def read_apr(path: str | os.PathLike) -> ModelArtifact:
             stored_name=entry.name,
             stored_shape=entry.shape,
             file_offset=header.data_offset + entry.offset,
+            stored_in=stored_in,
         )
 
     if tied_flag and LM_HEAD_NAME in tensors:

@@ -178,6 +178,7 @@ def read_safetensors(path: str | os.PathLike) -> ModelArtifact:
                 stored_name=entry.name,
                 stored_shape=entry.shape,
                 file_offset=header.data_start + entry.begin,
+                stored_in=os.fspath(header.path),
             )
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(seen_in))
