@@ -100,6 +100,8 @@ def test_an_identical_rerun_is_replayed_with_the_first_runs_bytes_and_log(workdi
     log = Path(LOG).read_text().splitlines()
     assert log[0].startswith("replayed: ")
     assert log[1:] == [f"  | read {ARTIFACT}", "  | restoring nothing"]
+    [(_, rule, wildcards, _)] = replay.replayed_jobs("results/m")
+    assert (rule, wildcards) == ("inspect_artifact", "model=m,variant=native,chain=st-gguf")
 
 
 def test_a_sidecar_rewritten_for_the_same_bytes_replays(workdir):

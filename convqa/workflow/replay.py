@@ -21,8 +21,9 @@ So the reader rules (inspect, compare, infer, serve, parity) run their body thro
 
 When an earlier run with that key stored its outputs (`results/{model}/.replay/`), they are
 linked back in place (each checked against the sha256 stored with it), the stored logs copied to
-the job's logs with a line that says the job was replayed, and the body does not run: a deleted
-artifact is not even restored. Otherwise the body runs and, if it says its outputs are
+the job's logs with a line that says the job was replayed (and a line appended to
+`results/{model}/.replay/replayed.tsv`), and the body does not run: a deleted artifact is not even
+restored. Otherwise the body runs and, if it says its outputs are
 reproducible, they are stored. A body returns False for outputs that depend on more than the key
 (an engine that timed out or was killed, a run skipped for lack of memory), which are never
 replayed.
@@ -49,6 +50,9 @@ from convqa.versions import tool_versions
 REPLAY_VERSION = 1
 STORE_NAME = ".replay"
 ENTRY_NAME = "entry.json"
+# One line per replayed job (rule, wildcards, key), appended: what a run replayed, for the user
+# and for bench/scale.py's rerun count.
+JOURNAL_NAME = "replayed.tsv"
 # What a sidecar says about its artifact's bytes; the rest (timings, argv, the converter's
 # fingerprint, tool versions) describes how they were made, which the readers never see.
 SIDECAR_CONTENT_FIELDS = ("artifact", "sha256", "size", "conversion_failed", "status", "reason")
@@ -146,6 +150,7 @@ def replay(snakemake, key: str) -> dict | None:
         return None
     for path, target in zip(stored, snakemake.output):
         _place(path, Path(target))
+    _journal(snakemake, key)
     for i, log in enumerate(snakemake.log):
         saved = entry_dir / f"log-{i}"
         Path(log).parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +160,21 @@ def replay(snakemake, key: str) -> dict | None:
             if saved.is_file():  # indented: a line of it is not something this job did
                 out.writelines(f"  | {line}\n" for line in saved.read_text(errors="replace").splitlines())
     return entry
+
+
+def _journal(snakemake, key: str) -> None:
+    wildcards = ",".join(f"{k}={v}" for k, v in _items(snakemake.wildcards).items())
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\t{snakemake.rule}\t{wildcards}\t{key[:16]}\n"
+    with open(store_dir(snakemake.wildcards.model) / JOURNAL_NAME, "a") as fh:  # O_APPEND: one write per line
+        fh.write(line)
+
+
+def replayed_jobs(model_results: str | os.PathLike) -> list[list[str]]:
+    """The journal of a model's results directory: [time, rule, wildcards, key] per replayed job."""
+    journal = Path(model_results) / STORE_NAME / JOURNAL_NAME
+    if not journal.is_file():
+        return []
+    return [line.split("\t") for line in journal.read_text().splitlines() if line]
 
 
 def remember(snakemake, key: str, material: dict | None = None) -> None:
