@@ -36,13 +36,8 @@ setup-cuda: setup
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
 
-# Two pytest-xdist workers, each test file on one of them (a module's workflow run, the
-# detection matrix or the SLURM run, is built once): one worker left a core idle whenever a test
-# waited on a single-threaded step. (`--dist loadgroup` would also keep the two files that read the
-# session's qwen2 mvp run together, but with pytest 9.2 and xdist 3.8 it spreads a group's tests
-# over both workers; each worker runs that fixture once instead.)
 test: setup
-	$(BIN)/python -m pytest -q -n $(CORES) --dist loadfile
+	$(BIN)/python -m pytest -q
 
 # The bundled real Gemma-3-270M (Q4_K_M, 262144-token vocabulary, 1.07 GB F32 ground truth)
 # through the mvp tier; not in `make run`, which it would take past 10 minutes (README).
