@@ -93,21 +93,3 @@ def qwen2_mvp(tmp_path_factory):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
-
-
-# A session fixture that runs a whole workflow, and the test files that read it.
-SHARED_WORKFLOW_FIXTURES = ("qwen2_mvp",)
-
-
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): a test
-    file's tests stay on one worker, so a module-scoped workflow run (the detection matrix, the
-    SLURM run) is built once, and the files that read the session's qwen2 mvp run go to one worker
-    together, so it is not run twice either. A plain `pytest` ignores the marks."""
-    modules_sharing = {}
-    for item in items:
-        for fixture in SHARED_WORKFLOW_FIXTURES:
-            if fixture in item.fixturenames:
-                modules_sharing[item.module.__name__] = fixture
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(modules_sharing.get(item.module.__name__, item.module.__name__)))
