@@ -96,13 +96,13 @@ def input_digest(path: str | os.PathLike) -> dict:
     return {"sha256": file_sha256(p)}
 
 
-def job_key(snakemake) -> str:
-    """The sha256 of everything a reader job's outputs can depend on (module docstring)."""
-    return hashlib.sha256(json.dumps(key_material(snakemake), sort_keys=True, default=str).encode()).hexdigest()
+def _key_of(material: dict) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 
 def key_material(snakemake) -> dict:
-    """What `job_key` hashes; stored with each entry, so that a job that was not replayed can be
+    """Everything a reader job's outputs can depend on (module docstring), which its key hashes;
+    stored with each entry, so that a job that was not replayed can be
     told why (diff it against the entry of the run it was expected to repeat)."""
     resources = _items(snakemake.resources)
     described = {
@@ -207,7 +207,7 @@ def run_or_replay(snakemake, body: Callable[[], bool | None]) -> bool:
     """Replay the job if an earlier run read the same inputs (module docstring), else run `body`
     and store its outputs unless it returns False. True when the job was replayed."""
     material = key_material(snakemake)
-    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+    key = _key_of(material)
     if replay(snakemake, key) is not None:
         return True
     if body() is not False:
