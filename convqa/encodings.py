@@ -115,14 +115,25 @@ def transcode(raw: np.ndarray, source: Encoding, shape: tuple[int, ...], target:
     `target.encode(source.decode(raw, shape))`, without the whole tensor in float32 and
     gguf-py's quantizer temporaries (several float32 copies of its input). Quantizing a
     1.5B model's 151936 x 1536 BF16 embedding to Q8_0 whole peaked at 2.28 GB."""
-    if len(shape) < 2 or not (source.row_wise and target.row_wise):
+    if not transcodes_by_rows(source, shape, target):
         return target.encode(source.decode(raw, shape))
+    src = np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(math.prod(shape[:-1]), -1)
+    return transcode_rows(lambda start, n: src[start : start + n], source, shape, target)
+
+
+def transcodes_by_rows(source: Encoding, shape: tuple[int, ...], target: Encoding) -> bool:
+    return len(shape) >= 2 and source.row_wise and target.row_wise
+
+
+def transcode_rows(read_rows, source: Encoding, shape: tuple[int, ...], target: Encoding) -> np.ndarray:
+    """`transcode` with the source bytes read a slice of rows at a time: `read_rows(start, n)`
+    gives rows start..start+n as uint8 (n, row bytes). Read from the file, the whole input tensor
+    is never in memory either (a converter then holds its output tensor and one slice)."""
     rows, cols = math.prod(shape[:-1]), shape[-1]
-    src = np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(rows, -1)
     out = np.empty((rows, target.nbytes((1, cols))), dtype=np.uint8)
     step = max(1, _DEQUANT_SLICE_BYTES // max(1, cols * 4))  # float32 bytes per slice
     for start in range(0, rows, step):
-        part = src[start : start + step]
+        part = read_rows(start, min(step, rows - start))
         out[start : start + step] = target.encode(source.decode(part, (part.shape[0], cols))).reshape(part.shape[0], -1)
     return out.reshape(-1)
 

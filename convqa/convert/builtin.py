@@ -20,6 +20,7 @@ from convqa import __version__, arch, encodings
 from convqa.encodings import QUANT_TARGETS, Encoding
 from convqa.errors import ConversionError
 from convqa.formats import FORMATS, open_model, write_model
+from convqa.formats.filerange import read_file_range
 from convqa.model import LazyTensor, ModelArtifact, WritePlan
 
 # Encodings each target format can store.
@@ -89,6 +90,16 @@ def gguf_wants_f32(name: str, shape) -> bool:
 
 def _reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:
     def load() -> np.ndarray:
+        if tensor.stored_in and encodings.transcodes_by_rows(tensor.encoding, tensor.shape, target):
+            # Straight from the file a slice of rows at a time: the input tensor is never whole
+            # in memory (the 1.5B embedding's BF16 445 MiB, beside its Q8_0 or F32 output).
+            row_bytes = tensor.encoding.nbytes((1, tensor.shape[-1]))
+
+            def read_rows(start: int, n: int) -> np.ndarray:
+                data = read_file_range(tensor.stored_in, tensor.file_offset + start * row_bytes, n * row_bytes)
+                return data.reshape(n, row_bytes)
+
+            return encodings.transcode_rows(read_rows, tensor.encoding, tensor.shape, target)
         return encodings.transcode(tensor.raw(), tensor.encoding, tensor.shape, target)
 
     return LazyTensor(tensor.name, tensor.shape, target, load)

@@ -412,10 +412,12 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
         return read_file_range(path, info.offset, info.nbytes)
 
     load_raw = load_stored
+    stored_in = path  # raw() is the file's bytes unless a transform below applies
     n_head = qk_heads(config, canonical)
     if n_head is not None:
         _check_permutable(path, info, shape, n_head)
         load_raw = unpermuted_loader(load_stored, shape[0], n_head)
+        stored_in = None
     offset = transforms.norm_offset(config, canonical)
     if offset:
         if not transforms.can_offset(info.encoding):
@@ -424,6 +426,7 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
                 field=info.name, offset=info.info_offset,
             )
         load_raw = transforms.offset_loader(load_raw, info.encoding, shape, -offset)
+        stored_in = None
 
     return LazyTensor(
         name=canonical,
@@ -433,6 +436,7 @@ def _lazy_tensor(path: str, canonical: str, info: _TensorInfo, config: ModelConf
         stored_name=info.name,
         stored_shape=info.ne,
         file_offset=info.offset,
+        stored_in=stored_in,
     )
 
 
