@@ -9,7 +9,7 @@ from convqa.workflow.replay import run_or_replay
 
 
 def infer() -> bool:
-    from convqa.infer.run import run_prompts_isolated
+    from convqa.infer.run import reproducible, run_prompts_isolated
 
     with job_log(snakemake.log.run) as log, restored(snakemake.params.artifacts, log) as artifacts:
         record = run_prompts_isolated(
@@ -30,10 +30,6 @@ def infer() -> bool:
         for prompt in record["prompts"]:
             print(f"  {prompt['prompt_id']}: {prompt.get('error') or prompt.get('generated_ids')}", file=log)
     return reproducible(record)
-
-
-def reproducible(record: dict) -> bool:
-    return not record["skipped"] and not record["error"] and not any(p.get("error") for p in record["prompts"])
 
 
 run_or_replay(snakemake, infer)

@@ -8,7 +8,7 @@ from convqa.workflow.replay import run_or_replay
 
 
 def infer_reference() -> bool:
-    from convqa.infer.run import run_reference_isolated
+    from convqa.infer.run import reproducible, run_reference_isolated
 
     with job_log(snakemake.log.run) as log, restored(snakemake.params.artifacts, log) as artifacts:
         record = run_reference_isolated(
@@ -25,7 +25,7 @@ def infer_reference() -> bool:
         )
         state = record["skipped"] and f"skipped: {record['skipped']}" or record["error"]
         print(f"{record['artifact']} ({snakemake.wildcards.backend}): {state or record.get('reference', {}).get('encodings')}", file=log)
-    return not record["skipped"] and not record["error"] and not any(p.get("error") for p in record.get("prompts", []))
+    return reproducible(record)
 
 
 run_or_replay(snakemake, infer_reference)

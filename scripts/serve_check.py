@@ -14,7 +14,7 @@ from convqa.workflow.replay import run_or_replay
 
 def serve_check() -> bool:
     from convqa.infer.prompts import DEFAULT_PROMPTS
-    from convqa.infer.run import serve_prompts
+    from convqa.infer.run import reproducible, serve_prompts
 
     with job_log(snakemake.log.serve) as log, restored(snakemake.params.artifacts, log) as artifacts:
         record = serve_prompts(
@@ -30,7 +30,7 @@ def serve_check() -> bool:
         write_json(snakemake.output.json, record)
         state = record["skipped"] or record["error"] or f"{len(record['answers'])} answers"
         print(f"{snakemake.params.engine} serve {artifacts['artifact']}: {state}", file=log)
-    return not record["skipped"] and not record["error"]
+    return reproducible(record)
 
 
 run_or_replay(snakemake, serve_check)

@@ -169,3 +169,16 @@ def test_a_failing_body_stores_nothing(workdir):
     with pytest.raises(RuntimeError):
         run(job(), failing)
     assert not any(replay.store_dir("m").rglob("entry.json"))
+
+
+def test_only_a_run_that_completed_is_stored():
+    """What the inference, reference and serve jobs tell run_or_replay: a skipped run (memory), a
+    failed one (a timeout, an abort) or one with a failed prompt depends on more than the key."""
+    from convqa.infer.run import reproducible
+
+    ran = {"skipped": None, "error": None, "prompts": [{"prompt_id": "a", "error": None}]}
+    assert reproducible(ran)
+    assert reproducible({"skipped": None, "error": None, "answers": []})  # a served check
+    assert not reproducible({**ran, "skipped": "needs 9.1 GB, 4.0 GB available"})
+    assert not reproducible({**ran, "error": "did not finish within 600 s (hung?) and was killed"})
+    assert not reproducible({**ran, "prompts": [{"prompt_id": "a", "error": "killed by SIGABRT"}]})

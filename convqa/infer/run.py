@@ -256,6 +256,14 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
     return _finish_isolated("convqa.infer.run:run_reference_job", kwargs, record, "transformers", timeout_s, engine_log)
 
 
+def reproducible(record: dict) -> bool:
+    """A run record whose content follows from its inputs alone: not skipped (the machine's or
+    the job's memory), no error (a timeout, a kill, an abort) in the run or in any prompt. Only
+    such a record is stored for replay (convqa.workflow.replay)."""
+    return (not record.get("skipped") and not record.get("error")
+            and not any(p.get("error") for p in record.get("prompts", [])))
+
+
 def _skipped_too_big(record: dict, artifact: str, engine: str, mem_mb, json_path: str, npz_path: str,
                      source: str | None = None, reference: bool = False) -> bool:
     """Write a `skipped` record (what the run needs, what there is) when the artifact cannot fit
