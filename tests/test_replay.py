@@ -171,6 +171,31 @@ def test_a_failing_body_stores_nothing(workdir):
     assert not any(replay.store_dir("m").rglob("entry.json"))
 
 
+def test_each_job_keeps_only_its_latest_runs(workdir):
+    """However often a reader's inputs change, the store holds KEEP_PER_JOB versions of its
+    outputs: the ones stored or replayed last (a reverted change still replays)."""
+    body = Body()
+    versions = [b"GGUF" + bytes([i]) * 512 for i in range(3)]
+    for data in versions:  # three writer fixes, each changing the artifact's bytes
+        write_artifact(data)
+        assert run(job(), body) is False
+    assert body.calls == 3
+    [job_dir] = [d for d in replay.store_dir("m").iterdir() if d.is_dir()]
+    assert len(list(job_dir.glob("*/entry.json"))) == replay.KEEP_PER_JOB == 2
+    write_artifact(versions[1])
+    assert run(job(), body) is True, "the run before the last is kept"
+    write_artifact(versions[0])
+    assert run(job(), body) is False, "the oldest was evicted"
+    assert body.calls == 4
+    # versions[1] was replayed after versions[2] was stored, so storing versions[0] evicted versions[2]
+    write_artifact(versions[1])
+    assert run(job(), body) is True
+    write_artifact(versions[2])
+    assert run(job(), body) is False
+    assert body.calls == 5
+    assert len(list(job_dir.glob("*/entry.json"))) == 2 and not list(job_dir.glob(".tmp-*"))
+
+
 def test_only_a_run_that_completed_is_stored():
     """What the inference, reference and serve jobs tell run_or_replay: a skipped run (memory), a
     failed one (a timeout, an abort) or one with a failed prompt depends on more than the key."""

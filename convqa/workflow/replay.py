@@ -30,6 +30,11 @@ replayed.
 
 Outputs are hard links (Snakemake removes a job's outputs before it runs the job, so a rerun
 never writes through a link into the store); logs are copies, since a replay appends to them.
+
+The store keeps the last `KEEP_PER_JOB` keys of each job (`.replay/<job>/<key>/`), the ones stored
+or replayed most recently: the current run's, and the one before it, so that reverting a change
+replays too. Older ones are removed when a new one is stored, so the store holds at most two
+versions of each reader's outputs however many times the workflow is rerun.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ JOURNAL_NAME = "replayed.tsv"
 # fingerprint, tool versions) describes how they were made, which the readers never see.
 SIDECAR_CONTENT_FIELDS = ("artifact", "sha256", "size", "conversion_failed", "status", "reason")
 SIDECAR_SUFFIXES = ("sidecar.json", ".sidecar.json")
+# Entries kept per job: the latest run's and the one before it (module docstring).
+KEEP_PER_JOB = 2
 # Resources that change what a reader writes; mem_mb, tmpdir and the like do not (docstring).
 KEYED_RESOURCES = ("gpu",)
 
@@ -120,8 +127,30 @@ def key_material(snakemake) -> dict:
     return json.loads(json.dumps(described, sort_keys=True, default=str))
 
 
+def _job_dir(snakemake) -> Path:
+    """The store's directory for one job (its rule, wildcards and outputs), whatever its key."""
+    job = {"rule": snakemake.rule, "wildcards": _items(snakemake.wildcards),
+           "outputs": [os.fspath(path) for path in snakemake.output]}
+    return store_dir(snakemake.wildcards.model) / _key_of(job)[:16]
+
+
 def _entry_dir(snakemake, key: str) -> Path:
-    return store_dir(snakemake.wildcards.model) / key[:2] / key
+    return _job_dir(snakemake) / key
+
+
+def _evict(job_dir: Path, keep: int = KEEP_PER_JOB) -> None:
+    """Remove all but the `keep` entries of a job stored or replayed most recently (the mtime of
+    their entry.json, which a replay refreshes)."""
+    def last_used(entry: Path) -> float:
+        try:
+            return (entry / ENTRY_NAME).stat().st_mtime
+        except OSError:
+            return 0.0  # an entry without its record is not usable
+
+    entries = sorted((d for d in job_dir.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                     key=last_used, reverse=True)
+    for stale in entries[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _place(stored: Path, target: Path) -> None:
@@ -150,6 +179,7 @@ def replay(snakemake, key: str) -> dict | None:
         return None
     for path, target in zip(stored, snakemake.output):
         _place(path, Path(target))
+    os.utime(entry_dir / ENTRY_NAME)  # used now: the last to be evicted
     _journal(snakemake, key)
     for i, log in enumerate(snakemake.log):
         saved = entry_dir / f"log-{i}"
@@ -201,6 +231,7 @@ def remember(snakemake, key: str, material: dict | None = None) -> None:
             "stored_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "key_material": material,
         }, indent=1))
+    _evict(entry_dir.parent)
 
 
 def run_or_replay(snakemake, body: Callable[[], bool | None]) -> bool:
