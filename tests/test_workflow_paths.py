@@ -207,6 +207,36 @@ def test_conversions_and_comparisons_are_sized_by_the_largest_tensor(J, tmp_path
     assert J.comparison_mem_mb(w(model=model), inputs, 1) == 500
 
 
+def test_first_hops_are_sized_from_the_source_header_before_its_manifest(J, tmp_path, monkeypatch, synthetic_dir):
+    """Snakemake sizes a job once, when it first becomes ready; the conversions out of S become
+    ready together with inspect_source. Sized before the manifest existed (3x the source), each
+    1.5B first hop asked 9.3 of the bench's 14 GB."""
+    import json
+    import math
+    import shutil
+
+    from convqa.formats import open_model
+
+    monkeypatch.chdir(tmp_path)
+    model = "qwen2-tiny"
+    source = tmp_path / paths.source_dir(model)
+    source.parent.mkdir(parents=True)
+    assert jobs.largest_tensor_mb(model) is None  # nothing prepared yet
+    shutil.copytree(synthetic_dir("qwen2-tiny"), source)
+    assert jobs.largest_tensor_mb(model) is None, "a source without its sidecar is not complete yet"
+    (tmp_path / f"{paths.source_dir(model)}.sidecar.json").write_text("{}")
+    with open_model(source) as m:
+        largest_mb = max(math.prod(t.shape) for t in m.tensors.values()) * 4 / 2**20
+    assert jobs.largest_tensor_mb(model) == pytest.approx(largest_mb)
+    wc = w(model=model, variant="native", chain="st-gguf")
+    mem = J.routed_conversion_mem_mb(wc, SimpleNamespace(artifact=str(source)), 1)
+    assert mem == int(2 * largest_mb + 500)
+    # The manifest, once written, is what counts (the same number for a dense model).
+    manifest = {"config": {"params": {"num_experts": 4}}, "tensors": [{"shape": [10, 1000]}]}
+    (tmp_path / paths.source_manifest_path(model)).write_text(json.dumps(manifest))
+    assert jobs.largest_tensor_mb(model) == pytest.approx(4 * 10 * 1000 * 4 / 2**20)
+
+
 def test_config_errors():
     c = config(variants=["native", "q9_9"])
     with pytest.raises(Exception, match="unknown variant 'q9_9'"):

@@ -121,14 +121,50 @@ def decided_from_manifests(reference_manifest: str, subject_manifest: str) -> bo
 
 
 def largest_tensor_mb(model) -> float | None:
-    """MB of the model's largest tensor decoded to float32, from the source's manifest (None
-    before it is written); an MoE model's times its expert count, as GGUF stacks the experts."""
+    """MB of the model's largest tensor decoded to float32, from the source's manifest, or from
+    the source's header while the manifest is not written yet (None before the source is); an
+    MoE model's times its expert count, as GGUF stacks the experts.
+
+    The header matters: Snakemake sizes a job once, when it first becomes ready, and the first
+    hops become ready with inspect_source. Sized without it (3x the source), each 1.5B conversion
+    out of S asked 9.3 GB of the bench's 14 GB and ran beside nothing but small readers."""
     manifest = _cached_json(paths.source_manifest_path(model))
-    if not manifest or not manifest.get("tensors"):
+    if manifest and manifest.get("tensors"):
+        values = max(math.prod(t["shape"]) for t in manifest["tensors"])
+        experts = ((manifest.get("config") or {}).get("params") or {}).get("num_experts") or 1
+    elif (header := _source_header(model)) is not None:
+        values, experts = header
+    else:
         return None
-    values = max(math.prod(t["shape"]) for t in manifest["tensors"])
-    experts = ((manifest.get("config") or {}).get("params") or {}).get("num_experts") or 1
     return values * experts * 4 / 2**20
+
+
+_HEADERS: dict[str, tuple[tuple, tuple[int, int] | None]] = {}
+
+
+def _source_header(model) -> tuple[int, int] | None:
+    """(elements of the largest tensor, expert count) of the prepared source, read from its
+    header once per version of its sidecar (prepare_source writes it after the source). None
+    while there is none, or when the source cannot be read (the gates say why)."""
+    from convqa.errors import FormatError
+    from convqa.formats import open_model
+
+    source = paths.source_dir(model)
+    try:
+        st = os.stat(f"{source}.sidecar.json")
+    except OSError:
+        return None
+    key = (st.st_mtime_ns, st.st_size)
+    if source not in _HEADERS or _HEADERS[source][0] != key:
+        try:
+            with open_model(source) as artifact:
+                values = max((math.prod(t.shape) for t in artifact.tensors.values()), default=0)
+                experts = artifact.config.params.get("num_experts") or 1
+            found = (values, experts) if values else None
+        except (OSError, FormatError):
+            found = None
+        _HEADERS[source] = (key, found)
+    return _HEADERS[source][1]
 
 
 def inference_mem_mb(wildcards, input, attempt):
