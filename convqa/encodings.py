@@ -79,6 +79,21 @@ class Encoding:
             out[start : start + step] = quants.dequantize(rows[start : start + step], qtype)
         return out.reshape(shape)
 
+    def decoded_slices(self, raw: np.ndarray, shape: tuple[int, ...], elements: int):
+        """The float32 decode of `raw` (stored bytes of a tensor of `shape`) as flat C-ordered
+        slices of whole rows, about `elements` each, so that a reader that only folds the values
+        (statistics, a digest) never holds the tensor decoded whole. One slice, the whole decode,
+        where rows cannot be decoded on their own (APR's Q8/Q4) or there are no rows."""
+        if len(shape) < 2 or not self.row_wise:
+            yield self.decode(raw, shape).reshape(-1)
+            return
+        rows, cols = math.prod(shape[:-1]), shape[-1]
+        stored = np.ascontiguousarray(raw).reshape(-1).view(np.uint8).reshape(rows, -1)
+        step = max(1, elements // max(1, cols))
+        for start in range(0, rows, step):
+            part = stored[start : start + step]
+            yield self.decode(part, (part.shape[0], cols)).reshape(-1)
+
     def encode(self, values: np.ndarray) -> np.ndarray:
         """float32 array -> stored bytes as a flat uint8 array."""
         values = np.ascontiguousarray(values, dtype=np.float32)

@@ -66,6 +66,47 @@ def test_values_sha256_hashes_the_decode_in_place():
     assert peak < 1 << 20, f"peak {peak} bytes while hashing {values.nbytes} bytes"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # random K-quant scales
+@pytest.mark.parametrize("encoding", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q6_K", "APR_Q8"])
+def test_an_entry_folds_a_slice_of_rows_at_a_time_into_the_numbers_of_the_whole_decode(encoding):
+    """tensor_entry decodes a slice of rows at a time (Encoding.decoded_slices) and takes the
+    statistics and the values' digest from each slice: the digest must be the whole decode's bit
+    for bit (exact comparisons are decided with it), the statistics numpy's on a float64 copy."""
+    from convqa.encodings import by_name
+    from convqa.inspect.manifest import tensor_entry
+    from tinymodel import const_tensor, random_tensor
+
+    enc = by_name(encoding)
+    rows, cols = 3 * (STATS_SLICE_ELEMENTS // 512) + 5, 512  # several slices and a short last one
+    rng = np.random.default_rng(1)
+    if enc.can_encode:
+        tensor = const_tensor("w", (rng.standard_normal((rows, cols)) * 0.02 + 0.5).astype(np.float32), enc)
+    else:  # gguf-py has no Q4_K quantizer: random blocks (NaN and Inf scales among them)
+        tensor = random_tensor("w", (rows, cols), enc, rng)
+    whole = enc.decode(tensor.raw(), (rows, cols))
+    entry = tensor_entry(tensor)
+    assert entry["values_sha256"] == values_sha256(whole)
+    want = float64_reference(whole)
+    for key in ("min", "max", "zero_fraction", "nan", "inf"):
+        assert entry["stats"][key] == want[key], key
+    for key in ("mean", "std", "l2"):
+        assert entry["stats"][key] == pytest.approx(want[key], rel=1e-12), key
+
+
+def test_an_entry_of_a_bf16_tensor_holds_no_float32_decode_of_it():
+    """The decode of a 1.5B model's BF16 embedding is 0.9 GB; a manifest held it whole (and the
+    inspection of a 1.5B model peaked at 2.3 GB RSS)."""
+    from convqa.encodings import BF16
+    from convqa.inspect.manifest import tensor_entry
+    from tinymodel import const_tensor
+
+    values = np.random.default_rng(0).standard_normal((4000, 1024)).astype(np.float32)  # 16 MB in F32
+    tensor = const_tensor("w", values, BF16)
+    tensor.raw()  # the stored bytes are the file's (mapped); only what the entry allocates counts
+    peak = traced_peak(tensor_entry, tensor)
+    assert peak < values.nbytes / 4, f"peak {peak} bytes for a tensor of {values.nbytes} bytes in F32"
+
+
 def traced_peak(fn, *args) -> int:
     """Peak bytes Python allocates (numpy arrays included) while `fn(*args)` runs."""
     tracemalloc.start()

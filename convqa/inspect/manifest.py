@@ -45,55 +45,90 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 # The statistics are float64 sums (a float32 sum of a 233M-value embedding loses digits), taken a
 # slice at a time: a float64 copy of the whole tensor, and the temporaries of `std` over it, were
-# 4x the tensor's float32 decode at the peak (3.7 GB more for a 1.5B model's embedding).
+# 4x the tensor's float32 decode at the peak (3.7 GB more for a 1.5B model's embedding). A tensor
+# is decoded a slice of rows at a time too, and every statistic and the values' digest are taken
+# from the slice while it is in the CPU's cache: one read of the stored bytes instead of a
+# decode written whole and read eight times (NaN, Inf, two float64 passes, min, max, zeros, the
+# digest). Measured at 1.5B: the BF16 source's manifest 20.5 -> 13.6 s and 2.3 -> 0.5 GB RSS, its
+# Q8_0 GGUF's 21.8 -> 13.9 s and 1.5 -> 0.3 GB, the same digests, std within 2e-14.
 STATS_SLICE_ELEMENTS = 1 << 18
 
 
-def _float64_slices(values: np.ndarray):
-    for start in range(0, values.size, STATS_SLICE_ELEMENTS):
-        yield values[start : start + STATS_SLICE_ELEMENTS].astype(np.float64)
+class RunningStats:
+    """tensor_stats over values given a slice at a time (`add`), in float64."""
+
+    def __init__(self):
+        self.nan = self.inf = self.count = self.zeros = 0
+        self.total = self.squares = self.mean = self.centred = 0.0
+        self.low, self.high = np.inf, -np.inf
+
+    def add(self, values: np.ndarray) -> None:
+        v = np.asarray(values).reshape(-1)
+        for start in range(0, v.size, STATS_SLICE_ELEMENTS):
+            self._add_slice(v[start : start + STATS_SLICE_ELEMENTS].astype(np.float64))
+
+    def _add_slice(self, s: np.ndarray) -> None:
+        finite = np.isfinite(s)
+        if not finite.all():
+            self.nan += int(np.count_nonzero(np.isnan(s)))
+            self.inf += int(np.count_nonzero(np.isinf(s)))
+            s = s[finite]
+        if s.size == 0:
+            return
+        part_total = s.sum()
+        self.total += part_total
+        self.squares += np.dot(s, s)
+        self.low, self.high = min(self.low, s.min()), max(self.high, s.max())
+        self.zeros += int(np.count_nonzero(s == 0))
+        # The slice's squared deviations from its own mean, merged into the running ones (Chan et
+        # al.): no sum(x^2) - n*mean^2 to cancel the digits of a tight spread around a large mean.
+        part_mean = part_total / s.size
+        s -= part_mean
+        merged = self.count + s.size
+        delta = part_mean - self.mean
+        self.centred += np.dot(s, s) + delta * delta * self.count * s.size / merged
+        self.mean += delta * s.size / merged
+        self.count = merged
+
+    def result(self) -> dict:
+        if self.count == 0:
+            return {"mean": None, "std": None, "min": None, "max": None, "l2": None, "zero_fraction": None,
+                    "nan": self.nan, "inf": self.inf}
+        return {
+            "mean": float(self.total / self.count),
+            "std": float(np.sqrt(self.centred / self.count)),
+            "min": float(self.low),
+            "max": float(self.high),
+            "l2": float(np.sqrt(self.squares)),
+            "zero_fraction": float(self.zeros / self.count),
+            "nan": self.nan,
+            "inf": self.inf,
+        }
 
 
 def tensor_stats(values: np.ndarray) -> dict:
     """mean, std (population), min, max, l2 norm and zero fraction of the finite values; the
     counts of NaN and Inf."""
-    v = np.asarray(values).reshape(-1)
-    n_nan = int(np.count_nonzero(np.isnan(v)))
-    n_inf = int(np.count_nonzero(np.isinf(v)))
-    fv = v[np.isfinite(v)] if n_nan or n_inf else v
-    if fv.size == 0:
-        return {"mean": None, "std": None, "min": None, "max": None, "l2": None, "zero_fraction": None, "nan": n_nan, "inf": n_inf}
-    total = squares = 0.0
-    for s in _float64_slices(fv):
-        total += s.sum()
-        squares += np.dot(s, s)
-    mean = total / fv.size
-    centred = 0.0  # two passes: sum((x - mean)^2) keeps digits that sum(x^2) - n*mean^2 cancels
-    for s in _float64_slices(fv):
-        s -= mean
-        centred += np.dot(s, s)
-    return {
-        "mean": float(mean),
-        "std": float(np.sqrt(centred / fv.size)),
-        "min": float(fv.min()),
-        "max": float(fv.max()),
-        "l2": float(np.sqrt(squares)),
-        "zero_fraction": float(np.count_nonzero(fv == 0) / fv.size),
-        "nan": n_nan,
-        "inf": n_inf,
-    }
+    stats = RunningStats()
+    stats.add(values)
+    return stats.result()
 
 
-def values_sha256(values: np.ndarray) -> str:
-    """sha256 of float32 values as little-endian bytes in C order, hashed where they lie (no copy)
-    when they already are that; else converted a slice at a time."""
+def _update_with_values(h, values: np.ndarray) -> None:
+    """Feed float32 values to a sha256 as little-endian bytes in C order, where they lie (no
+    copy) when they already are that; else converted a slice at a time."""
     v = np.asarray(values).reshape(-1)  # a view of the C-ordered decode
-    h = hashlib.sha256()
     if v.dtype == np.dtype("<f4") and v.flags.c_contiguous:
         h.update(memoryview(v).cast("B"))
     else:
         for start in range(0, v.size, STATS_SLICE_ELEMENTS):
             h.update(np.ascontiguousarray(v[start : start + STATS_SLICE_ELEMENTS], dtype="<f4").tobytes())
+
+
+def values_sha256(values: np.ndarray) -> str:
+    """sha256 of float32 values as little-endian bytes in C order."""
+    h = hashlib.sha256()
+    _update_with_values(h, values)
     return h.hexdigest()
 
 
@@ -110,10 +145,14 @@ def tensor_entry(t: LazyTensor, with_stats: bool = True) -> dict:
         "file_offset": t.file_offset,
     }
     if with_stats:
-        values = t.encoding.decode(raw, t.shape)
-        entry["stats"] = tensor_stats(values)
+        stats, digest = RunningStats(), hashlib.sha256()
+        for values in t.encoding.decoded_slices(raw, t.shape, STATS_SLICE_ELEMENTS):
+            stats.add(values)
+            if t.encoding.name != "F32":
+                _update_with_values(digest, values)
+        entry["stats"] = stats.result()
         # An F32 decode is a view of the raw bytes (convqa.encodings), so their sha256 is the values'.
-        entry["values_sha256"] = entry["sha256"] if t.encoding.name == "F32" else values_sha256(values)
+        entry["values_sha256"] = entry["sha256"] if t.encoding.name == "F32" else digest.hexdigest()
     return entry
 
 
