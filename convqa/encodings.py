@@ -60,7 +60,9 @@ class Encoding:
         if self.name == "F16":
             return raw.view("<f2").astype(np.float32).reshape(shape)
         if self.name == "BF16":
-            return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            widened = raw.view("<u2").astype(np.uint32)
+            widened <<= 16  # in place: `<<` would allocate a second array the size of the decode
+            return widened.view(np.float32).reshape(shape)
         if self.name == "F64":
             return raw.view("<f8").astype(np.float32).reshape(shape)
         if self.name == "APR_Q8":

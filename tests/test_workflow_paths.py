@@ -198,7 +198,7 @@ def test_conversions_and_comparisons_are_sized_by_the_largest_tensor(J, tmp_path
     inputs = SimpleNamespace(subject=str(sidecar), reference=str(sidecar),
                              subject_manifest=str(tmp_path / "missing.json"), reference_manifest=str(tmp_path / "missing.json"))
     full = J.comparison_mem_mb(w(model=model), inputs, 1)
-    assert full == int(6 * largest_mb + 500)
+    assert full == int(4 * largest_mb + 500)
     decided = {"config": {"architecture": "qwen2"}, "tokenizer": None,
                "tensors": [{"name": "w", "shape": [2, 2], "encoding": "F32", "sha256": "a", "values_sha256": "a",
                             "stats": {"nan": 0, "inf": 0}}]}
