@@ -169,7 +169,7 @@ def test_a_reencoded_tensor_is_read_from_its_file_a_slice_of_rows_at_a_time(synt
     import tracemalloc
 
     from convqa import encodings
-    from convqa.convert.builtin import _reencoded, convert
+    from convqa.convert.builtin import convert, reencoded
     from convqa.formats import open_model
 
     source = synthetic_dir("qwen2-tiny", dtype="bfloat16", vocab_size=65536, hidden_size=1024)  # a 128 MiB embedding
@@ -182,7 +182,7 @@ def test_a_reencoded_tensor_is_read_from_its_file_a_slice_of_rows_at_a_time(synt
         assert tensor.stored_in and tensor.encoding == encodings.BF16
         tracemalloc.start()
         try:
-            out = _reencoded(tensor, encoding).raw()
+            out = reencoded(tensor, encoding).raw()
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()

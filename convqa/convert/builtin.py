@@ -88,7 +88,10 @@ def gguf_wants_f32(name: str, shape) -> bool:
     return len(shape) <= 1 or name.endswith("norm.weight")
 
 
-def _reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:
+def reencoded(tensor: LazyTensor, target: Encoding) -> LazyTensor:
+    """`tensor` stored in `target`: the bytes of `target.encode(tensor.to_float32())`, made when
+    loaded (the reference encoders; convqa.infer.reference_model builds its model with it too)."""
+
     def load() -> np.ndarray:
         if tensor.stored_in and encodings.transcodes_by_rows(tensor.encoding, tensor.shape, target):
             # Straight from the file a slice of rows at a time: the input tensor is never whole
@@ -123,16 +126,16 @@ def plan_tensors(source: ModelArtifact, target_format: str, quant: str | None, r
         if quant_target is not None and should_quantize(tensor, quant_target) and enc != quant_target:
             if enc.is_quantized:
                 raise ConversionError(f"{tensor.name} is already {enc.name}; re-quantizing to {quant_target.name} would stack errors")
-            planned.append(_reencoded(tensor, quant_target))
+            planned.append(reencoded(tensor, quant_target))
             record.quantized.append([tensor.name, enc.name, quant_target.name])
         elif needs_f32(tensor, target_format):
-            planned.append(_reencoded(tensor, encodings.F32))
+            planned.append(reencoded(tensor, encodings.F32))
             record.upcast.append([tensor.name, enc.name, "F32"])
         elif enc.name in storable:
             planned.append(tensor)
             record.passthrough += 1
         else:
-            planned.append(_reencoded(tensor, encodings.F32))
+            planned.append(reencoded(tensor, encodings.F32))
             record.dequantized.append([tensor.name, enc.name, "F32"])
     return planned
 

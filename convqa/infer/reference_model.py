@@ -12,42 +12,15 @@ chose for it, and a correct artifact gives bit-identical logits under the same e
 The encodings are read from the chain's first-hop artifact (the conversion that left
 SafeTensors, where all quantization happens), so the reference follows the converter's choice of
 which tensors to quantize (that choice is judged by the ground-truth tolerances) and judges only
-whether the chosen encoding was applied correctly. Tensors are re-encoded lazily, one at a time.
+whether the chosen encoding was applied correctly. Tensors are re-encoded lazily, one at a time, and read from the source file a slice of rows at
+a time (convqa.convert.builtin.reencoded, what the converter quantizes with).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from convqa.encodings import Encoding
+from convqa.convert.builtin import reencoded
 from convqa.errors import ConversionError
-from convqa.model import LazyTensor, ModelArtifact
-
-
-# Source elements re-encoded at a time: gguf-py's quantizers make several float32 temporaries the
-# size of their input, which for a whole 151936 x 1536 embedding took the reference job of a 1.5B
-# BF16 model to 6.0 GB (1.9x the model); rows are independent in every block encoding.
-ENCODE_SLICE_ELEMENTS = 8 << 20
-_ROW_ENCODABLE = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
-
-
-def _passed_through(tensor: LazyTensor, encoding: Encoding) -> LazyTensor:
-    def load() -> np.ndarray:
-        shape = tensor.shape
-        rows = shape[0] if len(shape) >= 2 and encoding.name in _ROW_ENCODABLE and \
-            tensor.encoding.name in _ROW_ENCODABLE else 1
-        step = max(1, ENCODE_SLICE_ELEMENTS // max(1, tensor.n_elements // max(1, rows)))
-        if rows <= step:
-            return encoding.encode(tensor.to_float32())
-        stored = tensor.raw().reshape(rows, -1)  # the source's bytes, row by row
-        out = np.empty(encoding.nbytes(shape), dtype=np.uint8).reshape(rows, -1)
-        for start in range(0, rows, step):
-            part = stored[start:start + step]
-            values = tensor.encoding.decode(part, (part.shape[0], *shape[1:]))
-            out[start:start + step] = encoding.encode(values).reshape(part.shape[0], -1)
-        return out.reshape(-1)
-
-    return LazyTensor(tensor.name, tensor.shape, encoding, load)
+from convqa.model import ModelArtifact
 
 
 def reference_quantized(source: ModelArtifact, encoded: ModelArtifact) -> ModelArtifact:
@@ -71,7 +44,7 @@ def reference_quantized(source: ModelArtifact, encoded: ModelArtifact) -> ModelA
                 encoding.nbytes(tensor.shape)
             except ConversionError as exc:
                 raise ConversionError(f"{encoded.path}: tensor {tensor.name}: {exc}") from exc
-            tensors[tensor.name] = _passed_through(tensor, encoding)
+            tensors[tensor.name] = reencoded(tensor, encoding)
         else:
             tensors[tensor.name] = tensor
         counts[encoding.name] = counts.get(encoding.name, 0) + 1
