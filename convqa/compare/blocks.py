@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from convqa.encodings import ENCODING_TOLERANCE, F32, Encoding, transcode_rows, transcodes_by_rows
+from convqa.encodings import ENCODING_TOLERANCE, F32, Encoding, transcode
 
 # Block geometry of the plain floats, for counting and mapping: 32 values to a "block".
 FLOAT_GROUP = 32
@@ -86,10 +86,8 @@ def reference_encode(encoding: Encoding, source_values: np.ndarray, shape: tuple
     """`encoding`'s bytes for `source_values` (float32) by its reference encoder, a slice of rows
     at a time where the encoding allows it (gguf-py's quantizers, BF16's rounding among them, make
     temporaries the size of their input: 3 of 0.9 GB for a 1.5B model's embedding)."""
-    if not transcodes_by_rows(F32, shape, encoding):
-        return np.ascontiguousarray(encoding.encode(source_values.reshape(shape))).reshape(-1).view(np.uint8)
-    rows = np.ascontiguousarray(source_values, dtype="<f4").reshape(math.prod(shape[:-1]), shape[-1])
-    return transcode_rows(lambda start, n: rows[start : start + n].view(np.uint8), F32, shape, encoding)
+    stored_f32 = np.ascontiguousarray(source_values, dtype="<f4").reshape(-1).view(np.uint8)
+    return np.ascontiguousarray(transcode(stored_f32, F32, shape, encoding)).reshape(-1).view(np.uint8)
 
 
 def reference_blocks(source_values: np.ndarray, stored) -> dict:

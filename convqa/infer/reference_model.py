@@ -12,8 +12,9 @@ chose for it, and a correct artifact gives bit-identical logits under the same e
 The encodings are read from the chain's first-hop artifact (the conversion that left
 SafeTensors, where all quantization happens), so the reference follows the converter's choice of
 which tensors to quantize (that choice is judged by the ground-truth tolerances) and judges only
-whether the chosen encoding was applied correctly. Tensors are re-encoded lazily, one at a time, and read from the source file a slice of rows at
-a time (convqa.convert.builtin.reencoded, what the converter quantizes with).
+whether the chosen encoding was applied correctly. Tensors are re-encoded lazily, one at a time,
+and read from the source file a slice of rows at a time (convqa.convert.builtin.reencoded, what
+the converter quantizes with).
 """
 
 from __future__ import annotations
