@@ -137,13 +137,18 @@ def build_model(out: Path, geometry: str) -> Path:
 
 
 def bytes_under(root: Path) -> int:
-    total = 0
+    """Bytes of the files under `root`, each file once: a re-run stored as a hard link to the
+    artifact it repeats (convqa.workflow.intermediates.share_bytes) holds no bytes of its own."""
+    seen, total = set(), 0
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             try:
-                total += os.lstat(os.path.join(dirpath, f)).st_size
+                st = os.lstat(os.path.join(dirpath, f))
             except OSError:
-                pass  # deleted while walking
+                continue  # deleted while walking
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
     return total
 
 

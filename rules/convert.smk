@@ -4,11 +4,14 @@
 # `params:` reruns exactly the edges whose converter changed; `code` the edges whose job code did.
 # The input is the parent's sidecar (the artifact may have been deleted after use and is restored
 # by the script; convqa.workflow.intermediates), the artifact's path is `params.artifacts`.
+# A re-run (`st-gguf.run2`, F-CONV-IDEM-001) also waits for the conversion it repeats
+# (`params.repeats`): bytes equal to that artifact's become a hard link to it, one copy on disk.
 
 
 rule convert_to_gguf:
     input:
         artifact=J.depends(J.conversion_input),
+        repeats=J.repeated_sidecar,
     output:
         artifact=paths.artifact_path("{model}", "{variant}", "{chain}", "gguf"),
         sidecar=paths.sidecar_path("{model}", "{variant}", "{chain}"),
@@ -34,6 +37,7 @@ rule convert_to_gguf:
         fingerprint=J.converter("fingerprint"),
         code=J.code("convert.py", J.edge_formats),
         artifacts=J.located(J.conversion_input),
+        repeats=J.repeated_artifact,
     script:
         "../scripts/convert.py"
 

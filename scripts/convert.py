@@ -1,12 +1,14 @@
 """Rule convert_to_{gguf,apr,safetensors}: run the configured converter on one edge, enforce
 the output path, and write the artifact's sidecar. A converter that fails leaves a placeholder
-(convqa.formats.no_artifact) that the gates judge, so the job succeeds and the report is written."""
+(convqa.formats.no_artifact) that the gates judge, so the job succeeds and the report is written.
+A re-run whose bytes equal the conversion it repeats is stored as a hard link to it
+(convqa.workflow.intermediates.share_bytes)."""
 
 from convqa.workflow import plan
 from convqa.convert.runner import artifact_sidecar, convert_or_leave_placeholder, converter_record, expand_command
 from convqa.files import write_json
 from convqa.workflow.joblog import job_log
-from convqa.workflow.intermediates import restored
+from convqa.workflow.intermediates import restored, share_bytes
 
 params, wildcards = snakemake.params, snakemake.wildcards
 with job_log(snakemake.log[0]) as log, restored(snakemake.params.artifacts, log) as artifacts:
@@ -38,4 +40,6 @@ with job_log(snakemake.log[0]) as log, restored(snakemake.params.artifacts, log)
             "conversion_failed": failure,
         },
     )
+    if params.repeats and not failure:
+        sidecar["shares_bytes_with"] = share_bytes(snakemake.output.artifact, sidecar["sha256"], params.repeats, log)
     write_json(snakemake.output.sidecar, sidecar)

@@ -50,3 +50,68 @@ def test_a_release_waits_for_its_readers_and_then_deletes(tmp_path):
         assert thread.is_alive() and not released, "deleted while a reader held it"
     thread.join(timeout=10)
     assert released["deleted"] and not (tmp_path / "results/m/native/st-gguf/model.gguf").exists()
+
+
+def _converted(tmp_path, chain, payload, sha, name="model.gguf"):
+    chain_dir = tmp_path / "results" / "m" / "native" / chain
+    chain_dir.mkdir(parents=True)
+    artifact = chain_dir / name
+    if name == "model":  # a safetensors directory
+        artifact.mkdir()
+        for file, data in payload.items():
+            (artifact / file).write_bytes(data)
+        (artifact / ".snakemake_timestamp").touch()
+    else:
+        artifact.write_bytes(payload)
+    (chain_dir / "sidecar.json").write_text(json.dumps({"argv": ["true"], "input": "results/m/source", "sha256": sha}))
+    return artifact
+
+
+def test_a_rerun_with_the_same_bytes_is_stored_once_and_either_copy_can_go_first(tmp_path):
+    import os
+    import time
+
+    first = _converted(tmp_path, "st-gguf-apr", b"APR2" * 1000, "same")
+    old = time.time() - 3600
+    os.utime(first, (old, old))
+    rerun = _converted(tmp_path, "st-gguf-apr.run2", b"APR2" * 1000, "same")
+    log = io.StringIO()
+    assert intermediates.share_bytes(rerun, "same", first, log) == str(first)
+    assert os.path.samefile(first, rerun) and rerun.stat().st_nlink == 2
+    assert rerun.stat().st_mtime > old + 3000, "the re-run's output must be newer than its inputs"
+    assert "stored once" in log.getvalue()
+    # Releasing one leaves the other whole, and the record says the bytes are still on disk.
+    record = intermediates.release(first)
+    assert record["deleted"] and record["bytes"] == record["bytes_still_linked"] == 4000
+    assert rerun.read_bytes() == b"APR2" * 1000 and rerun.stat().st_nlink == 1
+    assert intermediates.release(rerun)["bytes_still_linked"] == 0
+
+
+def test_a_rerun_with_other_bytes_or_a_gone_original_keeps_its_own_copy(tmp_path):
+    first = _converted(tmp_path, "st-gguf", b"GGUF-a", "a")
+    rerun = _converted(tmp_path, "st-gguf.run2", b"GGUF-b", "b")
+    assert intermediates.share_bytes(rerun, "b", first, io.StringIO()) is None
+    assert rerun.stat().st_nlink == 1 and rerun.read_bytes() == b"GGUF-b"
+    first.unlink()  # released before the re-run (a rerun of the re-run alone)
+    assert intermediates.share_bytes(rerun, "a", first, io.StringIO()) is None
+    failed = _converted(tmp_path, "st-apr", b"", "e")
+    (failed.parent / "sidecar.json").write_text(json.dumps({"conversion_failed": "exit 1", "sha256": "e"}))
+    assert intermediates.share_bytes(_converted(tmp_path, "st-apr.run2", b"", "e", "model.apr"), "e", failed,
+                                     io.StringIO()) is None
+
+
+def test_a_safetensors_rerun_is_linked_file_by_file(tmp_path):
+    import os
+
+    from convqa.report.disk import results_bytes
+
+    files = {"model.safetensors": b"x" * 5000, "config.json": b"{}"}
+    first = _converted(tmp_path, "st-gguf-st", files, "s", name="model")
+    rerun = _converted(tmp_path, "st-gguf-st.run2", files, "s", name="model")
+    sidecars = sum(len(f.read_bytes()) for f in (tmp_path / "results").rglob("sidecar.json"))
+    assert results_bytes(tmp_path / "results") == 2 * 5002 + sidecars
+    assert intermediates.share_bytes(rerun, "s", first, io.StringIO()) == str(first)
+    for name in files:
+        assert os.path.samefile(first / name, rerun / name)
+    # The report's "on disk" figure counts a file once, however many links it has.
+    assert results_bytes(tmp_path / "results") == 5002 + sidecars

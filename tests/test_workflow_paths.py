@@ -144,6 +144,8 @@ def test_an_artifact_is_released_after_every_job_of_the_tier_that_reads_it(J):
     assert paths.parity_path("qwen2-tiny", "q8_0", "st-gguf") in consumers
     assert paths.side_sidecar_path("qwen2-tiny", "q8_0", "other", "st-gguf") not in consumers  # reads the source
     assert paths.side_comparison_path("qwen2-tiny", "q8_0", "other", "st-gguf", "primary") in consumers
+    # Its re-run (F-CONV-IDEM-001) converts while it is still there, to share identical bytes.
+    assert paths.sidecar_path("qwen2-tiny", "q8_0", "st-gguf.run2") in consumers
     # Every release is a tier target, so each artifact goes once its readers are done.
     targets = J.tier_targets("mvp")
     assert paths.release_path("qwen2-tiny", "q8_0", "st-gguf", "mvp") in targets
@@ -288,3 +290,22 @@ def test_variants_that_quantize_the_same_first_hop_share_its_conversions(J):
     targets = J.tier_targets("mvp")
     assert paths.release_path("qwen2-tiny", "native", "st-apr", "mvp") in targets
     assert not [t for t in targets if "/q8_0/st-apr" in t]
+
+
+def test_a_rerun_converts_after_the_conversion_it_repeats_and_before_other_conversions(J):
+    """st-gguf-apr.run2 waits for st-gguf-apr (convqa.workflow.intermediates.share_bytes stores
+    equal bytes once) and is started before any other conversion, so that st-gguf-apr, which
+    waits for it in turn, is not held on disk longer than its own readers need."""
+    run2 = w(model="m", variant="v", chain="st-gguf-apr.run2")
+    assert J.repeated_artifact(run2) == "results/m/v/st-gguf-apr/model.apr"
+    assert J.repeated_sidecar(run2) == "results/m/v/st-gguf-apr/sidecar.json"
+    for chain in ("st-gguf-apr", "st-gguf", "st-apr-st"):
+        assert J.repeated_artifact(w(model="m", variant="v", chain=chain)) is None
+        assert J.repeated_sidecar(w(model="m", variant="v", chain=chain)) == []
+    # q8_0's re-run of S->A is native's conversion, as S->A is
+    assert J.repeated_artifact(w(model="qwen2-tiny", variant="native", chain="st-apr.run2")).startswith("results/qwen2-tiny/native/st-apr/")
+    deepest = max(jobs.conversion_priority(w(chain=c)) for c in plan.artifact_chains("full", "q8_0") if "." not in c)
+    assert deepest < jobs.conversion_priority(run2) < jobs.READER_PRIORITY
+    assert plan.repeated_chain("st-apr.run3") == "st-apr" and plan.repeated_chain("st-apr") is None
+    with pytest.raises(ValueError):
+        plan.repeated_chain("st-zip.run2")

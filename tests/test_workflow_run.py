@@ -74,6 +74,13 @@ def test_run_writes_reports_and_sidecars(built, tmp_path):
             assert not built.path(artifact_path(chain)).exists(), chain
             released = yaml.safe_load(built.path(f"results/{MODEL}/{VARIANT}/{chain}/released-mvp.json").read_text())
             assert released["deleted"] and released["bytes"] == sidecar["size"], chain
+            repeated = plan.repeated_chain(chain)
+            if repeated:
+                # A re-run converts while the conversion it repeats is on disk, and the same
+                # bytes are stored once: whichever was deleted first left them to the other.
+                assert sidecar["shares_bytes_with"] == artifact_path(repeated), chain
+                first = yaml.safe_load(built.path(f"results/{MODEL}/{VARIANT}/{repeated}/released-mvp.json").read_text())
+                assert released["bytes_still_linked"] + first["bytes_still_linked"] == sidecar["size"], chain
             assert sidecar["argv"][1:4] == ["convert", artifact_path(plan.parent(chain)), artifact_path(chain)]
             assert sidecar["fingerprint"].startswith("convqa:")
             assert sidecar["wall_s"] > 0 and sidecar["peak_rss_mb"] > 0
@@ -92,6 +99,7 @@ def test_run_writes_reports_and_sidecars(built, tmp_path):
     # The report's Disk section says what was deleted.
     report = built.path(f"results/{MODEL}/report/mvp/report.md").read_text()
     assert "deleted after use" in report and "| deleted after use |" in report
+    assert "stored as hard links to identical artifacts" in report
     source_sidecar = yaml.safe_load(built.path(f"results/{MODEL}/source.sidecar.json").read_text())
     assert source_sidecar["record"]["kind"] == "synthetic"
     assert source_sidecar["converter"] == "source:synthetic"

@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-from convqa.files import path_size
 
 KEPT, DELETED, FAILED = "kept", "deleted after use", "no artifact"
 SHARED = "the conversion of"  # a label whose artifact another variant's label already counts
@@ -44,15 +43,30 @@ def disk_usage(sidecars: dict[str, str | os.PathLike]) -> dict:
             state = KEPT
         else:
             state = DELETED
-        chains.append({"label": label, "artifact": artifact, "bytes_written": size, "state": state})
+        if sidecar.get("shares_bytes_with"):  # a re-run stored as a hard link (intermediates.share_bytes)
+            state += f"; the same bytes as {sidecar['shares_bytes_with']}, one copy on disk"
+        chains.append({"label": label, "artifact": artifact, "bytes_written": size, "state": state,
+                       "shared": bool(sidecar.get("shares_bytes_with"))})
     written = sum(c["bytes_written"] for c in chains)
-    deleted = sum(c["bytes_written"] for c in chains if c["state"] == DELETED)
-    return {"chains": chains, "written": written, "deleted": deleted, "kept": written - deleted}
+    deleted = sum(c["bytes_written"] for c in chains if c["state"].startswith(DELETED))
+    shared = sum(c["bytes_written"] for c in chains if c.get("shared"))
+    return {"chains": chains, "written": written, "deleted": deleted, "kept": written - deleted, "shared": shared}
 
 
 def results_bytes(root: str | os.PathLike) -> int:
-    """Bytes under `root` now (every file, recursively)."""
-    return path_size(root) if Path(root).exists() else 0
+    """Bytes under `root` now (every file, recursively), each file once however many hard links
+    it has (a re-run's artifact and the one it repeats: intermediates.share_bytes)."""
+    seen, total = set(), 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue  # deleted while walking (a release)
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
 
 
 def markdown_section(disk: dict | None, display_size) -> list[str]:
@@ -62,6 +76,8 @@ def markdown_section(disk: dict | None, display_size) -> list[str]:
     out = ["## Disk", "",
            f"Artifacts written: {display_size(disk['written'])} in {len(disk['chains'])} artifacts; "
            f"deleted after use: {display_size(disk['deleted'])}; kept: {display_size(disk['kept'])}"
+           + (f"; stored as hard links to identical artifacts (no second copy on disk): {display_size(disk['shared'])}"
+              if disk.get("shared") else "")
            + (f"; on disk under results/ for this model when the report was built: {display_size(disk['on_disk'])}"
               if disk.get("on_disk") is not None else "") + ".", "",
            "| artifact | written | state |", "|---|---:|---|"]

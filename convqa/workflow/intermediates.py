@@ -23,6 +23,10 @@ artifact; the sidecar, manifest, comparisons and inference records stay. A place
 failed conversion (convqa.formats.no_artifact) is never removed: it is what the gates read to
 name the failure, and it cannot be regenerated.
 
+A re-run (`st-gguf-apr.run2`, F-CONV-IDEM-001) converts right after the conversion it repeats,
+which waits for it, and identical bytes become a hard link to that artifact (`share_bytes`): one
+copy on disk for both, whichever is released first.
+
 Locks (`fcntl.flock` on `<chain dir>/.artifact.lock`) keep concurrent jobs of one run from
 restoring an artifact twice or deleting one another job is reading: a reader holds a shared
 lock for its job, a restore or a deletion an exclusive one.
@@ -129,6 +133,49 @@ def restore(artifact: str | os.PathLike, log, keep: frozenset[str] = frozenset()
     return True
 
 
+def share_bytes(artifact: str | os.PathLike, sha256: str, repeated: str | os.PathLike, log) -> str | None:
+    """Store a re-run's fresh artifact (`st-gguf-apr.run2`) as a hard link to the conversion it
+    repeats, when that artifact is on disk and its sidecar records the same sha256: a
+    deterministic converter writes the same bytes twice (F-CONV-IDEM-001 compares the hashes,
+    recorded before this), and at 1.5B a second copy of an F32 artifact was 7.1 GB of the peak.
+    Returns the repeated artifact's path when the bytes are now shared, else None (a failed or
+    different conversion, a deleted artifact, a file system without hard links).
+
+    The link is made under a shared lock, so the repeated artifact cannot be released meanwhile;
+    releasing either one later leaves the other whole. The shared inode is touched: the re-run's
+    output must be newer than its inputs, the repeated conversion's sidecar among them."""
+    from convqa.inspect.manifest import WORKFLOW_MARKERS
+
+    mine, theirs = Path(artifact), Path(repeated)
+    if not is_intermediate(theirs):
+        return None
+    recorded = read_sidecar(theirs)
+    if recorded.get("conversion_failed") or recorded.get("sha256") != sha256:
+        return None
+    with _locked(theirs, fcntl.LOCK_SH):
+        if not theirs.exists() or mine.is_dir() != theirs.is_dir():
+            return None
+        if mine.is_dir():
+            files = [f.relative_to(mine) for f in sorted(mine.rglob("*")) if f.is_file() and f.name not in WORKFLOW_MARKERS]
+            pairs = [(mine / f, theirs / f) for f in files]
+        else:
+            pairs = [(mine, theirs)]
+        if not all(t.is_file() and t.stat().st_size == m.stat().st_size for m, t in pairs):
+            return None
+        for m, t in pairs:
+            staged = m.with_name(f".{m.name}.link")
+            try:
+                staged.unlink(missing_ok=True)
+                os.link(t, staged)
+            except OSError as exc:  # another file system, or none with hard links: keep the copy
+                print(f"kept {m} as its own copy: cannot hard-link it to {t} ({exc})", file=log, flush=True)
+                return None
+            os.replace(staged, m)
+            os.utime(m)
+    print(f"{mine}: the same bytes as {theirs} (sha256 {sha256}); stored once, as a hard link", file=log, flush=True)
+    return os.fspath(theirs)
+
+
 def _try_delete(artifact: Path, log) -> None:
     lock = artifact.parent / LOCK_NAME
     with open(lock, "a") as fh:
@@ -197,7 +244,11 @@ def release(artifact: str | os.PathLike) -> dict:
         if not path.exists():
             record["reason"] = "already deleted"
             return record
-        record["bytes"] = sum(f.stat().st_size for f in [path, *path.rglob("*")] if f.is_file())
+        files = [f.stat() for f in [path, *path.rglob("*")] if f.is_file()]
+        record["bytes"] = sum(st.st_size for st in files)
+        # A re-run's artifact and the one it repeats can be one file (share_bytes): its bytes
+        # stay on disk while the other link does.
+        record["bytes_still_linked"] = sum(st.st_size for st in files if st.st_nlink > 1)
         _remove(path)
     record.update(deleted=True, reason="every job of the tier that reads it is done")
     return record

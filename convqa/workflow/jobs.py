@@ -186,11 +186,16 @@ def reference_mem_mb(wildcards, input, attempt):
 # conversion that writes a new one, deeper conversions before shallower ones (a chain's subtree
 # is finished, and its artifacts released, before the next first hop starts), and a release
 # (rules/intermediates.smk) before anything else. Snakemake starts the highest-priority ready job.
+# A re-run (`st-gguf-apr.run2`) comes right after the conversion it repeats, whose artifact waits
+# for it: identical bytes are then one file on disk (convqa.workflow.intermediates.share_bytes).
 READER_PRIORITY = 10
 RELEASE_PRIORITY = 100
+REPEAT_PRIORITY = READER_PRIORITY - 1
 
 
 def conversion_priority(wildcards):
+    if plan.repeated_chain(wildcards.chain):
+        return REPEAT_PRIORITY
     return len(plan.hops(wildcards.chain)) - 1
 
 
@@ -374,7 +379,8 @@ class Jobs:
         owner = self.owner(model, variant, chain)
         found = {paths.manifest_path(model, owner, chain)}
         for child in plan.artifact_chains(tier, variant):
-            if plan.parent(child) == chain:
+            # A re-run of this conversion too: it shares the bytes if they are the same.
+            if chain in (plan.parent(child), plan.repeated_chain(child)):
                 found.add(paths.sidecar_path(model, owner, child))
         for subject, reference in self.comparison_pairs(tier, variant):
             # An exact comparison is decided from the manifests (scripts/compare.py), so the
@@ -541,6 +547,17 @@ class Jobs:
         """The parent chain's (primary) artifact: for `st-gguf-apr`, `st-gguf/model.gguf`; a
         side-by-side converter converts the same input."""
         return self.artifact(wildcards.model, wildcards.variant, plan.parent(wildcards.chain))
+
+    def repeated_artifact(self, wildcards):
+        """For a re-run's primary conversion (`st-gguf.run2`), the artifact of the conversion it
+        repeats, which runs first (its sidecar is an input): equal bytes are shared, not stored
+        twice (convqa.workflow.intermediates.share_bytes). None for any other chain."""
+        repeated = plan.repeated_chain(wildcards.chain)
+        return self.artifact(wildcards.model, wildcards.variant, repeated) if repeated else None
+
+    def repeated_sidecar(self, wildcards):
+        repeated = self.repeated_artifact(wildcards)
+        return paths.dependency_of(repeated) if repeated else []
 
     def inspected_artifact(self, wildcards):
         return paths.artifact_path(wildcards.model, wildcards.variant, wildcards.chain)

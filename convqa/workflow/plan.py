@@ -61,6 +61,14 @@ def parent(chain: str) -> str:
     return "-".join(h[:-1])
 
 
+def repeated_chain(chain: str) -> str | None:
+    """The conversion a re-run repeats (`st-gguf-apr.run2` -> `st-gguf-apr`); None for a chain
+    that is not a re-run."""
+    hops(chain)  # a bad name is an error, not None
+    base, _, run = chain.partition(".")
+    return base if run else None
+
+
 def target_format(chain: str) -> str:
     return HOP_FORMAT[hops(chain)[-1]]
 
