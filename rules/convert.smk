@@ -21,7 +21,7 @@ rule convert_to_gguf:
         paths.benchmark_path("{model}", "{variant}", "{chain}")
     wildcard_constraints:
         chain=plan.chain_pattern("gguf"),
-    priority: jobs.conversion_priority
+    priority: J.conversion_priority
     conda:
         "../envs/convert.yaml"
     threads: 1

@@ -32,7 +32,7 @@ rule xconv_convert:
         paths.side_log("{model}", "{variant}", "{converter}", "{chain}", "convert"),
     benchmark:
         paths.side_benchmark_path("{model}", "{variant}", "{converter}", "{chain}")
-    priority: jobs.conversion_priority
+    priority: J.conversion_priority
     conda:
         "../envs/convert.yaml"
     threads: 1

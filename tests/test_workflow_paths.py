@@ -304,8 +304,27 @@ def test_a_rerun_converts_after_the_conversion_it_repeats_and_before_other_conve
         assert J.repeated_sidecar(w(model="m", variant="v", chain=chain)) == []
     # q8_0's re-run of S->A is native's conversion, as S->A is
     assert J.repeated_artifact(w(model="qwen2-tiny", variant="native", chain="st-apr.run2")).startswith("results/qwen2-tiny/native/st-apr/")
-    deepest = max(jobs.conversion_priority(w(chain=c)) for c in plan.artifact_chains("full", "q8_0") if "." not in c)
-    assert deepest < jobs.conversion_priority(run2) < jobs.READER_PRIORITY
+    others = [w(model="qwen2-tiny", variant=J.owner("qwen2-tiny", v, c), chain=c)
+              for v in ("native", "q8_0") for c in plan.artifact_chains("full", v) if "." not in c]
+    assert max(J.conversion_priority(o) for o in others) < J.conversion_priority(run2) < jobs.READER_PRIORITY
+
+
+def test_conversions_go_lineage_by_lineage_deeper_first(J):
+    """A first hop's subtree (one variant's) is preferred over the next one's, so that its
+    artifacts are written and released before the next lineage's are written."""
+    assert J.lineages("qwen2-tiny") == [("native", "st-gguf"), ("native", "st-apr"), ("q8_0", "st-gguf")]
+
+    def priority(variant, chain):
+        return J.conversion_priority(w(model="qwen2-tiny", variant=variant, chain=chain))
+
+    lineage = ["st-gguf", "st-gguf-apr", "st-gguf-apr-gguf", "st-gguf-apr-gguf-apr"]
+    assert [priority("q8_0", c) for c in lineage] == sorted(priority("q8_0", c) for c in lineage)
+    assert len({priority("q8_0", c) for c in lineage}) == 4
+    # the deepest conversion of a later lineage comes after the first hop of an earlier one
+    assert priority("native", "st-apr-gguf-apr-gguf") < priority("native", "st-gguf")
+    assert priority("q8_0", "st-gguf-apr-gguf-apr") < priority("native", "st-apr")
+    # every conversion below every reader, every reader below every release
+    assert priority("native", "st-gguf-apr-gguf-apr") < jobs.READER_PRIORITY < jobs.RELEASE_PRIORITY
     assert plan.repeated_chain("st-apr.run3") == "st-apr" and plan.repeated_chain("st-apr") is None
     with pytest.raises(ValueError):
         plan.repeated_chain("st-zip.run2")

@@ -182,21 +182,18 @@ def reference_mem_mb(wildcards, input, attempt):
     return memory.job_mem_mb(input.source, "transformers", attempt, reference=True)
 
 
-# Scheduling for disk (config temp_intermediates): a job that reads an artifact runs before a
-# conversion that writes a new one, deeper conversions before shallower ones (a chain's subtree
-# is finished, and its artifacts released, before the next first hop starts), and a release
-# (rules/intermediates.smk) before anything else. Snakemake starts the highest-priority ready job.
-# A re-run (`st-gguf-apr.run2`) comes right after the conversion it repeats, whose artifact waits
-# for it: identical bytes are then one file on disk (convqa.workflow.intermediates.share_bytes).
-READER_PRIORITY = 10
-RELEASE_PRIORITY = 100
+# Scheduling for disk (config temp_intermediates). Snakemake starts the highest-priority ready
+# job: a release (rules/intermediates.smk) before anything else, then a job that reads an
+# artifact (so that it can go), then a re-run (`st-gguf-apr.run2`), right after the conversion it
+# repeats, whose artifact waits for it: identical bytes are then one file on disk
+# (convqa.workflow.intermediates.share_bytes). Other conversions go lineage by lineage (the
+# subtree of one first hop out of S, of one variant: Jobs.lineages), the deeper first within one:
+# a lineage's artifacts are written and released before the next one's, as far as the ready jobs
+# allow. At 1.5B, lineages whose conversions interleaved held 38.7 GB at once (12.5x the source).
+RELEASE_PRIORITY = 10000
+READER_PRIORITY = 1000
 REPEAT_PRIORITY = READER_PRIORITY - 1
-
-
-def conversion_priority(wildcards):
-    if plan.repeated_chain(wildcards.chain):
-        return REPEAT_PRIORITY
-    return len(plan.hops(wildcards.chain)) - 1
+LINEAGE_PRIORITY_STEP = 10  # more than a chain's depth (4 hops after S in the full tier)
 
 
 def gpu_count(wildcards):
@@ -547,6 +544,26 @@ class Jobs:
         """The parent chain's (primary) artifact: for `st-gguf-apr`, `st-gguf/model.gguf`; a
         side-by-side converter converts the same input."""
         return self.artifact(wildcards.model, wildcards.variant, plan.parent(wildcards.chain))
+
+    def lineages(self, model):
+        """The model's lineages in the order their conversions are preferred: (owning variant,
+        first hop out of S), the config's variant order, GGUF before APR; a first hop two
+        variants share (q8_0's S->A is native's) is one lineage."""
+        variants = self.model_variants(model)
+        found = {(self.owner(model, variant, chain), plan.first_hop(chain))
+                 for variant in variants for chain in plan.artifact_chains(self.tier, variant)}
+        hop_order = list(plan.HOP_FORMAT)  # st, gguf, apr
+        return sorted(found, key=lambda lin: (variants.index(lin[0]), hop_order.index(plan.hops(lin[1])[1])))
+
+    def conversion_priority(self, wildcards):
+        """Snakemake's priority of a conversion job (primary or side): see RELEASE_PRIORITY."""
+        if plan.repeated_chain(wildcards.chain):
+            return REPEAT_PRIORITY
+        depth = len(plan.hops(wildcards.chain)) - 2
+        lineages = self.lineages(wildcards.model) if wildcards.model in self.config["models"] else []
+        lineage = (wildcards.variant, plan.first_hop(wildcards.chain))
+        later = len(lineages) - lineages.index(lineage) if lineage in lineages else 0
+        return later * LINEAGE_PRIORITY_STEP + depth
 
     def repeated_artifact(self, wildcards):
         """For a re-run's primary conversion (`st-gguf.run2`), the artifact of the conversion it
