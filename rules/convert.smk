@@ -6,6 +6,9 @@
 # by the script; convqa.workflow.intermediates), the artifact's path is `params.artifacts`.
 # A re-run (`st-gguf.run2`, F-CONV-IDEM-001) also waits for the conversion it repeats
 # (`params.repeats`): bytes equal to that artifact's become a hard link to it, one copy on disk.
+# Each conversion holds one `conversion_slots` (profiles/default: 1 at a time), so that with
+# `temp_intermediates` a lineage's next conversion is the deepest ready one (Jobs.conversion_priority)
+# and a sibling subtree is not written beside it while a core is free (disk, not CPU, is the limit).
 
 
 rule convert_to_gguf:
@@ -27,6 +30,7 @@ rule convert_to_gguf:
     threads: 1
     resources:
         mem_mb=J.routed_conversion_mem_mb,
+        conversion_slots=1,
     params:
         format=J.converter("format"),
         quant=J.converter("quant"),

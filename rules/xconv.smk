@@ -38,6 +38,7 @@ rule xconv_convert:
     threads: 1
     resources:
         mem_mb=jobs.conversion_mem_mb,
+        conversion_slots=1,
     params:
         format=J.converter("format"),
         quant=J.converter("quant"),

@@ -25,16 +25,18 @@ Q8_0_BYTES_PER_PARAM = 34 / 32  # a block: 32 int8 values and one F16 scale
 F32_BYTES = 4
 # CPU seconds (user + system, from Snakemake's benchmark files; contention does not inflate them)
 # per job and per GB of the job's input, fitted through two runs of bench/scale.py (README "Models
-# of real size"): the small geometry (0.123 GB BF16: conversion 1.9, inspection 2.3, comparison
-# 1.7, run 12, reference 6.3, serve 8.3, parity 2.9 s per job) and the 1.5B geometry (3.09 GB
-# BF16, 101 of mvp's 155 jobs, idle machine, inference at 1 thread: conversion 7.3 and inspection
-# 10.2 s per job for 3.6 GB artifacts on average, comparison 10.4, run 106, reference 156, serve
-# 43, parity 4.0). Parity reads tokenizers only, whatever the model's size.
+# of real size"): the per-job seconds from the small geometry (0.123 GB BF16: conversion 1.9,
+# inspection 2.3, comparison 1.7, run 12, reference 6.3, serve 8.3, parity 2.9 s per job), the
+# per-GB seconds from the 1.5B geometry at 6df9d01 (3.09 GB BF16, mvp, native + q8_0, idle
+# machine, inference at 1 thread: conversion 11.3 and inspection 13.5 s per job for 4.1 GB
+# artifacts on average, a lossy comparison 13.3 s (source and subject), run 59.9, reference 103,
+# serve 34.9, parity 3.8; 1189 CPU s in all). An exact comparison is decided from the two
+# manifests: 0.4 s whatever the model's size.
 CPU_S_PER_JOB = {"conversion": 1.9, "inspection": 2.3, "comparison": 1.7, "inference": 12.0,
                  "reference": 6.3, "serve": 8.3, "parity": 2.9}
-CPU_S_MANIFEST_COMPARISON = 2.5  # measured at 1.5B: 88 CPU s for 35 comparisons, 3 of them in full
-CPU_S_PER_GB = {"conversion": 1.5, "inspection": 2.2, "comparison": 1.4, "inference": 30.0,
-                "reference": 48.0, "serve": 11.0, "parity": 0.0}
+CPU_S_MANIFEST_COMPARISON = 0.4
+CPU_S_PER_GB = {"conversion": 2.28, "inspection": 2.73, "comparison": 1.88, "inference": 15.5,
+                "reference": 31.3, "serve": 8.6, "parity": 0.3}
 
 
 def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: float) -> float:
