@@ -404,3 +404,38 @@ def test_snakemake_report(built, tmp_path):
     names = zipfile.ZipFile(wf.path("snakemake-report.zip")).namelist()
     attached = sorted(n.rsplit("/", 1)[1] for n in names if "/data/raw/" in n)
     assert attached == ["junit.xml", "qualification.json", "report.html", "report.md", "summary.json", "summary.md"], names
+
+
+def conversions_at_once(log: str) -> tuple[int, int]:
+    """(the most conversion jobs a Snakemake log shows running at the same time, how many it
+    started): its events in order, a job starts at `rule convert_to_...:` + `jobid: N` and ends
+    at `Finished jobid: N`."""
+    running, most, started, rule = set(), 0, 0, None
+    for line in log.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(("rule ", "localrule ")) and stripped.endswith(":"):
+            rule = stripped.split()[1].rstrip(":")
+        elif stripped.startswith("jobid: ") and rule in CONVERT_RULES:
+            running.add(stripped.split()[1])
+            most, started = max(most, len(running)), started + 1
+            rule = None
+        elif stripped.startswith("Finished jobid: "):
+            running.discard(stripped.split()[2].rstrip(")."))
+    return most, started
+
+
+def test_the_default_profile_runs_one_conversion_at_a_time(built, tmp_path):
+    """profiles/default limits `conversion_slots` to 1: the other core reads artifacts (so that
+    they are released) instead of writing a second lineage's beside them. Without the profile, the
+    two first hops (ready together) run side by side on 2 cores."""
+    wf = built.clone(tmp_path / "slots")
+    targets = [f"results/{MODEL}/{VARIANT}/{chain}/sidecar.json" for chain in ("st-gguf", "st-apr", "st-apr.run2")]
+    command = wf.command(*targets, "--forcerun", *sorted(CONVERT_RULES))
+    unlimited = subprocess.run(command, cwd=wf.workdir, env=wf.env(), capture_output=True, text=True)
+    assert unlimited.returncode == 0, unlimited.stderr[-3000:]
+    assert conversions_at_once(unlimited.stderr) == (2, 3), "the check cannot see two conversions at once"
+    command[command.index("--workflow-profile") + 1] = str(wf.workdir / "profiles" / "default")
+    limited = subprocess.run(command, cwd=wf.workdir, env=wf.env(), capture_output=True, text=True)
+    assert limited.returncode == 0, limited.stderr[-3000:]
+    assert "conversion_slots=1" in limited.stderr
+    assert conversions_at_once(limited.stderr) == (1, 3)

@@ -188,8 +188,10 @@ def reference_mem_mb(wildcards, input, attempt):
 # repeats, whose artifact waits for it: identical bytes are then one file on disk
 # (convqa.workflow.intermediates.share_bytes). Other conversions go lineage by lineage (the
 # subtree of one first hop out of S, of one variant: Jobs.lineages), the deeper first within one:
-# a lineage's artifacts are written and released before the next one's, as far as the ready jobs
-# allow. At 1.5B, lineages whose conversions interleaved held 38.7 GB at once (12.5x the source).
+# a lineage's artifacts are written and released before the next one's. A priority only orders the
+# ready jobs: with a core free, Snakemake still starts a sibling subtree's conversion, so
+# profiles/default also runs one conversion at a time (`conversion_slots`, rules/convert.smk).
+# At 1.5B: 38.7 GB at the peak (12.5x the source) with the priorities alone, 23.3 GB (7.5x) with both.
 RELEASE_PRIORITY = 10000
 READER_PRIORITY = 1000
 REPEAT_PRIORITY = READER_PRIORITY - 1
