@@ -5,10 +5,11 @@ parameters in the encoding that chain stores (the source's dtype; Q8_0 blocks on
 GGUF hop; F32 where a format cannot hold the blocks and the hop dequantizes), summed over the
 tier's chains and variants, each conversion once (a chain two variants share is counted for
 its owner: plan.owning_variant); with `temp_intermediates` the peak is at least the source plus
-the deepest lineage of artifacts (a chain is written while its ancestors are alive; exact checks
-are decided from the manifests and hold nothing). Time: CPU seconds per job plus seconds per GB
-of the job's input, per kind of job, from the measurements in bench/scale.py (README "Models of
-real size"); wall time on N cores is at best CPU time / N.
+the largest conversion's input and output (exact checks are decided from the manifests and hold
+nothing; which other artifacts are alive at the peak depends on the order the jobs run in).
+Time: CPU seconds per job plus seconds per GB of the job's input, per kind of job, from the
+measurements in bench/scale.py (README "Models of real size"); wall time on N cores is at best
+CPU time / N.
 """
 
 from __future__ import annotations
@@ -63,16 +64,6 @@ def chain_bytes_per_param(chain: str, variant: str, source_bytes_per_param: floa
     return per_param
 
 
-def _lineage(chain: str) -> list[str]:
-    """The chain and every converted ancestor: `st-gguf-apr` -> [st-gguf-apr, st-gguf]; a re-run
-    `st-gguf-apr.run2` converts from `st-gguf`."""
-    found = []
-    while chain != "st":
-        found.append(chain)
-        chain = plan.parent(chain)
-    return found
-
-
 def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str], inference_chains: list[str],
              engines: int = 2, cores: int = 2, tied_embedding_params: int = 0,
              served: list[tuple[str, str]] = DEFAULT_SERVED) -> dict:
@@ -90,8 +81,8 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         sizes = {c: chain_bytes_per_param(c, variant, per_param)
                  * (parameters + (tied_embedding_params if plan.target_format(c) == "apr" else 0)) for c in chains}
         artifacts += sizes.values()
-        # A chain is written while its ancestors are alive (each is held until its children exist).
-        deepest_path = max([deepest_path] + [sum(sizes.get(a, 0.0) for a in _lineage(c)) for c in chains])
+        # A conversion holds its input and its output at once (the source is counted below).
+        deepest_path = max([deepest_path] + [sizes[c] + sizes.get(plan.parent(c), 0.0) for c in chains])
         # What convqa.workflow.jobs.Jobs.comparison_pairs compares: tensors-mode checks and every edge.
         pairs = {(c.subject, c.reference) for c in plan.checks_for(tier, variant) if c.mode == "tensors"}
         pairs |= {(c, plan.parent(c)) for c in plan.artifact_chains(tier, variant)}
@@ -134,9 +125,9 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         "parameters": parameters,
         "artifacts": n_conv,
         "written_bytes": int(written),
-        # A lower bound: the source and the deepest lineage of artifacts (a chain and its ancestors,
-        # alive while it is written). Measured at 1.5B: 25.6 GB, where this says 25.1 GB (q8_0's
-        # st-gguf -> st-gguf-apr -> st-gguf-apr-gguf -> st-gguf-apr-gguf-apr, F32 after the first).
+        # A lower bound: the source, and the largest conversion's input and output. Measured at 1.5B:
+        # 23.3 GB with one conversion at a time (profiles/default), where this says 16.4 GB (q8_0's
+        # F32 st-gguf-apr -> st-gguf-apr-gguf); 38.7 GB with two at once.
         "peak_bytes_with_deletion": int(source_bytes + deepest_path),
         "inference_jobs": n_infer + n_reference + n_serve,
         "jobs_by_kind": {"conversion": n_conv, "inspection": n_conv, "comparison": n_compare, "inference": n_infer,
