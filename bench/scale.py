@@ -136,30 +136,19 @@ def build_model(out: Path, geometry: str) -> Path:
 # ---------------------------------------------------------------- the workflow
 
 
-def bytes_under(root: Path) -> int:
-    """Bytes of the files under `root`, each file once: a re-run stored as a hard link to the
-    artifact it repeats (convqa.workflow.intermediates.share_bytes) holds no bytes of its own."""
-    seen, total = set(), 0
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, f))
-            except OSError:
-                continue  # deleted while walking
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
-
-
 class DiskSampler(threading.Thread):
+    """The peak of the bytes under `root`, sampled every second; a file counted once however many
+    hard links it has (a re-run stored as a link to the artifact it repeats holds no bytes)."""
+
     def __init__(self, root: Path, every_s: float = 1.0):
         super().__init__(daemon=True)
         self.root, self.every_s, self.peak, self.stop = root, every_s, 0, threading.Event()
 
     def run(self):
+        from convqa.report.disk import results_bytes
+
         while not self.stop.is_set():
-            self.peak = max(self.peak, bytes_under(self.root))
+            self.peak = max(self.peak, results_bytes(self.root))
             self.stop.wait(self.every_s)
 
 
