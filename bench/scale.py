@@ -177,7 +177,7 @@ def snakemake(wf: Path, args, log: Path) -> tuple[float, int, list[str]]:
     """Run the tier; (wall s, peak bytes under results/, rules of the jobs it ran)."""
     exe = Path(sys.executable).with_name("snakemake")
     cmd = [str(exe), "--directory", str(wf), "--workflow-profile", "none", "--cores", str(args.cores),
-           "--resources", f"mem_mb={args.mem_mb}", "conversion_slots=1", "--configfile", "bench-config.yaml",
+           "--resources", f"mem_mb={args.mem_mb}", "conversion_slots=2", "--configfile", "bench-config.yaml",
            "--replace-workflow-config", args.tier]
     env = {**os.environ, "PYTHONPATH": str(wf.parent / "pkg"), "OMP_WAIT_POLICY": "PASSIVE"}
     (wf / "results").mkdir(exist_ok=True)

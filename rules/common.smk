@@ -16,6 +16,9 @@ from convqa.workflow.paths import SOURCE_CHAIN
 validate(config, schema="../config/schema.yaml")
 
 J = jobs.Jobs(config, Path(workflow.basedir) / "scripts")
+# The run's `--resources conversion_slots=N`, if any (a Resource, its value None when not given).
+provided = getattr(workflow.global_resources.get("conversion_slots"), "value", None)
+J.conversion_slots_provided = provided if isinstance(provided, int) else None
 MODELS = J.models
 TIER = J.tier
 INFERENCE = J.inference

@@ -30,7 +30,7 @@ rule convert_to_gguf:
     threads: 1
     resources:
         mem_mb=J.routed_conversion_mem_mb,
-        conversion_slots=1,
+        conversion_slots=J.conversion_slots,
     params:
         format=J.converter("format"),
         quant=J.converter("quant"),

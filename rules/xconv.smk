@@ -38,7 +38,7 @@ rule xconv_convert:
     threads: 1
     resources:
         mem_mb=jobs.conversion_mem_mb,
-        conversion_slots=1,
+        conversion_slots=J.conversion_slots,
     params:
         format=J.converter("format"),
         quant=J.converter("quant"),

@@ -239,6 +239,50 @@ def test_first_hops_are_sized_from_the_source_header_before_its_manifest(J, tmp_
     assert jobs.largest_tensor_mb(model) == pytest.approx(4 * 10 * 1000 * 4 / 2**20)
 
 
+def test_a_conversion_that_writes_more_than_the_source_holds_takes_every_slot(J, tmp_path, monkeypatch, synthetic_dir):
+    """The hops after a Q8_0 GGUF hold F32: from a BF16 source they are twice its size (6-7 GB at
+    1.5B), and two side by side were the peak disk. They take both of profiles/default's 2
+    `conversion_slots`; any other conversion takes one, so two of those run at once."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    model = "qwen2-tiny"
+    source = tmp_path / paths.source_dir(model)
+    parent_sidecar = tmp_path / paths.sidecar_path(model, "q8_0", "st-gguf")
+
+    def slots(variant, chain, parent=parent_sidecar):
+        return J.conversion_slots(w(model=model, variant=variant, chain=chain), SimpleNamespace(artifact=str(parent)))
+
+    # Not decided before the parent is written: Snakemake asks again when the input exists.
+    with pytest.raises(FileNotFoundError) as missing:
+        slots("q8_0", "st-gguf-apr")
+    assert missing.value.filename == str(parent_sidecar)
+
+    shutil.copytree(synthetic_dir("qwen2-tiny", dtype="bfloat16"), source)
+    (tmp_path / f"{paths.source_dir(model)}.sidecar.json").write_text("{}")
+    parent_sidecar.parent.mkdir(parents=True)
+    parent_sidecar.write_text("{}")
+    assert jobs.source_bytes_per_param(model) == pytest.approx(2.0)
+    wide = jobs.WIDE_CONVERSION_SLOTS
+    assert wide == 2
+    for chain in ("st-gguf-apr", "st-gguf-st", "st-gguf-apr-gguf", "st-gguf-apr.run2", "st-gguf-st-apr"):
+        assert slots("q8_0", chain) == wide, chain  # dequantized to F32: twice the BF16 source
+    for variant, chain in (("q8_0", "st-gguf"), ("q8_0", "st-gguf.run2"), ("native", "st-gguf"),
+                           ("native", "st-apr-gguf-apr"), ("native", "st-gguf-st")):
+        assert slots(variant, chain) == 1, (variant, chain)  # the source's dtype, or Q8_0 blocks
+    limited = jobs.Jobs(J.config, SCRIPTS)
+    limited.conversion_slots_provided = 1  # `--resources conversion_slots=1`: never more than that
+    assert limited.conversion_slots(w(model=model, variant="q8_0", chain="st-gguf-apr"),
+                                    SimpleNamespace(artifact=str(parent_sidecar))) == 1
+
+    # An F32 source: no hop writes more than it holds, two conversions at a time.
+    shutil.rmtree(source)
+    shutil.copytree(synthetic_dir("qwen2-tiny"), source)
+    (tmp_path / f"{paths.source_dir(model)}.sidecar.json").write_text("{ }")  # a new version of the source
+    assert jobs.source_bytes_per_param(model) == pytest.approx(4.0)
+    assert slots("q8_0", "st-gguf-apr") == 1
+
+
 def test_config_errors():
     c = config(variants=["native", "q9_9"])
     with pytest.raises(Exception, match="unknown variant 'q9_9'"):

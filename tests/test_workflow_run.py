@@ -406,36 +406,56 @@ def test_snakemake_report(built, tmp_path):
     assert attached == ["junit.xml", "qualification.json", "report.html", "report.md", "summary.json", "summary.md"], names
 
 
-def conversions_at_once(log: str) -> tuple[int, int]:
-    """(the most conversion jobs a Snakemake log shows running at the same time, how many it
-    started): its events in order, a job starts at `rule convert_to_...:` + `jobid: N` and ends
-    at `Finished jobid: N`."""
-    running, most, started, rule = set(), 0, 0, None
+def conversions_side_by_side(log: str) -> list[list[str]]:
+    """The conversions a Snakemake log shows running when each conversion starts ("variant/chain",
+    the one starting first), from its events in order: a job starts at `rule convert_to_...:` +
+    `jobid: N` (its `wildcards:` follow) and ends at `Finished jobid: N`."""
+    running, seen, rule, job = {}, [], None, None
     for line in log.splitlines():
         stripped = line.strip()
         if stripped.startswith(("rule ", "localrule ")) and stripped.endswith(":"):
-            rule = stripped.split()[1].rstrip(":")
+            rule, job = stripped.split()[1].rstrip(":"), None
         elif stripped.startswith("jobid: ") and rule in CONVERT_RULES:
-            running.add(stripped.split()[1])
-            most, started = max(most, len(running)), started + 1
-            rule = None
+            job = stripped.split()[1]
+        elif stripped.startswith("wildcards: ") and job is not None:
+            wildcards = dict(kv.split("=", 1) for kv in stripped.split(": ", 1)[1].split(", "))
+            running[job] = f"{wildcards['variant']}/{wildcards['chain']}"
+            seen.append([running[job], *(c for j, c in running.items() if j != job)])
+            rule = job = None
         elif stripped.startswith("Finished jobid: "):
-            running.discard(stripped.split()[2].rstrip(")."))
-    return most, started
+            running.pop(stripped.split()[2].rstrip(")."), None)
+    return seen
 
 
-def test_the_default_profile_runs_one_conversion_at_a_time(built, tmp_path):
-    """profiles/default limits `conversion_slots` to 1: the other core reads artifacts (so that
-    they are released) instead of writing a second lineage's beside them. Without the profile, the
-    two first hops (ready together) run side by side on 2 cores."""
+def test_the_default_profile_runs_a_conversion_that_outgrows_the_source_alone(built, tmp_path):
+    """profiles/default provides 2 `conversion_slots`: a conversion that writes more bytes than
+    the source holds (after a Q8_0 GGUF of a BF16 model, F32) takes both and runs alone, any other
+    takes one, so that two of those run side by side (the other core would otherwise read
+    artifacts, or wait). At 1.5B, two F32 conversions at once were the peak disk."""
     wf = built.clone(tmp_path / "slots")
-    targets = [f"results/{MODEL}/{VARIANT}/{chain}/sidecar.json" for chain in ("st-gguf", "st-apr", "st-apr.run2")]
-    command = wf.command(*targets, "--forcerun", *sorted(CONVERT_RULES))
+    model = "qwen2.5-tiny-bf16"
+    config = wf.config()
+    config["variants"] = ["native", VARIANT]
+    config["models"] = {model: {"source": {"kind": "synthetic", "preset": model, "seed": 0}}}
+    wf.write_config(config)
+    wide = [f"{VARIANT}/st-gguf-apr", f"{VARIANT}/st-gguf-st"]
+    narrow = ["native/st-gguf", "native/st-apr", f"{VARIANT}/st-gguf"]
+    targets = [f"results/{model}/{c}/sidecar.json" for c in narrow + wide]
+    command = wf.command(*targets)
     unlimited = subprocess.run(command, cwd=wf.workdir, env=wf.env(), capture_output=True, text=True)
     assert unlimited.returncode == 0, unlimited.stderr[-3000:]
-    assert conversions_at_once(unlimited.stderr) == (2, 3), "the check cannot see two conversions at once"
+    seen = conversions_side_by_side(unlimited.stderr)
+    assert sorted(s[0] for s in seen) == sorted(narrow + wide)
+    assert max(map(len, seen)) == 2, "the check cannot see two conversions at once"
+
+    command = wf.command(*targets, "--forcerun", *sorted(CONVERT_RULES))
     command[command.index("--workflow-profile") + 1] = str(wf.workdir / "profiles" / "default")
     limited = subprocess.run(command, cwd=wf.workdir, env=wf.env(), capture_output=True, text=True)
     assert limited.returncode == 0, limited.stderr[-3000:]
-    assert "conversion_slots=1" in limited.stderr
-    assert conversions_at_once(limited.stderr) == (1, 3)
+    assert 'Resource("conversion_slots", 2)' in limited.stderr  # what the profile provides
+    seen = conversions_side_by_side(limited.stderr)
+    assert sorted(s[0] for s in seen) == sorted(narrow + wide)
+    assert max(map(len, seen)) == 2, seen  # two that hold the source's dtype (or Q8_0 blocks)
+    for running in seen:
+        if set(running) & set(wide):
+            assert len(running) == 1, f"an F32 conversion ran beside another: {running}"

@@ -29,6 +29,7 @@ from convqa.gates.rows import label
 from convqa.infer import memory
 from convqa.sources.prepare import input_files, kind_fingerprint_args
 from convqa.workflow import gpu, paths, plan, references
+from convqa.workflow.estimate import chain_bytes_per_param
 from convqa.workflow.fingerprint import script_fingerprint, writes
 from convqa.workflow.paths import SOURCE_CHAIN, artifact_format
 
@@ -139,13 +140,25 @@ def largest_tensor_mb(model) -> float | None:
     return values * experts * 4 / 2**20
 
 
-_HEADERS: dict[str, tuple[tuple, tuple[int, int] | None]] = {}
+_HEADERS: dict[str, tuple[tuple, tuple[int, int, float] | None]] = {}
 
 
 def _source_header(model) -> tuple[int, int] | None:
-    """(elements of the largest tensor, expert count) of the prepared source, read from its
-    header once per version of its sidecar (prepare_source writes it after the source). None
-    while there is none, or when the source cannot be read (the gates say why)."""
+    """(elements of the largest tensor, expert count) of the prepared source (`_source_facts`)."""
+    facts = _source_facts(model)
+    return facts[:2] if facts else None
+
+
+def source_bytes_per_param(model) -> float | None:
+    """Bytes the prepared source stores per parameter (2.0 for BF16), None before it exists."""
+    facts = _source_facts(model)
+    return facts[2] if facts else None
+
+
+def _source_facts(model) -> tuple[int, int, float] | None:
+    """(elements of the largest tensor, expert count, bytes per parameter) of the prepared source,
+    read from its header once per version of its sidecar (prepare_source writes it after the
+    source). None while there is none, or when the source cannot be read (the gates say why)."""
     from convqa.errors import FormatError
     from convqa.formats import open_model
 
@@ -158,9 +171,11 @@ def _source_header(model) -> tuple[int, int] | None:
     if source not in _HEADERS or _HEADERS[source][0] != key:
         try:
             with open_model(source) as artifact:
-                values = max((math.prod(t.shape) for t in artifact.tensors.values()), default=0)
+                tensors = list(artifact.tensors.values())
+                values = max((math.prod(t.shape) for t in tensors), default=0)
                 experts = artifact.config.params.get("num_experts") or 1
-            found = (values, experts) if values else None
+                per_param = sum(t.nbytes for t in tensors) / max(1, sum(t.n_elements for t in tensors))
+            found = (values, experts, per_param) if values else None
         except (OSError, FormatError):
             found = None
         _HEADERS[source] = (key, found)
@@ -190,12 +205,18 @@ def reference_mem_mb(wildcards, input, attempt):
 # subtree of one first hop out of S, of one variant: Jobs.lineages), the deeper first within one:
 # a lineage's artifacts are written and released before the next one's. A priority only orders the
 # ready jobs: with a core free, Snakemake still starts a sibling subtree's conversion, so
-# profiles/default also runs one conversion at a time (`conversion_slots`, rules/convert.smk).
-# At 1.5B: 38.7 GB at the peak (12.5x the source) with the priorities alone, 23.3 GB (7.5x) with both.
+# profiles/default also limits the conversions at once (`conversion_slots`, Jobs.conversion_slots).
+# At 1.5B: 38.7 GB at the peak (12.5x the source) with the priorities alone, 23.3 GB (7.5x) with
+# one conversion at a time.
 RELEASE_PRIORITY = 10000
 READER_PRIORITY = 1000
 REPEAT_PRIORITY = READER_PRIORITY - 1
 LINEAGE_PRIORITY_STEP = 10  # more than a chain's depth (4 hops after S in the full tier)
+# profiles/default provides 2 `conversion_slots`. A conversion that writes more bytes than the
+# source holds (the hops after a Q8_0 GGUF, dequantized to F32: 6-7 GB from a 3.1 GB BF16 source
+# at 1.5B) takes both and runs alone, as the peak disk is two of those side by side; any other
+# takes one, so two run at once (Jobs.conversion_slots).
+WIDE_CONVERSION_SLOTS = 2
 
 
 def gpu_count(wildcards):
@@ -243,6 +264,9 @@ class Jobs:
         self.all_variants = sorted({v for m in self.models for v in self.model_variants(m)})
         self.tier = config["tier"]
         self.tiers = list(plan.TIER_CHECKS)
+        # The run's `--resources conversion_slots=N` (rules/common.smk), None when not limited: no
+        # conversion asks more than there is (Snakemake would stop with an error).
+        self.conversion_slots_provided: int | None = None
         self.inference = config["inference"]
         self.detection = config.get("detection") or {}
         self.detection_entries = detection.entries(self.detection) if self.detection else []
@@ -566,6 +590,18 @@ class Jobs:
         lineage = (wildcards.variant, plan.first_hop(wildcards.chain))
         later = len(lineages) - lineages.index(lineage) if lineage in lineages else 0
         return later * LINEAGE_PRIORITY_STEP + depth
+
+    def conversion_slots(self, wildcards, input):
+        """`conversion_slots` a conversion holds (WIDE_CONVERSION_SLOTS): all of them when its
+        artifact stores more bytes per parameter than the source (convqa.workflow.estimate's
+        chain_bytes_per_param), else one. Asked again by Snakemake until the parent's sidecar is
+        written (the FileNotFoundError), since the source's dtype is known by then."""
+        os.stat(input.artifact)
+        wide = WIDE_CONVERSION_SLOTS
+        per_param = source_bytes_per_param(wildcards.model)
+        if per_param is None or chain_bytes_per_param(wildcards.chain, wildcards.variant, per_param) <= per_param:
+            wide = 1
+        return min(wide, self.conversion_slots_provided or wide)
 
     def repeated_artifact(self, wildcards):
         """For a re-run's primary conversion (`st-gguf.run2`), the artifact of the conversion it
