@@ -138,17 +138,21 @@ def build_model(out: Path, geometry: str) -> Path:
 
 class DiskSampler(threading.Thread):
     """The peak of the bytes under `root`, sampled every second; a file counted once however many
-    hard links it has (a re-run stored as a link to the artifact it repeats holds no bytes)."""
+    hard links it has (a re-run stored as a link to the artifact it repeats holds no bytes).
+    `peak_added` leaves out files also linked from outside `root` (the source checkpoint, which
+    prepare_source links rather than copies): the disk the run needs free."""
 
     def __init__(self, root: Path, every_s: float = 1.0):
         super().__init__(daemon=True)
-        self.root, self.every_s, self.peak, self.stop = root, every_s, 0, threading.Event()
+        self.root, self.every_s, self.stop = root, every_s, threading.Event()
+        self.peak = self.peak_added = 0
 
     def run(self):
-        from convqa.report.disk import results_bytes
+        from convqa.report.disk import results_disk
 
         while not self.stop.is_set():
-            self.peak = max(self.peak, results_bytes(self.root))
+            total, outside = results_disk(self.root)
+            self.peak, self.peak_added = max(self.peak, total), max(self.peak_added, total - outside)
             self.stop.wait(self.every_s)
 
 
@@ -173,8 +177,9 @@ def prepare_workdir(root: Path, source: Path, args) -> Path:
     return wf
 
 
-def snakemake(wf: Path, args, log: Path) -> tuple[float, int, list[str]]:
-    """Run the tier; (wall s, peak bytes under results/, rules of the jobs it ran)."""
+def snakemake(wf: Path, args, log: Path) -> tuple[float, tuple[int, int], list[str]]:
+    """Run the tier; (wall s, (peak bytes under results/, peak bytes the run added), rules of
+    the jobs it ran)."""
     exe = Path(sys.executable).with_name("snakemake")
     cmd = [str(exe), "--directory", str(wf), "--workflow-profile", "none", "--cores", str(args.cores),
            "--resources", f"mem_mb={args.mem_mb}", "conversion_slots=2", "--configfile", "bench-config.yaml",
@@ -192,7 +197,7 @@ def snakemake(wf: Path, args, log: Path) -> tuple[float, int, list[str]]:
     if proc.returncode != 0:
         raise SystemExit(f"snakemake exited {proc.returncode}; see {log}")
     rules = [m.group(1) for line in log.read_text().splitlines() if (m := JOB_LINE.match(line.strip()))]
-    return wall, sampler.peak, rules
+    return wall, (sampler.peak, sampler.peak_added), rules
 
 
 def restores(wf: Path) -> int:
@@ -343,7 +348,7 @@ def main() -> int:
     largest = largest_tensor_bytes(source)
     wf = prepare_workdir(root, source, args)
 
-    cold_wall, cold_disk, cold_rules = snakemake(wf, args, root / "cold.log")
+    cold_wall, (cold_disk_all, cold_disk), cold_rules = snakemake(wf, args, root / "cold.log")
     cold = benchmarks(wf)
     cold_restores = restores(wf)
     conversion_rules = ("convert_to_gguf", "convert_to_apr", "convert_to_safetensors")
@@ -359,8 +364,9 @@ def main() -> int:
           f"built in {build_s:.0f} s; tier {args.tier}, {args.cores} cores, --resources mem_mb={args.mem_mb}, "
           f"temp_intermediates={args.temp_intermediates}; load average {os.getloadavg()[0]:.1f} after the cold run "
           f"(other jobs on this machine inflate wall times, not CPU times)")
-    print(f"cold:  {cold_wall:7.1f} s wall, {len(cold_rules)} jobs, peak disk under results/ {cold_disk / 1e9:.3f} GB "
-          f"({cold_disk / source_bytes:.2f}x the source)")
+    print(f"cold:  {cold_wall:7.1f} s wall, {len(cold_rules)} jobs, peak disk added by the run {cold_disk / 1e9:.3f} GB "
+          f"({cold_disk / source_bytes:.2f}x the source); under results/ with the source checkpoint's hard links "
+          f"{cold_disk_all / 1e9:.3f} GB ({cold_disk_all / source_bytes:.2f}x)")
     repeats = repeated_conversions(wf)
     print(f"conversions: cold {executed} executed / {needed} chains of the tier (+{cold_restores} restored); "
           f"{len(repeats)} repeat another conversion of the run (same converter, input bytes, format, quant): "
@@ -381,7 +387,7 @@ def main() -> int:
           f"(the source's largest tensor: {largest / 2**20:.0f} MB)")
     targets = [
         ("mvp cold <= 15 min", cold_wall <= 900, f"{cold_wall / 60:.1f} min"),
-        ("peak disk <= 4x source", cold_disk <= 4 * source_bytes, f"{cold_disk / source_bytes:.2f}x"),
+        ("peak disk added <= 4x source", cold_disk <= 4 * source_bytes, f"{cold_disk / source_bytes:.2f}x"),
         ("inference RSS <= 1.5x model bytes", inference_rss * 2**20 <= 1.5 * source_bytes,
          f"{inference_rss:.0f} MB vs {1.5 * source_bytes / 2**20:.0f} MB"),
         ("conversion RSS <= its largest tensor + 300 MB", worst[0] * 2**20 <= worst[1] + 300 * 2**20,

@@ -6,9 +6,10 @@
 # by the script; convqa.workflow.intermediates), the artifact's path is `params.artifacts`.
 # A re-run (`st-gguf.run2`, F-CONV-IDEM-001) also waits for the conversion it repeats
 # (`params.repeats`): bytes equal to that artifact's become a hard link to it, one copy on disk.
-# Each conversion holds one `conversion_slots` (profiles/default: 1 at a time), so that with
-# `temp_intermediates` a lineage's next conversion is the deepest ready one (Jobs.conversion_priority)
-# and a sibling subtree is not written beside it while a core is free (disk, not CPU, is the limit).
+# Each conversion holds `conversion_slots` (profiles/default provides 2): both when it writes more
+# than the source holds, else one (Jobs.conversion_slots), so that with `temp_intermediates` a big
+# sibling subtree is not written beside a lineage's next conversion (the deepest ready one,
+# Jobs.conversion_priority) while a core is free: disk, not CPU, is the limit there.
 
 
 rule convert_to_gguf:

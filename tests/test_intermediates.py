@@ -115,3 +115,23 @@ def test_a_safetensors_rerun_is_linked_file_by_file(tmp_path):
         assert os.path.samefile(first / name, rerun / name)
     # The report's "on disk" figure counts a file once, however many links it has.
     assert results_bytes(tmp_path / "results") == 5002 + sidecars
+
+
+def test_files_also_linked_from_outside_the_results_are_counted_apart(tmp_path):
+    """A source checkpoint prepare_source hard-linked (not copied) is on the disk whatever the
+    run does: `results_disk` says how much of the results it is."""
+    import os
+
+    from convqa.report.disk import results_disk
+
+    checkpoint = tmp_path / "checkpoint" / "model.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"w" * 7000)
+    results = tmp_path / "results"
+    (results / "m" / "source").mkdir(parents=True)
+    os.link(checkpoint, results / "m" / "source" / "model.safetensors")
+    (results / "m" / "artifact.gguf").write_bytes(b"g" * 300)
+    os.link(results / "m" / "artifact.gguf", results / "m" / "artifact.run2.gguf")  # both inside: counted once, as the run's
+    assert results_disk(results) == (7300, 7000)
+    checkpoint.unlink()  # the user deleted the original: the results hold the only copy
+    assert results_disk(results) == (7300, 0)

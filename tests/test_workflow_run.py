@@ -373,6 +373,9 @@ def test_local_gguf_and_offline_hub_sources(built, tmp_path):
 
     local = yaml.safe_load(wf.path(targets[0]).read_text())
     assert local["record"]["origin"]["path"] == str(local_dir.resolve())
+    # The checkpoint's files are hard links (one filesystem here), not a second copy of the model.
+    assert sorted(local["record"]["hard_linked"]) == sorted(p.name for p in local_dir.iterdir() if not p.name.startswith("."))
+    assert os.path.samefile(wf.path("results/from-local/source/model.safetensors"), local_dir / "model.safetensors")
     assert local["record"]["files"]["model.safetensors"]["sha256"] == yaml.safe_load(
         built.path(f"results/{MODEL}/source.sidecar.json").read_text())["record"]["files"]["model.safetensors"]["sha256"]
     imported = yaml.safe_load(wf.path(targets[1]).read_text())

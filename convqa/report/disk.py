@@ -56,17 +56,24 @@ def disk_usage(sidecars: dict[str, str | os.PathLike]) -> dict:
 def results_bytes(root: str | os.PathLike) -> int:
     """Bytes under `root` now (every file, recursively), each file once however many hard links
     it has (a re-run's artifact and the one it repeats: intermediates.share_bytes)."""
-    seen, total = set(), 0
+    return results_disk(root)[0]
+
+
+def results_disk(root: str | os.PathLike) -> tuple[int, int]:
+    """(`results_bytes`, the part of it in files also linked from outside `root`): a source
+    checkpoint prepare_source linked rather than copied is on the disk whether or not the run
+    is, so the run added the difference."""
+    links: dict[tuple[int, int], list[int]] = {}  # inode -> [size, st_nlink, links seen under root]
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
                 continue  # deleted while walking (a release)
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
+            links.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])[2] += 1
+    total = sum(size for size, _, _ in links.values())
+    outside = sum(size for size, nlink, seen in links.values() if nlink > seen)
+    return total, outside
 
 
 def markdown_section(disk: dict | None, display_size) -> list[str]:

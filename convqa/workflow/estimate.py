@@ -170,7 +170,9 @@ def format_estimate(e: dict) -> str:
         f"source: {gb(e['source_bytes'])} ({e['parameters'] / 1e9:.2f}B parameters)",
         f"disk: {gb(e['written_bytes'])} written by conversions (the peak without temp_intermediates); "
         f"at least {gb(e['peak_bytes_with_deletion'])} at peak with temp_intermediates: true "
-        f"(what the checks keep alive; jobs run late can keep more)",
+        f"(what the checks keep alive; jobs run late can keep more), the source's {gb(e['source_bytes'])} "
+        f"included: a local or hub checkpoint on the filesystem of results/ is hard-linked, not copied, "
+        f"and then needs no more",
         f"time: about {e['cpu_seconds'] / 60:.0f} CPU minutes "
         f"({', '.join(f'{k} {v / 60:.0f}' for k, v in e['cpu_seconds_by_kind'].items())}); "
         f"at best {e['wall_seconds_at_best'] / 60:.0f} min wall on {e['cores']} cores",
