@@ -322,6 +322,25 @@ def largest_tensor_bytes(source: Path) -> int:
         return max(t.nbytes for t in model.tensors.values())
 
 
+def hold_workdir(root: Path):
+    """An exclusive lock on the work directory for this process's lifetime: two benches in one
+    directory delete and rewrite each other's workflow (a second run started during the first's
+    rerun once cost that rerun's numbers)."""
+    import fcntl
+
+    fh = open(root / ".bench.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        raise SystemExit(f"{root} is in use by another bench/scale.py run ({fh.read().strip() or 'pid unknown'}); "
+                         "wait for it, or pass another --workdir")
+    fh.truncate(0)
+    fh.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+    return fh
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="1.5b")
@@ -341,6 +360,7 @@ def main() -> int:
 
     root = args.workdir / args.geometry
     root.mkdir(parents=True, exist_ok=True)
+    lock = hold_workdir(root)  # noqa: F841 (held until the process exits)
     t0 = time.perf_counter()
     source = build_model(root / "source-model", args.geometry)
     build_s = time.perf_counter() - t0
