@@ -44,6 +44,10 @@ from convqa.workflow import scheduler_timers
 
 onstart:
     scheduler_timers.install(workflow)
+    # A `--resources` on the command line replaces profiles/default's list, and with it the limit
+    # that keeps big conversions apart (Jobs.conversion_slots): say so, once, before anything runs.
+    if J.conversion_slots_provided is None and config["temp_intermediates"]:
+        print(jobs.UNLIMITED_CONVERSIONS_NOTE, file=sys.stderr)
 
 
 include: "rules/common.smk"

@@ -450,12 +450,15 @@ def test_the_default_profile_runs_a_conversion_that_outgrows_the_source_alone(bu
     seen = conversions_side_by_side(unlimited.stderr)
     assert sorted(s[0] for s in seen) == sorted(narrow + wide)
     assert max(map(len, seen)) == 2, "the check cannot see two conversions at once"
+    assert "convqa: conversions are not limited" in unlimited.stderr  # said once, before anything runs
+    assert unlimited.stderr.count("Add conversion_slots=2 to keep the default") == 1
 
     command = wf.command(*targets, "--forcerun", *sorted(CONVERT_RULES))
     command[command.index("--workflow-profile") + 1] = str(wf.workdir / "profiles" / "default")
     limited = subprocess.run(command, cwd=wf.workdir, env=wf.env(), capture_output=True, text=True)
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert 'Resource("conversion_slots", 2)' in limited.stderr  # what the profile provides
+    assert "conversions are not limited" not in limited.stderr
     seen = conversions_side_by_side(limited.stderr)
     assert sorted(s[0] for s in seen) == sorted(narrow + wide)
     assert max(map(len, seen)) == 2, seen  # two that hold the source's dtype (or Q8_0 blocks)

@@ -217,6 +217,11 @@ LINEAGE_PRIORITY_STEP = 10  # more than a chain's depth (4 hops after S in the f
 # at 1.5B) takes both and runs alone, as the peak disk is two of those side by side; any other
 # takes one, so two run at once (Jobs.conversion_slots).
 WIDE_CONVERSION_SLOTS = 2
+UNLIMITED_CONVERSIONS_NOTE = (
+    "convqa: conversions are not limited (no conversion_slots in --resources; a --resources on the "
+    "command line replaces profiles/default's list), so big ones run side by side and hold more disk "
+    "at once (at 1.5B: 38.7 GB at the peak instead of 23.3 GB). Add conversion_slots=2 to keep the default."
+)
 
 
 def gpu_count(wildcards):
