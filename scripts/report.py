@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from convqa.report.build import write_report
-from convqa.report.disk import disk_usage, results_bytes
+from convqa.report.disk import disk_usage, on_disk
 from convqa.workflow import paths
 from convqa.workflow.joblog import job_log
 
@@ -32,7 +32,7 @@ with job_log(snakemake.log[0]) as log:
         inputs["comparisons"],
         Path(snakemake.output.evidence).parent,
         extra={"tier": snakemake.wildcards.tier, **inference_extra(inference["extras"]),
-               "disk": {**disk_usage(inputs["sidecars"]), "on_disk": results_bytes(Path(paths.source_dir(snakemake.wildcards.model)).parent)}},
+               "disk": {**disk_usage(inputs["sidecars"]), **on_disk(Path(paths.source_dir(snakemake.wildcards.model)).parent)}},
     )
     for name, path in outputs.items():
         print(f"{name}: {path}", file=log)

@@ -55,6 +55,23 @@ def test_the_report_shows_the_disk_section(chains, tmp_path):
     assert f"| native/st-apr | {display_size(sizes['native/st-apr'])} | deleted after use |" in md
     page = out["html"].read_text()
     assert "<h2>Disk</h2>" in page and "deleted after use" in page
+    assert "hard links to the source checkpoint" not in md + page  # nothing linked: not said
+
+
+def test_the_report_says_how_much_of_the_results_is_the_linked_checkpoint(chains, tmp_path):
+    """prepare_source hard-links a local checkpoint: on disk under results/, but not added by the run."""
+    import os
+
+    root, sidecars, _sizes = chains
+    checkpoint = tmp_path / "checkpoint.safetensors"
+    checkpoint.write_bytes(b"w" * 4096)
+    os.link(checkpoint, root / "model.safetensors")
+    recorded = disk.on_disk(root)
+    assert recorded["linked_from_outside"] == 4096 and recorded["on_disk"] >= 4096
+    out = write_report("tiny", [], {}, sidecars, {}, tmp_path / "report", extra={"disk": {**disk.disk_usage(sidecars), **recorded}})
+    said = f"of which hard links to the source checkpoint's files (not a second copy): {display_size(4096)}"
+    assert said in out["markdown"].read_text()
+    assert said.replace("'", "&#39;") in out["html"].read_text() or said in out["html"].read_text()
 
 
 def test_plan_estimates_disk_and_time_from_the_model_size(synthetic_dir):

@@ -76,6 +76,14 @@ def results_disk(root: str | os.PathLike) -> tuple[int, int]:
     return total, outside
 
 
+def on_disk(model_results: str | os.PathLike) -> dict:
+    """The report's record of a model's results directory now: `on_disk` (each file once), and
+    `linked_from_outside`, the part that is hard links to files elsewhere (the source checkpoint
+    prepare_source linked rather than copied), which the run did not add to the disk."""
+    total, outside = results_disk(model_results)
+    return {"on_disk": total, "linked_from_outside": outside}
+
+
 def markdown_section(disk: dict | None, display_size) -> list[str]:
     """The report's `## Disk` lines (empty when the evidence has no disk record)."""
     if not disk:
@@ -86,7 +94,9 @@ def markdown_section(disk: dict | None, display_size) -> list[str]:
            + (f"; stored as hard links to identical artifacts (no second copy on disk): {display_size(disk['shared'])}"
               if disk.get("shared") else "")
            + (f"; on disk under results/ for this model when the report was built: {display_size(disk['on_disk'])}"
-              if disk.get("on_disk") is not None else "") + ".", "",
+              if disk.get("on_disk") is not None else "")
+           + (f", of which hard links to the source checkpoint's files (not a second copy): "
+              f"{display_size(disk['linked_from_outside'])}" if disk.get("linked_from_outside") else "") + ".", "",
            "| artifact | written | state |", "|---|---:|---|"]
     out += [f"| {c['label']} | {display_size(c['bytes_written'])} | {c['state']} |" for c in disk["chains"]]
     return out + [""]

@@ -143,7 +143,7 @@ A comparison gets its own per-layer plot only when it fails or comes within 10&t
 {% endfor %}</table></details>
 {% set disk = ev.extra.get('disk') %}{% if disk %}
 <h2>Disk</h2>
-<p>Artifacts written: {{ disk.written | size }} in {{ disk.chains | length }} artifacts; deleted after use: {{ disk.deleted | size }}; kept: {{ disk.kept | size }}{% if disk.get('shared') %}; stored as hard links to identical artifacts (no second copy on disk): {{ disk.shared | size }}{% endif %}{% if disk.get('on_disk') is not none %}; on disk under results/ for this model when the report was built: {{ disk.on_disk | size }}{% endif %}.</p>
+<p>Artifacts written: {{ disk.written | size }} in {{ disk.chains | length }} artifacts; deleted after use: {{ disk.deleted | size }}; kept: {{ disk.kept | size }}{% if disk.get('shared') %}; stored as hard links to identical artifacts (no second copy on disk): {{ disk.shared | size }}{% endif %}{% if disk.get('on_disk') is not none %}; on disk under results/ for this model when the report was built: {{ disk.on_disk | size }}{% endif %}{% if disk.get('linked_from_outside') %}, of which hard links to the source checkpoint's files (not a second copy): {{ disk.linked_from_outside | size }}{% endif %}.</p>
 <table><tr><th>artifact</th><th>written</th><th>state</th></tr>
 {% for c in disk.chains %}<tr><td class="mono">{{ c.label }}</td><td class="num">{{ c.bytes_written | size }}</td><td>{{ c.state }}</td></tr>
 {% endfor %}</table>{% endif %}
