@@ -36,8 +36,11 @@ setup-cuda: setup
 run: setup
 	$(BIN)/snakemake --cores $(CORES)
 
+# One pytest-xdist worker per core; each test module is scheduled whole, the longest first
+# (tests/conftest.py). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= $(CORES)
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # The bundled real Gemma-3-270M (Q4_K_M, 262144-token vocabulary, 1.07 GB F32 ground truth)
 # through the mvp tier; not in `make run`, which it would take past 10 minutes (README).

@@ -14,6 +14,40 @@ from pathlib import Path
 import pytest
 
 
+# `make test` runs the suite on one pytest-xdist worker per core. Each module is one scheduling
+# unit, so that its module-scoped fixtures (a whole workflow run, often) are built on one worker
+# only; modules that share an expensive session fixture are one unit together.
+SHARED_UNITS = {"test_workflow_run.py": "qwen2_mvp", "test_workflow_infer.py": "qwen2_mvp"}
+# Longest units first (measured with --durations: minutes of CPU each): a worker that picked one
+# of them at the end of the run would leave the other core idle for its length.
+LONGEST_FIRST = ("test_detection.py", "test_workflow_run.py", "test_workflow_infer.py", "test_real_checkpoints.py",
+                 "test_workflow_converters.py", "test_slurm.py", "test_gemma3.py", "test_workflow_divergence.py")
+
+
+def scheduling_unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return SHARED_UNITS.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's --dist loadgroup cannot do this with pytest 9 (its group suffix is written to a
+    # node attribute pytest 9 no longer reads), and loadfile cannot join two modules.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scheduling_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep the collection order above, not "most tests first"
+    return ModuleUnits(config, log)
+
+
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory):
     """Factory: synthetic_dir(preset, dtype="float32") -> HF directory, built once per session."""
