@@ -14,8 +14,8 @@ hold more than that together (rules/infer.smk takes each job's mem_mb from convq
 
 Printed: wall time of each run, peak bytes under results/ (sampled every second), peak RSS and
 CPU time per rule (Snakemake's benchmark files; CPU time is what contention does not inflate),
-the rerun ratio, conversions executed against the conversions the tier needs, and the targets
-of issue 13.
+the rerun ratio, conversions executed against the conversions the tier needs, the model's
+verdict after each run (with the rows that decided against it), and the targets of issue 13.
 """
 
 from __future__ import annotations
@@ -322,6 +322,25 @@ def largest_tensor_bytes(source: Path) -> int:
         return max(t.nbytes for t in model.tensors.values())
 
 
+def verdict(wf: Path, tier: str, most: int = 8) -> str:
+    """The model's qualification at the tier (its report's qualification.json), with the rows that
+    decided against it: a fast run that qualifies nothing proves nothing."""
+    path = wf / "results" / "scale" / "report" / tier / "qualification.json"
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"no qualification report ({path}: {exc})"
+    s = report["summary"]
+    line = (f"{s['verdict']}: {s['pass']} pass, {s['fail']} fail, {s['not_evaluated']} not evaluated, "
+            f"{s['skipped']} skipped ({s['verdict_reason']}); report: {path.parent / 'report.html'}")
+    against = [g for g in report["gates"] if g["status"] in ("fail", "not_evaluated")]
+    for g in against[:most]:
+        line += f"\n    {g['status']} {g['gate']} {g['subject']}: {g['reason'][:200]}"
+    if len(against) > most:
+        line += f"\n    ... and {len(against) - most} more"
+    return line
+
+
 def hold_workdir(root: Path):
     """An exclusive lock on the work directory for this process's lifetime: two benches in one
     directory delete and rewrite each other's workflow (a second run started during the first's
@@ -396,6 +415,7 @@ def main() -> int:
         print(f"{rule:<18}{e['jobs']:>5}{e['max_rss_mb']:>13.0f}{e['cpu_s']:>9.1f}{e['wall_s']:>9.1f}  {e['max_rss_at']}")
     total_cpu = sum(e["cpu_s"] for e in cold.values())
     print(f"{'total':<18}{sum(e['jobs'] for e in cold.values()):>5}{'':>13}{total_cpu:>9.1f}", flush=True)
+    print(f"verdict (cold): {verdict(wf, args.tier)}", flush=True)
 
     inference_rss = max((cold[r]["max_rss_mb"] for r in ("infer", "infer_reference", "serve_check") if r in cold), default=0)
     # Each conversion against its own largest tensor (the F32 tensor a dequantizing one writes
@@ -430,11 +450,13 @@ def main() -> int:
               f"GGUF-touched chains, +{restored_rerun} deleted parents restored inside the jobs that needed them; "
               f"{replayed} of {readers} reader jobs replayed (convqa.workflow.replay: the GGUF bytes are unchanged)")
 
+        print(f"verdict (rerun): {verdict(wf, args.tier)}")
         targets.append(("rerun <= 40% of cold", rerun_wall <= 0.4 * cold_wall, f"{rerun_wall / cold_wall:.0%}"))
     for name, ok, value in targets:
         print(f"target {'MET ' if ok else 'MISS'} {name}: {value}")
     if not args.keep:
         shutil.rmtree(wf / "results", ignore_errors=True)
+        print(f"removed {wf / 'results'} and its reports (--keep keeps them)")
     return 0
 
 

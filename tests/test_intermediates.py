@@ -103,18 +103,18 @@ def test_a_rerun_with_other_bytes_or_a_gone_original_keeps_its_own_copy(tmp_path
 def test_a_safetensors_rerun_is_linked_file_by_file(tmp_path):
     import os
 
-    from convqa.report.disk import results_bytes
+    from convqa.report.disk import results_disk
 
     files = {"model.safetensors": b"x" * 5000, "config.json": b"{}"}
     first = _converted(tmp_path, "st-gguf-st", files, "s", name="model")
     rerun = _converted(tmp_path, "st-gguf-st.run2", files, "s", name="model")
     sidecars = sum(len(f.read_bytes()) for f in (tmp_path / "results").rglob("sidecar.json"))
-    assert results_bytes(tmp_path / "results") == 2 * 5002 + sidecars
+    assert results_disk(tmp_path / "results") == (2 * 5002 + sidecars, 0)
     assert intermediates.share_bytes(rerun, "s", first, io.StringIO()) == str(first)
     for name in files:
         assert os.path.samefile(first / name, rerun / name)
     # The report's "on disk" figure counts a file once, however many links it has.
-    assert results_bytes(tmp_path / "results") == 5002 + sidecars
+    assert results_disk(tmp_path / "results") == (5002 + sidecars, 0)
 
 
 def test_files_also_linked_from_outside_the_results_are_counted_apart(tmp_path):

@@ -53,16 +53,11 @@ def disk_usage(sidecars: dict[str, str | os.PathLike]) -> dict:
     return {"chains": chains, "written": written, "deleted": deleted, "kept": written - deleted, "shared": shared}
 
 
-def results_bytes(root: str | os.PathLike) -> int:
-    """Bytes under `root` now (every file, recursively), each file once however many hard links
-    it has (a re-run's artifact and the one it repeats: intermediates.share_bytes)."""
-    return results_disk(root)[0]
-
-
 def results_disk(root: str | os.PathLike) -> tuple[int, int]:
-    """(`results_bytes`, the part of it in files also linked from outside `root`): a source
-    checkpoint prepare_source linked rather than copied is on the disk whether or not the run
-    is, so the run added the difference."""
+    """(bytes under `root` now, the part of it in files also linked from outside `root`). Every
+    file is counted once however many hard links it has (a re-run's artifact and the one it
+    repeats: intermediates.share_bytes). A source checkpoint prepare_source linked rather than
+    copied is on the disk whether or not the run is, so the run added the difference."""
     links: dict[tuple[int, int], list[int]] = {}  # inode -> [size, st_nlink, links seen under root]
     for dirpath, _dirs, files in os.walk(root):
         for name in files:

@@ -126,8 +126,9 @@ def estimate(source_bytes: int, parameters: int, tier: str, variants: list[str],
         "artifacts": n_conv,
         "written_bytes": int(written),
         # A lower bound: the source, and the largest conversion's input and output. Measured at 1.5B:
-        # 23.3 GB with one conversion at a time (profiles/default), where this says 16.4 GB (q8_0's
-        # F32 st-gguf-apr -> st-gguf-apr-gguf); 38.7 GB with two at once.
+        # 23.3 GB with profiles/default's conversion_slots (a conversion that writes F32 from a BF16
+        # source runs alone), where this says 16.4 GB (q8_0's F32 st-gguf-apr -> st-gguf-apr-gguf);
+        # 38.7 GB with two conversions at once whatever they write.
         "peak_bytes_with_deletion": int(source_bytes + deepest_path),
         "inference_jobs": n_infer + n_reference + n_serve,
         "jobs_by_kind": {"conversion": n_conv, "inspection": n_conv, "comparison": n_compare, "inference": n_infer,
