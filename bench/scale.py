@@ -44,6 +44,7 @@ GEOMETRIES = {
     "small": dict(num_layers=2, hidden_size=384, intermediate_size=1024, num_heads=12, num_kv_heads=2, vocab_size=151936),
 }
 SEED = 0
+MODEL = "scale"  # the workflow's one model: results/scale/
 WRITER_EDIT = "\n_BENCH_SCALE_EDIT = 1  # bench/scale.py: a one-line change to the GGUF writer\n"
 JOB_LINE = re.compile(r"^(?:local)?rule (\w+):$")
 # The rules whose scripts replay an earlier run on unchanged inputs (convqa.workflow.replay).
@@ -172,7 +173,7 @@ def prepare_workdir(root: Path, source: Path, args) -> Path:
     config["variants"] = ["native", "q8_0"]
     config["temp_intermediates"] = args.temp_intermediates
     config["inference"]["backends"] = ["cpu"]  # no GPU here: the gpu rows would only say so
-    config["models"] = {"scale": {"source": {"kind": "local", "path": str(source)}}}
+    config["models"] = {MODEL: {"source": {"kind": "local", "path": str(source)}}}
     (wf / "bench-config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return wf
 
@@ -325,7 +326,7 @@ def largest_tensor_bytes(source: Path) -> int:
 def verdict(wf: Path, tier: str, most: int = 8) -> str:
     """The model's qualification at the tier (its report's qualification.json), with the rows that
     decided against it: a fast run that qualifies nothing proves nothing."""
-    path = wf / "results" / "scale" / "report" / tier / "qualification.json"
+    path = wf / "results" / MODEL / "report" / tier / "qualification.json"
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -443,7 +444,7 @@ def main() -> int:
         needed_rerun = sum(1 for _v, c in needed_chains if "gguf" in plan.hops(c))
         executed_rerun = sum(rerun_rules.count(r) for r in conversion_rules)
         restored_rerun = restores(wf) - cold_restores
-        replayed = len(replayed_jobs(wf / "results" / "scale"))
+        replayed = len(replayed_jobs(wf / "results" / MODEL))
         readers = sum(rerun_rules.count(r) for r in READER_RULES)
         print(f"rerun: {rerun_wall:7.1f} s wall, {len(rerun_rules)} jobs after a one-line GGUF-writer change "
               f"(ratio {rerun_wall / cold_wall:.0%}); conversions {executed_rerun} executed / {needed_rerun} "

@@ -18,7 +18,7 @@ import pytest
 # unit, so that its module-scoped fixtures (a whole workflow run, often) are built on one worker
 # only; modules that share an expensive session fixture are one unit together.
 SHARED_UNITS = {"test_workflow_run.py": "qwen2_mvp", "test_workflow_infer.py": "qwen2_mvp"}
-# Longest units first (measured with --durations: minutes of CPU each): a worker that picked one
+# Longest units first (measured with --durations: one to six minutes each): a worker that picked one
 # of them at the end of the run would leave the other core idle for its length.
 LONGEST_FIRST = ("test_detection.py", "test_workflow_run.py", "test_workflow_infer.py", "test_real_checkpoints.py",
                  "test_workflow_converters.py", "test_slurm.py", "test_gemma3.py", "test_workflow_divergence.py")
