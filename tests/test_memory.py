@@ -56,13 +56,13 @@ def test_the_estimate_follows_the_format_and_engine(smollm2_gguf, smollm2_st):
     gguf = memory.artifact_shape(smollm2_gguf)
     assert gguf.parameters == shape.parameters  # same tensors (tied head absent from both)
     assert gguf.file_bytes < shape.file_bytes / 4  # Q4_1 against F32
-    # transformers dequantizes a GGUF into its compute dtype (F32 here: SmolLM2's ground truth is
+    # transformers dequantizes a GGUF into its weights dtype (F32 here: SmolLM2's ground truth is
     # F32); llama.cpp maps the Q4_1 blocks as they are.
-    assert gguf.compute_dtype == shape.compute_dtype == "float32"
+    assert gguf.weights_dtype == shape.weights_dtype == "float32"
     assert memory.shape_bytes_needed(gguf, "transformers") > memory.shape_bytes_needed(shape, "transformers") * 0.9
     assert memory.shape_bytes_needed(gguf, "llama.cpp") < memory.shape_bytes_needed(gguf, "transformers") * 0.6
     # In BF16 (a BF16 ground truth's artifacts) the model takes half the bytes.
-    bf16 = memory.shape_bytes_needed(gguf, "transformers", compute_dtype="bfloat16")
+    bf16 = memory.shape_bytes_needed(gguf, "transformers", weights_dtype="bfloat16")
     assert bf16 <= memory.shape_bytes_needed(gguf, "transformers") - 0.9 * 2 * gguf.parameters
     with pytest.raises(ValueError, match="unknown engine"):
         memory.shape_bytes_needed(shape, "vllm")
@@ -127,7 +127,7 @@ def test_transformers_holds_a_bf16_model_once_through_every_loader(bf16_models, 
     share = (peak - runtime) / model_bytes
     print(f"{fmt}: peak {peak / MIB:.0f} MB, runtime {runtime / MIB:.0f} MB, model {model_bytes / MIB:.0f} MB: {share:.2f}x")
     assert share <= 1.5, f"{fmt}: the model took {share:.2f}x its bytes ({peak / MIB:.0f} MB peak, {runtime / MIB:.0f} MB runtime)"
-    estimate = memory.bytes_needed(mid[fmt], "transformers", compute_dtype=memory.source_compute_dtype(src))
+    estimate = memory.bytes_needed(mid[fmt], "transformers", weights_dtype=memory.source_weights_dtype(src))
     assert peak <= estimate, f"{fmt}: held {peak / MIB:.0f} MB, more than the {estimate / MIB:.0f} MB estimate"
 
 
@@ -155,9 +155,9 @@ def test_a_deleted_artifact_is_estimated_from_its_source_and_sidecar_size(smollm
         pytest.skip("llama.cpp runs GGUF only")
     artifact = smollm2_artifacts[kind]
     size = artifact.stat().st_size
-    dtype = memory.source_compute_dtype(smollm2_st)
-    from_header = memory.shape_bytes_needed(memory.artifact_shape(artifact), engine, compute_dtype=dtype)
-    from_source = memory.shape_bytes_needed(memory.shape_from_source(smollm2_st, fmt, size), engine, compute_dtype=dtype)
+    dtype = memory.source_weights_dtype(smollm2_st)
+    from_header = memory.shape_bytes_needed(memory.artifact_shape(artifact), engine, weights_dtype=dtype)
+    from_source = memory.shape_bytes_needed(memory.shape_from_source(smollm2_st, fmt, size), engine, weights_dtype=dtype)
     assert abs(from_source - from_header) <= 0.10 * from_header, (from_source / MIB, from_header / MIB)
     # The job's mem_mb: with the file there, from its header; deleted, from the record.
     present = memory.job_mem_mb(artifact, engine, source=smollm2_st, recorded=(fmt, size))

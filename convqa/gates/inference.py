@@ -115,9 +115,9 @@ def select_tolerances(variant: str, configured: dict, source_manifest: dict | No
 
     `native` keeps the source's dtypes, and an engine's own error depends on them: llama.cpp
     multiplies BF16 (F16) weights with activations rounded to BF16 (F16), so on a BF16 source it
-    cannot reproduce the ground truth to F32 precision while transformers (which computes every
-    artifact in the ground truth's dtype, convqa.infer.compute_dtype) still must, bit for bit. `native@bf16` / `native@f16`,
-    when configured, hold the engines for such a source; any engine they leave out falls back
+    cannot reproduce the ground truth to F32 precision while transformers (which holds every
+    artifact in the ground truth's dtype and computes in float32, convqa.infer.weights_dtype)
+    still must, bit for bit. `native@bf16` / `native@f16`, when configured, hold the engines for such a source; any engine they leave out falls back
     to `native`'s.
     """
     base = dict(configured.get(variant) or {})

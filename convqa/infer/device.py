@@ -8,7 +8,7 @@ needs; too little gives `skipped` with both numbers, like any absent capability.
 The estimate is the artifact's tensors as the engine holds them on the device, plus a margin. It is
 not convqa.infer.memory's host estimate: that one also counts host-only copies made while loading
 and the interpreter with its libraries, which the device never holds.
-transformers dequantizes every tensor to its compute dtype (convqa.infer.compute_dtype: the
+transformers dequantizes every tensor to its weights dtype (convqa.infer.weights_dtype: the
 source's, bfloat16 for a BF16 checkpoint, float32 otherwise); llama.cpp keeps the file's
 encodings (GGML blocks stay blocks). The margin covers activations, the KV cache of the short
 prompt set, cuBLAS workspaces and the caching allocator's rounding; the CUDA context is already
@@ -25,17 +25,17 @@ MARGIN_BYTES = 256 * 2**20
 GIB = 2**30
 
 
-def weight_bytes(artifact_path: str | os.PathLike, engine: str, compute_dtype: str | None = None) -> int:
+def weight_bytes(artifact_path: str | os.PathLike, engine: str, weights_dtype: str | None = None) -> int:
     """Bytes the engine holds for the artifact's tensors on the device: every element in the
-    compute dtype under transformers (None: the artifact's own), the stored encoding's bytes
+    weights dtype under transformers (None: the artifact's own), the stored encoding's bytes
     under llama.cpp."""
     from convqa.formats import open_model
-    from convqa.infer.compute_dtype import BYTES_PER_ELEMENT, compute_dtype_of
+    from convqa.infer.weights_dtype import BYTES_PER_ELEMENT, weights_dtype_of
 
     with open_model(artifact_path) as artifact:
         if engine == "llama.cpp":
             return sum(t.nbytes for t in artifact)
-        element = BYTES_PER_ELEMENT[compute_dtype or compute_dtype_of(artifact)]
+        element = BYTES_PER_ELEMENT[weights_dtype or weights_dtype_of(artifact)]
         return sum(t.n_elements for t in artifact) * element
 
 
@@ -72,8 +72,8 @@ def skip_reason(memory: dict | None) -> str:
 
 def check_artifact(artifact_path: str | os.PathLike, engine: str,
                    mem_get_info: Callable[[], tuple[int, int]] | None = None,
-                   compute_dtype: str | None = None) -> tuple[str, dict | None]:
+                   weights_dtype: str | None = None) -> tuple[str, dict | None]:
     """(skip reason or '', the numbers) for running `artifact_path` under `engine` on the gpu
-    (transformers in `compute_dtype`, None: the artifact's own)."""
-    memory = device_memory(bytes_needed(weight_bytes(artifact_path, engine, compute_dtype)), mem_get_info)
+    (transformers in `weights_dtype`, None: the artifact's own)."""
+    memory = device_memory(bytes_needed(weight_bytes(artifact_path, engine, weights_dtype)), mem_get_info)
     return skip_reason(memory), memory

@@ -9,13 +9,15 @@ The estimate is in bytes of host memory; a device-memory check (the gpu backend)
 `bytes_needed` for the weights and compare with the device's free memory instead.
 
 What each engine holds at its peak (measured on SmolLM2-135M and a 1.5B BF16 geometry; see
-bench/scale.py and tests/test_memory.py). transformers builds the model in its compute dtype
-(convqa.infer.compute_dtype: the source's, bfloat16 for a BF16 checkpoint, float32 otherwise):
-- transformers, SafeTensors: the model in the compute dtype, plus the file mapped while it is
-  upcast when it is stored narrower than that (a file in the compute dtype is loaded in place);
+bench/scale.py and tests/test_memory.py). transformers holds the model in its weights dtype
+(convqa.infer.weights_dtype: the source's, bfloat16 for a BF16 checkpoint, float32 otherwise) and
+computes in float32 a slice of one matrix at a time (convqa.infer.float32_compute: a few MB, in
+the margin):
+- transformers, SafeTensors: the model in the weights dtype, plus the file mapped while it is
+  upcast when it is stored narrower than that (a file in the weights dtype is loaded in place);
 - transformers, GGUF: transformers' GGUF loader dequantizes every tensor and keeps the whole
-  state dict in the compute dtype before the model takes it over, while the file is mapped;
-- transformers, APR (convqa's loader): the model in the compute dtype plus one tensor's stored
+  state dict in the weights dtype before the model takes it over, while the file is mapped;
+- transformers, APR (convqa's loader): the model in the weights dtype plus one tensor's stored
   bytes and one slice of it decoded;
 - llama.cpp: the file mapped (weights stay in their encoding), the F32 KV cache and the logits of
   every position (`logits_all`);
@@ -28,7 +30,7 @@ import os
 from dataclasses import dataclass
 
 from convqa.files import path_size
-from convqa.infer.compute_dtype import BYTES_PER_ELEMENT, compute_dtype_of
+from convqa.infer.weights_dtype import BYTES_PER_ELEMENT, weights_dtype_of
 
 MIB = 2**20
 F32 = 4
@@ -62,7 +64,7 @@ class Shape:
     largest_tensor_bytes: int = 0  # stored bytes of the largest tensor
     first_tensor: int = 0  # elements of the first tensor in file order (a GGUF's token_embd)
     largest_after_first: int = 0  # elements of the largest tensor after it
-    compute_dtype: str = "float32"  # the artifact's own (convqa.infer.compute_dtype); a run takes its source's
+    weights_dtype: str = "float32"  # the artifact's own (convqa.infer.weights_dtype); a run takes its source's
 
 
 def artifact_shape(path: str | os.PathLike) -> Shape:
@@ -84,7 +86,7 @@ def artifact_shape(path: str | os.PathLike) -> Shape:
             largest_tensor_bytes=max(stored, default=0),
             first_tensor=counts[0] if counts else 0,
             largest_after_first=max(counts[1:], default=0),
-            compute_dtype=compute_dtype_of(artifact),
+            weights_dtype=weights_dtype_of(artifact),
         )
 
 
@@ -103,7 +105,7 @@ def shape_from_source(source: str | os.PathLike, artifact_format: str, file_byte
         counts = sorted((_elements(t.shape) for t in model.tensors.values()), reverse=True)
         stored = max((t.nbytes for t in model.tensors.values()), default=0)
         config, source_bytes = model.config, path_size(source)
-        own_dtype = compute_dtype_of(model)
+        own_dtype = weights_dtype_of(model)
     largest = counts[0] if counts else 0
     parameters = sum(counts)
     if artifact_format == "apr" and config.tie_word_embeddings:
@@ -119,7 +121,7 @@ def shape_from_source(source: str | os.PathLike, artifact_format: str, file_byte
         largest_tensor_bytes=int(stored * file_bytes / source_bytes) if source_bytes else stored,
         first_tensor=largest,
         largest_after_first=counts[1] if len(counts) > 1 else 0,
-        compute_dtype=own_dtype,
+        weights_dtype=own_dtype,
     )
 
 
@@ -130,17 +132,17 @@ def _elements(shape) -> int:
     return n
 
 
-def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT, compute_dtype: str | None = None) -> int:
+def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT, weights_dtype: str | None = None) -> int:
     """Estimated peak RSS of `engine` over an artifact of this shape (see the module doc).
-    `compute_dtype`: what transformers builds the model in (a run passes its source's,
-    convqa.infer.compute_dtype); None takes the artifact's own."""
+    `weights_dtype`: what transformers builds the model in (a run passes its source's,
+    convqa.infer.weights_dtype); None takes the artifact's own."""
     if engine not in RUNTIME_BYTES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
     logits = LOGIT_COPIES * context * shape.vocab_size * F32
     if engine == "llama.cpp":
         kv_cache = 2 * context * shape.num_layers * shape.kv_width * F32
         return shape.file_bytes + kv_cache + logits + RUNTIME_BYTES[engine]
-    element = BYTES_PER_ELEMENT[compute_dtype or shape.compute_dtype]
+    element = BYTES_PER_ELEMENT[weights_dtype or shape.weights_dtype]
     model = shape.parameters * element
     if shape.format == "gguf":
         # Tensor by tensor, in file order: gguf-py's F32 dequantization, the loader's F32 copy of it
@@ -151,7 +153,7 @@ def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT
         per_element = 2 * F32 + element
         loading = max(shape.first_tensor * per_element - model, shape.largest_after_first * per_element)
     elif shape.format == "safetensors":
-        # A file stored in the compute dtype is used in place (its mapped pages are the model);
+        # A file stored in the weights dtype is used in place (its mapped pages are the model);
         # one in another dtype (narrower, or an F32 round trip of a BF16 model) stays mapped while cast.
         loading = 0 if abs(shape.file_bytes - model) <= 0.05 * model else shape.file_bytes
     else:
@@ -161,26 +163,26 @@ def shape_bytes_needed(shape: Shape, engine: str, context: int = DEFAULT_CONTEXT
 
 
 def bytes_needed(artifact_path: str | os.PathLike, engine: str, context: int = DEFAULT_CONTEXT,
-                 compute_dtype: str | None = None, reference: bool = False) -> int:
+                 weights_dtype: str | None = None, reference: bool = False) -> int:
     """Estimated peak resident bytes of `engine` ("transformers" or "llama.cpp") running the
-    artifact at `artifact_path` in `compute_dtype` (None: the artifact's own). `reference`: the
+    artifact at `artifact_path` in `weights_dtype` (None: the artifact's own). `reference`: the
     reference-quantized model built from this source (convqa.infer.reference_model), which also
     holds a tensor's source bytes and its re-encoding while it is loaded. Raises FormatError when
     the artifact cannot be read."""
     shape = artifact_shape(artifact_path)
     extra = REFERENCE_EXTRA_TENSORS * shape.largest_tensor_bytes if reference else 0
-    return shape_bytes_needed(shape, engine, context, compute_dtype) + extra
+    return shape_bytes_needed(shape, engine, context, weights_dtype) + extra
 
 
-def source_compute_dtype(source: str | os.PathLike | None) -> str | None:
-    """The compute dtype a run of `source`'s artifacts takes, None when it cannot be read (the
+def source_weights_dtype(source: str | os.PathLike | None) -> str | None:
+    """The weights dtype a run of `source`'s artifacts takes, None when it cannot be read (the
     estimate then falls back to the artifact's own)."""
     if source is None:
         return None
-    from convqa.infer.compute_dtype import compute_dtype_for
+    from convqa.infer.weights_dtype import weights_dtype_for
 
     try:
-        return compute_dtype_for(source)
+        return weights_dtype_for(source)
     except Exception:  # not there yet (DAG evaluation) or unreadable: the artifact decides
         return None
 
@@ -226,9 +228,9 @@ def too_big(artifact_path: str | os.PathLike, engine: str, mem_mb: float | None 
             reference: bool = False) -> str | None:
     """The `skipped` reason when the estimate exceeds what the job may use; None when it fits
     or cannot be told (an unreadable artifact: the run itself reports that). `source`: the
-    model's ground truth, whose compute dtype the run takes."""
+    model's ground truth, whose weights dtype the run takes."""
     try:
-        needed = bytes_needed(artifact_path, engine, context, source_compute_dtype(source), reference)
+        needed = bytes_needed(artifact_path, engine, context, source_weights_dtype(source), reference)
     except Exception:  # unreadable (FormatError) or odd: not judged here, the run reports why
         return None
     limit, source = available_bytes(mem_mb)
@@ -245,14 +247,14 @@ def job_mem_mb(artifact_path: str | os.PathLike, engine: str, attempt: int = 1,
     `source` as in too_big. `recorded`: the artifact's (format, bytes) as its sidecar has them,
     for an artifact deleted after use: its estimate then comes from the source's geometry
     (shape_from_source). 2000 MB where neither can be read (a dry run before the source exists)."""
-    compute_dtype = source_compute_dtype(source)
+    weights_dtype = source_weights_dtype(source)
     try:
-        needed = bytes_needed(artifact_path, engine, compute_dtype=compute_dtype, reference=reference)
+        needed = bytes_needed(artifact_path, engine, weights_dtype=weights_dtype, reference=reference)
     except Exception:  # not there yet (DAG evaluation) or unreadable: a resource never fails the DAG
         needed = None
         if recorded and recorded[1] and source is not None and not os.path.exists(artifact_path):
             try:
-                needed = shape_bytes_needed(shape_from_source(source, *recorded), engine, compute_dtype=compute_dtype)
+                needed = shape_bytes_needed(shape_from_source(source, *recorded), engine, weights_dtype=weights_dtype)
             except Exception:
                 needed = None
         if needed is None:

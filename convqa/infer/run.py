@@ -23,7 +23,7 @@ import numpy as np
 
 from convqa.formats import no_artifact
 from convqa.files import atomic_file, write_json
-from convqa.infer.compute_dtype import compute_dtype_for
+from convqa.infer.weights_dtype import weights_dtype_for
 from convqa.infer.engines import capability, engine_for
 from convqa.infer.server.supervisor import ServerError, ServerProcess
 from convqa.errors import ConversionError, FormatError
@@ -33,8 +33,10 @@ from convqa.infer.reference_model import reference_quantized
 
 # Greedy and nothing else: llama.cpp's server applies a repeat penalty of 1.1 unless told not to.
 LLAMACPP_GREEDY = {"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0}
-# What a llama.cpp run's numbers were computed in, for the record (transformers': a dtype name).
+# What a run's numbers were computed in, for the record (`compute`; transformers' also name the
+# dtype its weights were held in, `weights_dtype`).
 LLAMACPP_COMPUTE = "ggml: weights in their stored encodings, F32 activations and KV cache"
+TRANSFORMERS_COMPUTE = "float32 (convqa.infer.float32_compute over the weights as held)"
 # .npz keys of the hidden-state capture; a prompt id never starts with it (load_run splits on it).
 HIDDEN_PREFIX = "hidden."
 
@@ -98,10 +100,11 @@ def run_prompts(
     if _short_of_device_memory(record, artifact_path, engine_name, backend, source_dir):
         return record, {}
     options = {}
-    if engine_name == "transformers":  # every artifact of a model computes like its ground truth
-        options["compute_dtype"] = record["compute_dtype"] = compute_dtype_for(source_dir)
+    if engine_name == "transformers":  # every artifact of a model is held like its ground truth
+        options["weights_dtype"] = record["weights_dtype"] = weights_dtype_for(source_dir)
+        record["compute"] = TRANSFORMERS_COMPUTE
     else:
-        record["compute_dtype"] = LLAMACPP_COMPUTE
+        record["compute"] = LLAMACPP_COMPUTE
     with engine_for(engine_name, backend, threads=threads, **options) as engine:
         try:
             engine.load(artifact_path)
@@ -112,14 +115,14 @@ def run_prompts(
 
 
 def _short_of_device_memory(record: dict, artifact_path, engine_name: str, backend: str, source_dir) -> bool:
-    """On gpu: record the device's free memory against the run's estimate (in the source's compute
+    """On gpu: record the device's free memory against the run's estimate (in the source's weights
     dtype), and mark the run skipped (True) when it would not fit, instead of a CUDA OOM."""
     if backend != "gpu":
         return False
     from convqa.infer.device import check_artifact
 
     reason, record["device_memory"] = check_artifact(artifact_path, engine_name,
-                                                     compute_dtype=compute_dtype_for(source_dir))
+                                                     weights_dtype=weights_dtype_for(source_dir))
     if reason:
         record["skipped"] = reason
     return bool(reason)
@@ -175,8 +178,9 @@ def run_reference(
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """(record, logits) of the reference-quantized model (convqa.infer.reference_model) under
     transformers on `backend`: the source's tensors in the encodings `encoded_path` stores them in.
-    On gpu it is skipped like any run when there is no device or too little free memory. It
-    computes in the source's compute dtype (convqa.infer.compute_dtype), as the artifact's run does.
+    On gpu it is skipped like any run when there is no device or too little free memory. It holds
+    its weights in the source's weights dtype (convqa.infer.weights_dtype) and computes in float32,
+    as the artifact's run does.
 
     When the reference cannot be built (the artifact is unreadable, or holds an encoding with no
     reference encoder), the record carries `error` and no logits: the gates fail on it.
@@ -191,8 +195,9 @@ def run_reference(
     if _short_of_device_memory(record, source_dir, "transformers", backend, source_dir):
         return record, {}
     tokenizer = ground_truth_tokenizer(source_dir)
-    record["compute_dtype"] = compute_dtype_for(source_dir)  # the ground truth's, as the artifact's run
-    with engine_for("transformers", backend, threads=threads, compute_dtype=record["compute_dtype"]) as engine:
+    record["weights_dtype"] = weights_dtype_for(source_dir)  # the ground truth's, as the artifact's run
+    record["compute"] = TRANSFORMERS_COMPUTE
+    with engine_for("transformers", backend, threads=threads, weights_dtype=record["weights_dtype"]) as engine:
         try:
             with open_model(source_dir) as source, open_model(encoded_path) as encoded:
                 reference = reference_quantized(source, encoded)
@@ -248,7 +253,7 @@ def run_reference_isolated(source: str, encoded: str, max_new_tokens: int, threa
     """run_reference_job in a child process, with the same guarantees as run_prompts_isolated."""
     record = _new_record(f"reference: {os.fspath(source)} in the encodings of {os.fspath(encoded)}",
                          "transformers", backend, max_new_tokens)
-    # The reference model is the source's tensors in its compute dtype, as the ground truth run holds them.
+    # The reference model is the source's tensors in its weights dtype, as the ground truth run holds them.
     if _skipped_too_big(record, source, "transformers", mem_mb, json_path, npz_path, reference=True):
         return record
     kwargs = dict(source=os.fspath(source), encoded=os.fspath(encoded), max_new_tokens=max_new_tokens, threads=threads,
@@ -372,9 +377,9 @@ def serve_prompts(
     tokenizer = ground_truth_tokenizer(source_dir)
     stop_ids = stop_ids_of(tokenizer)
     if engine_name == "transformers":
-        record["compute_dtype"] = compute_dtype_for(source_dir)  # answers compared with the run's, same dtype
+        record["weights_dtype"] = weights_dtype_for(source_dir)  # answers compared with the run's, same dtype
         server = ServerProcess.transformers(artifact_path, source_dir, threads=threads, stop_ids=stop_ids,
-                                            log_path=log_path, compute_dtype=record["compute_dtype"])
+                                            log_path=log_path, weights_dtype=record["weights_dtype"])
     else:
         server = ServerProcess.llama_cpp(artifact_path, threads=threads, log_path=log_path)
     try:

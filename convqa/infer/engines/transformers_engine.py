@@ -6,10 +6,11 @@
 - APR (or any artifact convqa can open): `model_from_artifact`, which builds the same model class
   from the artifact's config and loads its tensors one by one, strictly.
 
-Every loader builds the model in one compute dtype (convqa.infer.compute_dtype: the ground
-truth's, bfloat16 for a BF16 checkpoint, float32 otherwise), with eager attention and fixed
-threads/seeds, so a lossless artifact gives logits bit-identical to the SafeTensors ground truth
-and no loader holds an F32 copy of a BF16 model.
+Every loader holds the model's weights in one dtype (convqa.infer.weights_dtype: the ground
+truth's, bfloat16 for a BF16 checkpoint, float32 otherwise) and every forward pass computes in
+float32 (convqa.infer.float32_compute for bfloat16-held weights), with eager attention and fixed
+threads/seeds, so a lossless artifact gives logits bit-identical to the SafeTensors ground truth,
+those logits are the float32 model's, and no loader holds an F32 copy of a BF16 model.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convqa.infer.compute_dtype import COMPUTE_DTYPES, compute_dtype_for
+from convqa.infer.weights_dtype import BFLOAT16, WEIGHTS_DTYPES, weights_dtype_for
 from convqa.infer.engines.base import Engine
 from convqa.infer.memory import COPY_CHUNK_ELEMENTS
 from convqa.errors import FormatError
@@ -56,14 +57,14 @@ def configure_determinism(threads: int) -> None:
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a compute dtype name (convqa.infer.compute_dtype)."""
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"unknown compute dtype {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}")
+    """The torch dtype of a weights dtype name (convqa.infer.weights_dtype)."""
+    if name not in WEIGHTS_DTYPES:
+        raise ValueError(f"unknown weights dtype {name!r}; expected one of {', '.join(WEIGHTS_DTYPES)}")
     return getattr(_torch(), name)
 
 
 def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None, dtype: str = "float32"):
-    """The HF model class for `artifact`, holding the artifact's tensors in `dtype` (a compute
+    """The HF model class for `artifact`, holding the artifact's tensors in `dtype` (a weights
     dtype name: float32 or bfloat16).
 
     `hf_config` is the config.json dict to build the model from; by default it is derived from
@@ -278,16 +279,16 @@ def capture_points(model) -> list[tuple[dict, object]]:
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def __init__(self, backend: str = "cpu", threads: int = 2, max_context: int = 512, compute_dtype: str | None = None):
-        """`compute_dtype` (convqa.infer.compute_dtype): the dtype the model is built and run in;
-        None takes it from the artifact being loaded (a run pins its source's, so that every
-        artifact of a model computes like its ground truth)."""
+    def __init__(self, backend: str = "cpu", threads: int = 2, max_context: int = 512, weights_dtype: str | None = None):
+        """`weights_dtype` (convqa.infer.weights_dtype): the dtype the model's weights are held in
+        (it always computes in float32); None takes it from the artifact being loaded (a run pins
+        its source's, so that every artifact of a model is held like its ground truth)."""
         super().__init__(backend=backend, threads=threads, max_context=max_context)
-        if compute_dtype is not None:
-            torch_dtype(compute_dtype)  # an unknown name fails here, not at load
+        if weights_dtype is not None:
+            torch_dtype(weights_dtype)  # an unknown name fails here, not at load
         self.model = None
         self.device = "cuda" if backend == "gpu" else "cpu"
-        self.compute_dtype = compute_dtype
+        self.weights_dtype = weights_dtype
 
     @classmethod
     def capability(cls, backend: str) -> tuple[bool, str]:
@@ -305,9 +306,9 @@ class TransformersEngine(Engine):
         configure_determinism(self.threads)
         path = Path(artifact_path)
         fmt = detect_format(path)
-        if self.compute_dtype is None:
-            self.compute_dtype = compute_dtype_for(path)
-        dtype = torch_dtype(self.compute_dtype)
+        if self.weights_dtype is None:
+            self.weights_dtype = weights_dtype_for(path)
+        dtype = torch_dtype(self.weights_dtype)
         if fmt == "safetensors":
             model_dir = path if path.is_dir() else path.parent
             model = AutoModelForCausalLM.from_pretrained(
@@ -320,18 +321,33 @@ class TransformersEngine(Engine):
                 )
         else:
             with open_model(path) as artifact:
-                model = model_from_artifact(artifact, dtype=self.compute_dtype)
+                model = model_from_artifact(artifact, dtype=self.weights_dtype)
+        self._hold(model)
+
+    def _hold(self, model) -> None:
+        """Keep `model` for the forward passes: on the device, in eval mode, its bfloat16 norms and
+        biases upcast for float32 compute (convqa.infer.float32_compute)."""
+        from convqa.infer.float32_compute import hold_for_float32_compute
+
         self.model = model.to(self.device).eval()
+        hold_for_float32_compute(self.model)
+
+    def _forward(self, ids: list[int], **kwargs):
+        """One forward pass of the model over `ids`, computed in float32."""
+        from convqa.infer.float32_compute import float32_compute
+
+        with float32_compute(self.weights_dtype == BFLOAT16):
+            return self.model(input_ids=self._input(ids), **kwargs)
 
     def load_artifact(self, artifact: ModelArtifact) -> "TransformersEngine":
         """Load an open artifact, which may live only in memory (convqa.infer.reference_model)."""
-        from convqa.infer.compute_dtype import compute_dtype_of
+        from convqa.infer.weights_dtype import weights_dtype_of
 
         start = time.perf_counter()
         configure_determinism(self.threads)
-        if self.compute_dtype is None:
-            self.compute_dtype = compute_dtype_of(artifact)
-        self.model = model_from_artifact(artifact, dtype=self.compute_dtype).to(self.device).eval()
+        if self.weights_dtype is None:
+            self.weights_dtype = weights_dtype_of(artifact)
+        self._hold(model_from_artifact(artifact, dtype=self.weights_dtype))
         self.timings.load_s = time.perf_counter() - start
         self.artifact_path = artifact.path
         return self
@@ -345,7 +361,7 @@ class TransformersEngine(Engine):
         torch = _torch()
         with torch.inference_mode():
             start = time.perf_counter()
-            logits = self.model(input_ids=self._input(ids), use_cache=False).logits[0]
+            logits = self._forward(ids, use_cache=False).logits[0]
             logits = logits.float().cpu().numpy()
             self.timings.prefill_s = time.perf_counter() - start
         self.timings.prefill_tokens = len(ids)
@@ -373,7 +389,7 @@ class TransformersEngine(Engine):
             for point, module in capture_points(self.model):
                 handles.append(module.register_forward_hook(hook_for(point)))
             with torch.inference_mode():
-                self.model(input_ids=self._input(ids), use_cache=False)
+                self._forward(ids, use_cache=False)
         finally:
             for handle in handles:
                 handle.remove()
@@ -402,7 +418,7 @@ class TransformersEngine(Engine):
         generated: list[int] = []
         with torch.inference_mode():
             start = time.perf_counter()
-            out = self.model(input_ids=self._input(ids), use_cache=max_new_tokens > 0)
+            out = self._forward(ids, use_cache=max_new_tokens > 0)
             logits = out.logits[0].float().cpu().numpy() if keep_logits else None
             if max_new_tokens > 0:
                 generated.append(int(torch.argmax(out.logits[0, -1])))
@@ -410,9 +426,7 @@ class TransformersEngine(Engine):
             self.timings.prefill_tokens = len(ids)
             start = time.perf_counter()
             while generated and generated[-1] not in stop_ids and len(generated) < max_new_tokens:
-                out = self.model(
-                    input_ids=self._input(generated[-1:]), past_key_values=out.past_key_values, use_cache=True
-                )
+                out = self._forward(generated[-1:], past_key_values=out.past_key_values, use_cache=True)
                 generated.append(int(torch.argmax(out.logits[0, -1])))
             self.timings.decode_s = time.perf_counter() - start
             self.timings.decode_tokens = max(0, len(generated) - 1)

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from convqa.infer.chat_template import render_chat, special_token_text
-from convqa.infer.compute_dtype import COMPUTE_DTYPES
+from convqa.infer.weights_dtype import WEIGHTS_DTYPES
 from convqa.infer.engines import engine_for
 from convqa.infer.engines.base import DEFAULT_THREADS, Engine
 from convqa.infer.server import DEFAULT_MAX_CONTEXT, HOST
@@ -195,12 +195,12 @@ def run_server(
     max_context: int = DEFAULT_MAX_CONTEXT,
     stop_ids: set[int] | None = None,
     log_level: str = "warning",
-    compute_dtype: str | None = None,
+    weights_dtype: str | None = None,
 ) -> None:
     """Load `artifact_path` with the transformers engine and serve it until stopped.
 
     `stop_ids` defaults to the ground-truth tokenizer's EOS id; requests may override it.
-    `compute_dtype` (convqa.infer.compute_dtype) defaults to the artifact's own; the workflow
+    `weights_dtype` (convqa.infer.weights_dtype) defaults to the artifact's own; the workflow
     passes its source's, so that the answers compare exactly with the `run` of the same artifact.
     """
     import uvicorn
@@ -213,7 +213,7 @@ def run_server(
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
     if stop_ids is None:
         stop_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    engine = engine_for("transformers", backend, threads=threads, max_context=max_context, compute_dtype=compute_dtype)
+    engine = engine_for("transformers", backend, threads=threads, max_context=max_context, weights_dtype=weights_dtype)
     engine.load(artifact_path)
     state = ServingState(engine, tokenizer, artifact_tokenizer, stop_ids, Path(artifact_path).name)
     sock = bind_socket(host, port)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--max-context", type=int, default=DEFAULT_MAX_CONTEXT)
     parser.add_argument("--stop-id", type=int, action="append", help="token id that ends generation (repeatable)")
-    parser.add_argument("--compute-dtype", choices=COMPUTE_DTYPES, default=None,
+    parser.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default=None,
                         help="dtype to build and run the model in (default: the one its own weights are mostly stored in)")
     args = parser.parse_args(argv)
     run_server(
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         threads=args.threads,
         max_context=args.max_context,
         stop_ids=set(args.stop_id) if args.stop_id else None,
-        compute_dtype=args.compute_dtype,
+        weights_dtype=args.weights_dtype,
     )
 
 

@@ -100,7 +100,7 @@ class ServerProcess:
         max_context: int = DEFAULT_MAX_CONTEXT,
         stop_ids: set[int] | None = None,
         log_path: str | os.PathLike | None = None,
-        compute_dtype: str | None = None,
+        weights_dtype: str | None = None,
     ) -> "ServerProcess":
         # Imported (not only spawned) so the job's code fingerprint covers the app it serves with.
         from convqa.infer.server import app
@@ -113,8 +113,8 @@ class ServerProcess:
         ]  # fmt: skip
         for stop_id in sorted(stop_ids or ()):
             argv += ["--stop-id", str(stop_id)]
-        if compute_dtype is not None:
-            argv += ["--compute-dtype", compute_dtype]
+        if weights_dtype is not None:
+            argv += ["--weights-dtype", weights_dtype]
         return cls(
             argv,
             port=port,
