@@ -1,7 +1,8 @@
-"""Float32 compute over bfloat16-held weights (convqa.infer.float32_compute): for every supported
-architecture, a BF16 checkpoint held in bfloat16 computes the logits of the same checkpoint upcast
-to float32, bit for bit, in the prefill and in a decode step from the KV cache, while every matrix
-stays in bfloat16. Real transformers models (deterministic synthetic checkpoints in BF16)."""
+"""Float32 compute over 16-bit-held weights (convqa.infer.float32_compute): for every supported
+architecture, a BF16 checkpoint held in bfloat16 (and an F16 one in float16) computes the logits
+of the same checkpoint upcast to float32, bit for bit, in the prefill and in a decode step from the
+KV cache, while every matrix stays in 16 bits. Real transformers models (deterministic synthetic
+checkpoints)."""
 
 from __future__ import annotations
 
@@ -27,20 +28,21 @@ def prefill_and_decode(model, enabled: bool):
     return out.logits[0], step.logits[0]
 
 
-@pytest.mark.parametrize("preset", ARCHITECTURES)
-def test_bf16_held_weights_compute_the_float32_model_bit_for_bit(synthetic_dir, preset):
+@pytest.mark.parametrize("preset,dtype", [(preset, "bfloat16") for preset in ARCHITECTURES]
+                         + [("qwen2-tiny", "float16"), ("gemma3-tiny", "float16")])
+def test_16_bit_held_weights_compute_the_float32_model_bit_for_bit(synthetic_dir, preset, dtype):
     torch.set_num_threads(1)
-    directory = synthetic_dir(preset, "bfloat16")
+    directory = synthetic_dir(preset, dtype)
     upcast = load(directory, torch.float32)
-    held = load(directory, torch.bfloat16)
+    held = load(directory, getattr(torch, dtype))
     hold_for_float32_compute(held)
-    assert {p.dtype for p in held.parameters() if p.ndim >= 2} == {torch.bfloat16}
+    assert {p.dtype for p in held.parameters() if p.ndim >= 2} == {getattr(torch, dtype)}
     (prefill, step), (prefill32, step32) = prefill_and_decode(held, True), prefill_and_decode(upcast, False)
     assert prefill.dtype == torch.float32
     assert torch.equal(prefill, prefill32) and torch.equal(step, step32), (
         (prefill - prefill32).abs().max(), (step - step32).abs().max())
-    # The same held weights through torch's bfloat16 kernels (the mode off) round the activations.
-    held.to(torch.bfloat16)
+    # The same held weights through torch's 16-bit kernels (the mode off) round the activations.
+    held.to(getattr(torch, dtype))
     assert not torch.equal(prefill_and_decode(held, False)[0].float(), prefill32)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from convqa.convert.builtin import convert
-from convqa.infer.weights_dtype import BFLOAT16, FLOAT32, weights_dtype_for
+from convqa.infer.weights_dtype import BFLOAT16, FLOAT16, FLOAT32, weights_dtype_for
 from convqa.infer.engines import engine_for
 from convqa.infer.prompts import DEFAULT_PROMPTS
 from convqa.infer.run import run_prompts, run_reference
@@ -56,8 +56,7 @@ def test_the_weights_dtype_is_the_one_most_weights_are_stored_in(synthetic_dir, 
     assert weights_dtype_for(source) == BFLOAT16
     assert weights_dtype_for(artifacts["st-gguf"]) == weights_dtype_for(artifacts["st-apr"]) == BFLOAT16
     assert weights_dtype_for(synthetic_dir("qwen2-tiny")) == FLOAT32
-    # F16 is held in F32 (exact; float32_compute reads bfloat16-held weights only).
-    assert weights_dtype_for(synthetic_dir("qwen2-tiny", "float16")) == FLOAT32
+    assert weights_dtype_for(synthetic_dir("qwen2-tiny", "float16")) == FLOAT16
     # All-quantized matrices: the plain-float remainder (norms, biases) decides, F32 here.
     assert weights_dtype_for(artifacts["st-gguf-q8_0"]) == FLOAT32
 
@@ -128,6 +127,24 @@ def test_an_f32_model_stays_in_f32(synthetic_dir):
     source = synthetic_dir("qwen2-tiny")
     record, _ = run(source, source)
     assert record["weights_dtype"] == FLOAT32
+
+
+def test_an_f16_model_is_held_in_f16_and_computes_its_float32_upcast(synthetic_dir, tmp_path):
+    """An F16 checkpoint takes half an F32 copy's memory and the F32 model's logits; its native
+    GGUF reproduces them bit for bit under transformers."""
+    source = synthetic_dir("qwen2-tiny", "float16")
+    truth = run(source, source)
+    assert truth[0]["weights_dtype"] == FLOAT16
+    with engine_for("transformers", "cpu") as engine:
+        engine.load(source)
+        assert {str(p.dtype) for p in engine.model.parameters() if p.ndim >= 2} == {"torch.float16"}
+    with engine_for("transformers", "cpu", weights_dtype=FLOAT32) as engine:
+        engine.load(source)
+        for prompt in truth[0]["prompts"]:
+            in_f32 = engine.teacher_forced_logits(prompt["ids"])
+            assert np.array_equal(in_f32, truth[1][prompt["prompt_id"]]), prompt["prompt_id"]
+    convert(source, tmp_path / "native.gguf", "gguf")
+    assert_same_run(run(tmp_path / "native.gguf", source), truth)
 
 
 def test_llamacpp_records_what_it_computes_in(bf16_model):

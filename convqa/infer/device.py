@@ -9,7 +9,7 @@ The estimate is the artifact's tensors as the engine holds them on the device, p
 not convqa.infer.memory's host estimate: that one also counts host-only copies made while loading
 and the interpreter with its libraries, which the device never holds.
 transformers dequantizes every tensor to its weights dtype (convqa.infer.weights_dtype: the
-source's, bfloat16 for a BF16 checkpoint, float32 otherwise); llama.cpp keeps the file's
+source's: bfloat16 for BF16, float16 for F16, else float32); llama.cpp keeps the file's
 encodings (GGML blocks stay blocks). The margin covers activations, the KV cache of the short
 prompt set, cuBLAS workspaces and the caching allocator's rounding; the CUDA context is already
 taken when mem_get_info answers, so it is not in it.

@@ -10,7 +10,7 @@ The estimate is in bytes of host memory; a device-memory check (the gpu backend)
 
 What each engine holds at its peak (measured on SmolLM2-135M and a 1.5B BF16 geometry; see
 bench/scale.py and tests/test_memory.py). transformers holds the model in its weights dtype
-(convqa.infer.weights_dtype: the source's, bfloat16 for a BF16 checkpoint, float32 otherwise) and
+(convqa.infer.weights_dtype: the source's; bfloat16 for BF16, float16 for F16, else float32) and
 computes in float32 a slice of one matrix at a time (convqa.infer.float32_compute: a few MB, in
 the margin):
 - transformers, SafeTensors: the model in the weights dtype, plus the file mapped while it is

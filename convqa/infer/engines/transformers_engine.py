@@ -7,8 +7,8 @@
   from the artifact's config and loads its tensors one by one, strictly.
 
 Every loader holds the model's weights in one dtype (convqa.infer.weights_dtype: the ground
-truth's, bfloat16 for a BF16 checkpoint, float32 otherwise) and every forward pass computes in
-float32 (convqa.infer.float32_compute for bfloat16-held weights), with eager attention and fixed
+truth's: bfloat16 for a BF16 checkpoint, float16 for an F16 one, else float32) and every forward
+pass computes in float32 (convqa.infer.float32_compute for 16-bit-held weights), with eager attention and fixed
 threads/seeds, so a lossless artifact gives logits bit-identical to the SafeTensors ground truth,
 those logits are the float32 model's, and no loader holds an F32 copy of a BF16 model.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convqa.infer.weights_dtype import BFLOAT16, WEIGHTS_DTYPES, weights_dtype_for
+from convqa.infer.weights_dtype import FLOAT32, WEIGHTS_DTYPES, weights_dtype_for
 from convqa.infer.engines.base import Engine
 from convqa.infer.memory import COPY_CHUNK_ELEMENTS
 from convqa.errors import FormatError
@@ -65,7 +65,7 @@ def torch_dtype(name: str):
 
 def model_from_artifact(artifact: ModelArtifact, hf_config: dict | None = None, dtype: str = "float32"):
     """The HF model class for `artifact`, holding the artifact's tensors in `dtype` (a weights
-    dtype name: float32 or bfloat16).
+    dtype name: float32, bfloat16 or float16).
 
     `hf_config` is the config.json dict to build the model from; by default it is derived from
     the artifact's own config and tokenizer (`convqa.arch.hf_config.hf_config_from`). Loading is
@@ -325,7 +325,7 @@ class TransformersEngine(Engine):
         self._hold(model)
 
     def _hold(self, model) -> None:
-        """Keep `model` for the forward passes: on the device, in eval mode, its bfloat16 norms and
+        """Keep `model` for the forward passes: on the device, in eval mode, its 16-bit norms and
         biases upcast for float32 compute (convqa.infer.float32_compute)."""
         from convqa.infer.float32_compute import hold_for_float32_compute
 
@@ -336,7 +336,7 @@ class TransformersEngine(Engine):
         """One forward pass of the model over `ids`, computed in float32."""
         from convqa.infer.float32_compute import float32_compute
 
-        with float32_compute(self.weights_dtype == BFLOAT16):
+        with float32_compute(self.weights_dtype != FLOAT32):
             return self.model(input_ids=self._input(ids), **kwargs)
 
     def load_artifact(self, artifact: ModelArtifact) -> "TransformersEngine":
