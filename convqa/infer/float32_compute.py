@@ -67,7 +67,7 @@ def sliced_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def _float32_target(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A cast's arguments with a held dtype as the target dtype replaced by float32."""
     def swap(value):
-        return torch.float32 if value in HELD_DTYPES else value
+        return torch.float32 if isinstance(value, torch.dtype) and value in HELD_DTYPES else value
     return tuple(swap(a) for a in args), {k: swap(v) for k, v in kwargs.items()}
 
 
