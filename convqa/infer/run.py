@@ -378,9 +378,11 @@ def serve_prompts(
     stop_ids = stop_ids_of(tokenizer)
     if engine_name == "transformers":
         record["weights_dtype"] = weights_dtype_for(source_dir)  # answers compared with the run's, same dtype
+        record["compute"] = TRANSFORMERS_COMPUTE
         server = ServerProcess.transformers(artifact_path, source_dir, threads=threads, stop_ids=stop_ids,
                                             log_path=log_path, weights_dtype=record["weights_dtype"])
     else:
+        record["compute"] = LLAMACPP_COMPUTE
         server = ServerProcess.llama_cpp(artifact_path, threads=threads, log_path=log_path)
     try:
         with server:

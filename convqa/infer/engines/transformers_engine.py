@@ -8,9 +8,10 @@
 
 Every loader holds the model's weights in one dtype (convqa.infer.weights_dtype: the ground
 truth's: bfloat16 for a BF16 checkpoint, float16 for an F16 one, else float32) and every forward
-pass computes in float32 (convqa.infer.float32_compute for 16-bit-held weights), with eager attention and fixed
-threads/seeds, so a lossless artifact gives logits bit-identical to the SafeTensors ground truth,
-those logits are the float32 model's, and no loader holds an F32 copy of a BF16 model.
+pass computes in float32 (convqa.infer.float32_compute for 16-bit-held weights), with eager
+attention and fixed threads/seeds, so a lossless artifact gives logits bit-identical to the
+SafeTensors ground truth, those logits are the float32 model's, and no loader holds an F32 copy
+of a 16-bit model.
 """
 
 from __future__ import annotations
