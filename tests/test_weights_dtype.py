@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from convqa.convert.builtin import convert
 from convqa.infer.weights_dtype import BFLOAT16, FLOAT16, FLOAT32, weights_dtype_for
@@ -34,6 +35,13 @@ def bf16_model(synthetic_dir, tmp_path_factory):
     convert(src, artifacts["st-apr"], "apr")
     convert(src, artifacts["st-gguf-q8_0"], "gguf", quant="q8_0")
     return src, artifacts
+
+
+@pytest.fixture(scope="module")
+def bf16_truth(bf16_model):
+    """The BF16 source's ground-truth run (record, logits), shared by the tests that judge against it."""
+    source, _ = bf16_model
+    return run(source, source)
 
 
 def run(artifact, source):
@@ -73,12 +81,12 @@ def test_a_bf16_model_is_held_in_bf16_by_every_loader(bf16_model):
             assert vectors == {"torch.float32"}, (path, vectors)
 
 
-def test_a_bf16_model_computes_the_logits_of_its_float32_upcast_bit_for_bit(bf16_model):
+def test_a_bf16_model_computes_the_logits_of_its_float32_upcast_bit_for_bit(bf16_model, bf16_truth):
     """The ground truth is the float32 model the checkpoint means, not a bfloat16 computation
     (which rounds every activation to 8 bits: at 1.5B it agreed on the top-1 token with the
     float32 model at 0.914 of positions, and failed llama.cpp for its own rounding, issue 13)."""
     source, _ = bf16_model
-    truth = run(source, source)
+    truth = bf16_truth
     assert truth[0]["weights_dtype"] == BFLOAT16 and truth[0]["compute"].startswith("float32")
     with engine_for("transformers", "cpu", weights_dtype=FLOAT32) as engine:
         engine.load(source)
@@ -89,8 +97,6 @@ def test_a_bf16_model_computes_the_logits_of_its_float32_upcast_bit_for_bit(bf16
             assert generated[:len(prompt["generated_ids"])] == prompt["generated_ids"]
     # bfloat16 compute (torch's own kernels over the same held weights) gives other logits: the
     # comparison above can fail.
-    import torch
-
     with engine_for("transformers", "cpu") as engine:
         engine.load(source)
         prompt = truth[0]["prompts"][0]
@@ -101,13 +107,12 @@ def test_a_bf16_model_computes_the_logits_of_its_float32_upcast_bit_for_bit(bf16
     assert np.abs(in_bf16 - reference).max() < 0.5  # BF16 rounding, not a broken model
 
 
-def test_lossless_conversions_of_a_bf16_model_are_bit_exact(bf16_model):
+def test_lossless_conversions_of_a_bf16_model_are_bit_exact(bf16_model, bf16_truth):
     source, artifacts = bf16_model
-    truth = run(source, source)
     for chain in ("st-gguf", "st-apr"):
         converted = run(artifacts[chain], source)
         assert converted[0]["weights_dtype"] == BFLOAT16, chain
-        assert_same_run(converted, truth)
+        assert_same_run(converted, bf16_truth)
 
 
 def test_a_q8_0_artifact_of_a_bf16_model_is_held_in_bf16_and_matches_its_reference_exactly(bf16_model):
